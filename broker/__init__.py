@@ -1,0 +1,1 @@
+"""The pto broker: routes ready tasks from clients to one worker per chip (python -m broker)."""

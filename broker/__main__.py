@@ -1,0 +1,71 @@
+"""python -m broker: run a pto broker (and optionally its workers) until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+
+from pto.procs import parent_gone, runtime_dir, setup_logging
+
+from .server import Broker
+
+
+def default_address() -> str:
+    return f"ipc://{runtime_dir()}/broker-{os.getpid()}.sock"
+
+
+def parse_devices(text: str) -> list[int]:
+    try:
+        devices = sorted({int(d) for d in text.split(",") if d.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"devices must be integers like 0,1,2: {text!r}") from None
+    if any(d < 0 for d in devices):
+        raise argparse.ArgumentTypeError("device ids must be >= 0")
+    return devices
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__)
+    parser.add_argument("--listen", help="client address, ipc://PATH or tcp://HOST:PORT "
+                        "(default: ipc in the per-user runtime dir); workers use PATH.w / PORT+1")
+    parser.add_argument("--workers", type=int, default=0, help="start N workers, devices 0..N-1")
+    parser.add_argument("--devices", type=parse_devices, help="start workers for these devices")
+    parser.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats")
+    parser.add_argument("--liveness", type=int, default=4, help="missed heartbeats = dead peer")
+    parser.add_argument("--credit", type=int, default=512, help="tasks in flight per worker")
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--log-dir", help="write broker and worker logs here")
+    args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error("--workers must be >= 0")
+    if args.workers and args.devices:
+        parser.error("give --workers or --devices, not both")
+    devices = args.devices or list(range(args.workers))
+    address = args.listen or default_address()
+    if address.startswith("tcp://*:"):
+        parser.error("listen on an explicit interface (tcp://127.0.0.1:PORT is the safe choice)")
+
+    log_file = os.path.join(args.log_dir, "broker.log") if args.log_dir else None
+    setup_logging("broker", log_file=log_file)
+    if parent_gone(args.parent_pid):
+        return 1  # our parent died before we started
+    gc.set_threshold(100_000, 50, 100)  # per-task objects are short-lived; full GCs dominate
+    try:
+        broker = Broker(address, devices, spawn_workers=bool(devices), heartbeat=args.heartbeat,
+                        liveness=args.liveness, credit=args.credit, parent_pid=args.parent_pid,
+                        log_dir=args.log_dir)
+    except Exception as exc:  # noqa: BLE001 - report bind errors plainly
+        logging.getLogger("pto.broker").error("cannot start: %s", exc)
+        print(f"error: cannot start broker on {address}: {exc}", file=sys.stderr)
+        return 1
+    print(address, flush=True)
+    gc.freeze()
+    broker.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

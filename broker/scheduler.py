@@ -1,0 +1,244 @@
+"""Task states and dependencies: the broker's bookkeeping, with no sockets in it.
+
+A task moves PENDING -> READY -> DISPATCHED -> DONE, or to FAILED from any state before
+DONE; ``_ready`` and ``_fail`` are the only places a state changes besides dispatch and
+completion. Dependencies come from the byte ranges a task reads and writes in each tensor
+(read-after-write, write-after-read, write-after-write; INOUT is both), so disjoint views
+of one tensor never wait on each other. Only unfinished accesses are kept per tensor, so
+memory is O(live tasks). A failed write poisons the bytes it covers: later readers fail
+with the same root cause until a new write covers them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable
+from enum import IntEnum
+
+from pto.args import ParamType
+from pto.protocol import ArgSpec, Failure, TaskSpec
+
+_READS = frozenset({ParamType.INPUT, ParamType.INOUT})
+_WRITES = frozenset({ParamType.OUTPUT, ParamType.INOUT})
+
+
+class State(IntEnum):
+    PENDING = 0
+    READY = 1
+    DISPATCHED = 2
+    DONE = 3
+    FAILED = 4
+
+
+class Task:
+    __slots__ = ("gid", "client", "tid", "chip", "kernel", "args", "state", "waiting",
+                 "dependents", "root")
+
+    def __init__(self, gid: int, client: int, spec: TaskSpec):
+        self.gid = gid
+        self.client = client
+        self.tid = spec.task
+        self.chip = spec.chip
+        self.kernel = spec.kernel
+        self.args: list[ArgSpec] = spec.args
+        self.state = State.PENDING
+        self.waiting = 0
+        self.dependents: list[Task] = []
+        self.root: Failure | None = None  # set when FAILED
+
+
+class _Access:
+    __slots__ = ("start", "end", "task")
+
+    def __init__(self, start: int, end: int, task: Task):
+        self.start, self.end, self.task = start, end, task
+
+
+class _TensorUses:
+    """Unfinished (and failed) reads and writes of one tensor."""
+
+    __slots__ = ("reads", "writes", "compact_at")
+
+    def __init__(self) -> None:
+        self.reads: list[_Access] = []
+        self.writes: list[_Access] = []
+        self.compact_at = 16
+
+    def compact(self) -> None:
+        # Done accesses constrain nothing; dropping them lazily keeps this O(1) amortized.
+        self.reads = [a for a in self.reads if a.task.state < State.DONE]
+        self.writes = [a for a in self.writes if a.task.state != State.DONE]
+        self.compact_at = max(16, 2 * (len(self.reads) + len(self.writes)))
+
+
+class Scheduler:
+    """Dependencies, ready queues per chip, and results waiting to go back to clients."""
+
+    def __init__(self, chips: Iterable[int] = ()):
+        self._gids = itertools.count(1)
+        self.tasks: dict[int, Task] = {}  # unfinished tasks by gid
+        self.ready: dict[int, deque[Task]] = {c: deque() for c in chips}
+        self._tensors: dict[tuple[int, int], _TensorUses] = {}
+        self.kernel_names: dict[tuple[int, int], str] = {}  # (client, kernel id) -> name
+        # results to send per client: (done task ids, failures)
+        self.results: dict[int, tuple[list[int], list[Failure]]] = {}
+
+    # ---- input -----------------------------------------------------------------------
+
+    def add_chip(self, chip: int) -> None:
+        self.ready.setdefault(chip, deque())
+
+    def submit(self, client: int, specs: list[TaskSpec]) -> None:
+        for spec in specs:
+            task = Task(next(self._gids), client, spec)
+            self.tasks[task.gid] = task
+            self._link(task)
+
+    def done(self, gid: int) -> Task | None:
+        task = self.tasks.pop(gid, None)
+        if task is None or task.state != State.DISPATCHED:
+            return None  # its client is gone, or a duplicate report
+        task.state = State.DONE
+        self._result(task.client)[0].append(task.tid)
+        for dep in task.dependents:
+            dep.waiting -= 1
+            if dep.waiting == 0 and dep.state == State.PENDING:
+                self._ready(dep)
+        task.dependents = []
+        task.args = []
+        return task
+
+    def failed(self, gid: int, reason: str, lost: bool = False) -> Task | None:
+        task = self.tasks.get(gid)
+        if task is None or task.state != State.DISPATCHED:
+            return None
+        self._fail(task, None, reason, lost)
+        return task
+
+    def drop_client(self, client: int) -> None:
+        """Forget a client: queued tasks vanish, dispatched ones finish unreported."""
+        for gid, task in list(self.tasks.items()):
+            if task.client != client:
+                continue
+            task.dependents = []
+            if task.state == State.DISPATCHED:
+                continue  # done() will pop it; its result goes nowhere
+            if task.state == State.READY:
+                self.ready[task.chip].remove(task)
+            task.state = State.FAILED
+            del self.tasks[gid]
+        for key in [k for k in self._tensors if k[0] == client]:
+            del self._tensors[key]
+        for key in [k for k in self.kernel_names if k[0] == client]:
+            del self.kernel_names[key]
+        self.results.pop(client, None)
+
+    def forget_tensors(self, client: int, tensors: Iterable[int]) -> None:
+        for tid in tensors:
+            self._tensors.pop((client, tid), None)
+
+    # ---- output ----------------------------------------------------------------------
+
+    def take_ready(self, chip: int, limit: int) -> list[Task]:
+        queue = self.ready.get(chip)
+        if not queue:
+            return []
+        batch = [queue.popleft() for _ in range(min(limit, len(queue)))]
+        for task in batch:
+            task.state = State.DISPATCHED
+        return batch
+
+    def take_results(self) -> dict[int, tuple[list[int], list[Failure]]]:
+        results, self.results = self.results, {}
+        return results
+
+    def kernel_name(self, task: Task) -> str:
+        return self.kernel_names.get((task.client, task.kernel), f"#{task.kernel}")
+
+    # ---- transitions -----------------------------------------------------------------
+
+    def _link(self, task: Task) -> None:
+        if task.chip not in self.ready:
+            self._fail(task, None, f"unknown chip {task.chip} (broker serves {sorted(self.ready)})")
+            return
+        if (task.client, task.kernel) not in self.kernel_names:
+            self._fail(task, None, f"unknown kernel id {task.kernel}")
+            return
+        deps: set[Task] = set()
+        poison: Failure | None = None
+        for arg in task.args:
+            if arg.tensor < 0 or arg.kind not in _READS and arg.kind not in _WRITES:
+                continue
+            key = (task.client, arg.tensor)
+            uses = self._tensors.get(key)
+            if uses is None:
+                uses = self._tensors[key] = _TensorUses()
+            start, end = arg.offset, arg.offset + arg.nbytes
+            reads, writes = arg.kind in _READS, arg.kind in _WRITES
+            for acc in uses.writes:
+                if acc.start < end and start < acc.end:
+                    if acc.task.state == State.FAILED:
+                        if reads and poison is None:
+                            poison = acc.task.root
+                    elif acc.task.state < State.DONE:
+                        deps.add(acc.task)
+            if writes:
+                for acc in uses.reads:
+                    if acc.start < end and start < acc.end and acc.task.state < State.DONE:
+                        deps.add(acc.task)
+                # A new write covering a failed one replaces the poisoned bytes.
+                uses.writes = [a for a in uses.writes if not (
+                    a.task.state == State.FAILED and start <= a.start and a.end <= end)]
+                uses.writes.append(_Access(start, end, task))
+            else:
+                uses.reads.append(_Access(start, end, task))
+            if len(uses.reads) + len(uses.writes) >= uses.compact_at:
+                uses.compact()
+        deps.discard(task)
+        if poison is not None:
+            self._fail(task, poison, "")
+            return
+        for dep in deps:
+            dep.dependents.append(task)
+        task.waiting = len(deps)
+        if not deps:
+            self._ready(task)
+
+    def _ready(self, task: Task) -> None:
+        task.state = State.READY
+        self.ready[task.chip].append(task)
+
+    def _fail(self, task: Task, root: Failure | None, reason: str, lost: bool = False) -> None:
+        """Fail ``task`` (its own ``reason``, or caused by ``root``) and everything downstream."""
+        stack = [(task, root)]
+        while stack:
+            t, cause = stack.pop()
+            if t.state in (State.DONE, State.FAILED):
+                continue
+            name = self.kernel_name(t)
+            if cause is None:
+                t.root = Failure(t.tid, name, t.chip, reason, t.tid, lost)
+                failure = t.root
+            else:
+                t.root = cause
+                failure = Failure(
+                    t.tid, name, t.chip,
+                    f"not run: task {cause.root} (kernel {cause.kernel!r} on chip {cause.chip})"
+                    f" failed: {cause.reason}",
+                    cause.root, cause.lost,
+                )
+            if t.state == State.READY:
+                self.ready[t.chip].remove(t)
+            t.state = State.FAILED
+            self.tasks.pop(t.gid, None)
+            self._result(t.client)[1].append(failure)
+            for dep in t.dependents:
+                stack.append((dep, t.root))
+            t.dependents = []
+
+    def _result(self, client: int) -> tuple[list[int], list[Failure]]:
+        res = self.results.get(client)
+        if res is None:
+            res = self.results[client] = ([], [])
+        return res

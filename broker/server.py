@@ -1,0 +1,443 @@
+"""The broker: one poll loop over a ROUTER for clients and a ROUTER for workers.
+
+Shaped like the ZeroMQ guide's Majordomo broker: a small class per peer kind, heartbeats
+as plain timestamps, and one loop that drains both sockets, lets the scheduler decide,
+then sends at most one message per peer per round. No sleeps on the dispatch path: the
+loop blocks in ``zmq.Poller.poll`` until a message, a signal or the next timer tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from pto import protocol as P
+from pto import shm
+from pto.errors import ProtocolError
+from pto.procs import parent_gone, worker_address
+
+from .scheduler import Scheduler, Task
+
+log = logging.getLogger("pto.broker")
+
+_OWNER = re.compile(r"^[0-9]+x[0-9a-f]{1,32}$")
+_MAX_DRAIN = 4096  # messages per socket per round, so one busy peer cannot starve the other
+
+
+@dataclass
+class ClientPeer:
+    identity: bytes
+    index: int
+    owner: str
+    pid: int
+    last_seen: float
+    last_sent: float = 0.0
+
+
+@dataclass
+class WorkerPeer:
+    identity: bytes
+    device: int
+    pid: int
+    last_seen: float
+    last_sent: float = 0.0
+    inflight: dict[int, Task] = field(default_factory=dict)
+    clients: set[int] = field(default_factory=set)  # client infos it has been sent
+    kernels: set[tuple[int, int]] = field(default_factory=set)  # kernels it has been sent
+    frees: list[P.TensorRef] = field(default_factory=list)  # to send with the next batch
+    gone: list[int] = field(default_factory=list)
+
+
+@dataclass
+class WorkerProcess:
+    """A worker this broker started and restarts when it dies."""
+
+    device: int
+    popen: subprocess.Popen | None = None
+    restarts: int = 0  # quick successive deaths, for back-off
+    start_at: float = 0.0
+    started: float = 0.0
+
+
+class Broker:
+    def __init__(
+        self,
+        address: str,
+        devices: list[int],
+        spawn_workers: bool,
+        heartbeat: float = 0.5,
+        liveness: int = 4,
+        credit: int = 512,
+        parent_pid: int | None = None,
+        log_dir: str | None = None,
+    ):
+        self.address = address
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.credit = credit
+        self.parent_pid = parent_pid
+        self.log_dir = log_dir
+        self.started = time.monotonic()
+        self.sched = Scheduler(devices)
+        self.clients: dict[bytes, ClientPeer] = {}
+        self.clients_by_index: dict[int, ClientPeer] = {}
+        self.kernels: dict[tuple[int, int], P.KernelDef] = {}
+        self.workers: dict[bytes, WorkerPeer] = {}
+        self.worker_by_device: dict[int, WorkerPeer] = {}
+        self.spawned: dict[int, WorkerProcess] = (
+            {d: WorkerProcess(d) for d in devices} if spawn_workers else {}
+        )
+        self._next_client = 1
+        self._stop = False
+
+        self.ctx = zmq.Context()
+        self.frontend = self._bind(address)
+        self.backend = self._bind(worker_address(address))
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.poller = zmq.Poller()
+        self.poller.register(self.frontend, zmq.POLLIN)
+        self.poller.register(self.backend, zmq.POLLIN)
+        self.poller.register(self._wake_r, zmq.POLLIN)
+
+    def _bind(self, address: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if address.startswith("ipc://"):
+            path = address[len("ipc://") :]
+            if os.path.exists(path):
+                os.unlink(path)  # a stale endpoint of a dead broker
+            old = os.umask(0o077)
+            try:
+                sock.bind(address)
+            finally:
+                os.umask(old)
+        else:
+            sock.bind(address)
+        return sock
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run until SIGTERM/SIGINT, a Shutdown, or the parent's death."""
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        removed = shm.reap_dead_owners()
+        if removed:
+            log.info("startup janitor removed %d segment(s)", removed)
+        tick = min(self.heartbeat, 0.25)
+        next_tick = 0.0
+        try:
+            while not self._stop:
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._on_tick(now)
+                    next_tick = now + tick
+                timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+                ready = dict(self.poller.poll(timeout_ms))
+                if self._wake_r.fileno() in ready or self._wake_r in ready:
+                    self._drain_wakeups()
+                if self.frontend in ready:
+                    self._drain(self.frontend, self._on_client_frames)
+                if self.backend in ready:
+                    self._drain(self.backend, self._on_worker_frames)
+                self._dispatch()
+                self._send_results()
+        finally:
+            self._shutdown()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        self._stop = True
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _drain(self, sock: zmq.Socket, handle) -> None:
+        for _ in range(_MAX_DRAIN):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue
+            handle(frames[0], frames[1:])
+
+    def _send(self, sock: zmq.Socket, identity: bytes, msg: P.Message) -> None:
+        try:
+            sock.send_multipart([identity, *P.encode(msg)], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("dropped a message to a peer whose queue is full")
+
+    # ---- clients ---------------------------------------------------------------------
+
+    def _on_client_frames(self, identity: bytes, frames: list[bytes]) -> None:
+        try:
+            msg = P.decode(frames)
+        except ProtocolError as exc:
+            log.warning("bad frame from client %r: %s", identity, exc)
+            self._send(self.frontend, identity, P.Error(str(exc)))
+            return
+        client = self.clients.get(identity)
+        now = time.monotonic()
+        if client is None:
+            if isinstance(msg, P.Hello):
+                self._on_hello(identity, msg, now)
+            elif not isinstance(msg, (P.Bye, P.Heartbeat)):
+                self._send(self.frontend, identity, P.Error("unknown client: send Hello first"))
+            return
+        client.last_seen = now
+        if isinstance(msg, P.Submit):
+            self.sched.submit(client.index, msg.tasks)
+        elif isinstance(msg, P.RegisterKernel):
+            key = (client.index, msg.kernel)
+            self.kernels[key] = P.KernelDef(client.index, msg.kernel, msg.name, msg.kind, msg.blob)
+            self.sched.kernel_names[key] = msg.name
+        elif isinstance(msg, P.FreeTensors):
+            self.sched.forget_tensors(client.index, msg.tensors)
+            for worker in self.workers.values():
+                if client.index in worker.clients:
+                    worker.frees.extend(P.TensorRef(client.index, t) for t in msg.tensors)
+        elif isinstance(msg, P.Bye):
+            log.info("client %d (pid %d) said bye", client.index, client.pid)
+            self._drop_client(client, reap=False)
+        elif isinstance(msg, P.Heartbeat):
+            pass
+        else:
+            self._send(self.frontend, identity, P.Error(f"unexpected {type(msg).__name__}"))
+
+    def _on_hello(self, identity: bytes, msg: P.Hello, now: float) -> None:
+        if not _OWNER.match(msg.owner):
+            self._send(self.frontend, identity, P.Error(f"invalid owner id {msg.owner!r}"))
+            return
+        client = ClientPeer(identity, self._next_client, msg.owner, msg.pid, now)
+        self._next_client += 1
+        self.clients[identity] = client
+        self.clients_by_index[client.index] = client
+        log.info("client %d connected (pid %d, owner %s)", client.index, msg.pid, msg.owner)
+        self._send(self.frontend, identity, P.Welcome(
+            client.index, self.devices(), sorted(self.worker_by_device), self.heartbeat,
+            self.liveness))
+        client.last_sent = now
+
+    def devices(self) -> list[int]:
+        return sorted(set(self.sched.ready) | set(self.spawned))
+
+    def _announce_devices(self) -> None:
+        msg = P.DeviceStatus(self.devices(), sorted(self.worker_by_device))
+        for client in self.clients.values():
+            self._send(self.frontend, client.identity, msg)
+
+    def _drop_client(self, client: ClientPeer, reap: bool) -> None:
+        self.clients.pop(client.identity, None)
+        self.clients_by_index.pop(client.index, None)
+        self.sched.drop_client(client.index)
+        for key in [k for k in self.kernels if k[0] == client.index]:
+            del self.kernels[key]
+        for worker in self.workers.values():
+            if client.index in worker.clients:
+                worker.gone.append(client.index)
+                worker.clients.discard(client.index)
+                worker.kernels = {k for k in worker.kernels if k[0] != client.index}
+        if reap:
+            removed = shm.unlink_owner(client.owner)
+            log.info("client %d is gone: removed %d segment(s)", client.index, removed)
+
+    def _send_results(self) -> None:
+        now = time.monotonic()
+        for index, (done, failed) in self.sched.take_results().items():
+            client = self.clients_by_index.get(index)
+            if client is not None:
+                self._send(self.frontend, client.identity, P.Results(done, failed))
+                client.last_sent = now
+
+    # ---- workers ---------------------------------------------------------------------
+
+    def _on_worker_frames(self, identity: bytes, frames: list[bytes]) -> None:
+        try:
+            msg = P.decode(frames)
+        except ProtocolError as exc:
+            log.warning("bad frame from worker %r: %s", identity, exc)
+            self._send(self.backend, identity, P.Error(str(exc)))
+            return
+        worker = self.workers.get(identity)
+        if worker is None:
+            if isinstance(msg, P.WorkerHello):
+                self._on_worker_hello(identity, msg)
+            else:
+                self._send(self.backend, identity, P.Error("unknown worker: send WorkerHello"))
+            return
+        worker.last_seen = time.monotonic()
+        if isinstance(msg, P.Report):
+            for gid in msg.done:
+                if worker.inflight.pop(gid, None) is not None:
+                    self.sched.done(gid)
+            for failure in msg.failed:
+                if worker.inflight.pop(failure.task, None) is not None:
+                    self.sched.failed(failure.task, failure.reason)
+        elif not isinstance(msg, P.Heartbeat):
+            self._send(self.backend, identity, P.Error(f"unexpected {type(msg).__name__}"))
+
+    def _on_worker_hello(self, identity: bytes, msg: P.WorkerHello) -> None:
+        current = self.worker_by_device.get(msg.device)
+        if current is not None:
+            log.warning("refused a second worker for device %d (pid %d)", msg.device, msg.pid)
+            self._send(self.backend, identity, P.Error(f"device {msg.device} is already served"))
+            self._send(self.backend, identity, P.Shutdown("device already served"))
+            return
+        worker = WorkerPeer(identity, msg.device, msg.pid, time.monotonic())
+        self.workers[identity] = worker
+        self.worker_by_device[msg.device] = worker
+        self.sched.add_chip(msg.device)
+        log.info("worker for device %d connected (pid %d)", msg.device, msg.pid)
+        self._announce_devices()
+
+    def _dispatch(self) -> None:
+        for worker in self.workers.values():
+            credit = self.credit - len(worker.inflight)
+            tasks = self.sched.take_ready(worker.device, credit) if credit > 0 else []
+            if not tasks and not worker.frees and not worker.gone:
+                continue
+            clients, kernels, work = [], [], []
+            for task in tasks:
+                if task.client not in worker.clients:
+                    worker.clients.add(task.client)
+                    owner = self.clients_by_index[task.client].owner
+                    clients.append(P.ClientInfo(task.client, owner))
+                key = (task.client, task.kernel)
+                if key not in worker.kernels:
+                    worker.kernels.add(key)
+                    kernels.append(self.kernels[key])
+                worker.inflight[task.gid] = task
+                work.append(P.WorkTask(task.gid, task.client, task.kernel, task.args))
+            msg = P.Dispatch(clients, kernels, worker.frees, worker.gone, work)
+            worker.frees, worker.gone = [], []
+            self._send(self.backend, worker.identity, msg)
+            worker.last_sent = time.monotonic()
+
+    def _worker_lost(self, worker: WorkerPeer, how: str) -> None:
+        log.warning("worker for device %d (pid %d) lost: %s", worker.device, worker.pid, how)
+        self.workers.pop(worker.identity, None)
+        if self.worker_by_device.get(worker.device) is worker:
+            del self.worker_by_device[worker.device]
+        for gid, task in worker.inflight.items():
+            name = self.sched.kernel_name(task)
+            self.sched.failed(gid, f"worker of chip {worker.device} (pid {worker.pid}) died"
+                                   f" ({how}) while running kernel {name!r}", lost=True)
+        worker.inflight.clear()
+        self._announce_devices()
+
+    # ---- timers ----------------------------------------------------------------------
+
+    def _on_tick(self, now: float) -> None:
+        if parent_gone(self.parent_pid):
+            log.info("parent %s is gone: shutting down", self.parent_pid)
+            self._stop = True
+            for client in list(self.clients.values()):
+                self._drop_client(client, reap=True)
+            return
+        deadline = self.heartbeat * self.liveness
+        for client in list(self.clients.values()):
+            if not shm.pid_alive(client.pid) or now - client.last_seen > deadline:
+                self._drop_client(client, reap=True)
+            elif now - client.last_sent > self.heartbeat:
+                self._send(self.frontend, client.identity, P.Heartbeat())
+                client.last_sent = now
+        for worker in list(self.workers.values()):
+            proc = self.spawned.get(worker.device)
+            if proc is not None and proc.popen is not None and proc.popen.poll() is not None:
+                self._worker_lost(worker, _exit_text(proc.popen.returncode))
+            elif not shm.pid_alive(worker.pid):
+                self._worker_lost(worker, "process gone")
+            elif not worker.inflight and now - worker.last_seen > deadline:
+                self._worker_lost(worker, f"silent for {now - worker.last_seen:.1f}s")
+            elif now - worker.last_sent > self.heartbeat:
+                self._send(self.backend, worker.identity, P.Heartbeat())
+                worker.last_sent = now
+        for proc in self.spawned.values():
+            self._supervise(proc, now)
+
+    def _supervise(self, proc: WorkerProcess, now: float) -> None:
+        if proc.popen is not None:
+            if proc.popen.poll() is None:
+                return
+            if proc.device in self.worker_by_device:
+                self._worker_lost(self.worker_by_device[proc.device],
+                                  _exit_text(proc.popen.returncode))
+            proc.popen = None
+            # A worker that keeps dying at start-up is restarted ever more slowly.
+            proc.restarts = proc.restarts + 1 if now - proc.started < 2.0 else 0
+            proc.start_at = now + (min(5.0, 0.1 * 2 ** proc.restarts) if proc.restarts else 0)
+        if now >= proc.start_at and not self._stop:
+            proc.popen = self._spawn_worker(proc.device)
+            proc.started = now
+
+    def _spawn_worker(self, device: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "worker", "--broker", self.address, "--device", str(device),
+               "--parent-pid", str(os.getpid()), "--heartbeat", str(self.heartbeat),
+               "--liveness", str(self.liveness)]
+        if self.log_dir:
+            cmd += ["--log-file", os.path.join(self.log_dir, f"worker-{device}.log")]
+        log.info("starting worker for device %d", device)
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=_child_env())
+
+    def _shutdown(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for worker in self.workers.values():
+            self._send(self.backend, worker.identity, P.Shutdown("broker stopping"))
+        for client in self.clients.values():
+            self._send(self.frontend, client.identity, P.Shutdown("broker stopping"))
+        deadline = time.monotonic() + 2.0
+        for proc in self.spawned.values():
+            if proc.popen is None:
+                continue
+            try:
+                proc.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait()
+        self.frontend.close(0)
+        self.backend.close(0)
+        self.ctx.term()
+        for addr in (self.address, worker_address(self.address)):
+            if addr.startswith("ipc://") and os.path.exists(addr[6:]):
+                os.unlink(addr[6:])
+        self._wake_r.close()
+        self._wake_w.close()
+        log.info("broker stopped")
+
+
+def _exit_text(returncode: int | None) -> str:
+    if returncode is None:
+        return "running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+def _child_env() -> dict[str, str]:
+    """Our environment, with this checkout importable even when pto is not installed."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env

@@ -1,0 +1,38 @@
+"""pto: run tensor task graphs across the chips of a host.
+
+>>> import numpy as np, pto
+>>> def scale(x, y, factor):            # a Python kernel: numpy views and scalars
+...     y[:] = x * factor
+>>> def double(ctx, args):              # an orchestration: builds the task graph
+...     x = ctx.tensor(args)
+...     y = ctx.alloc(x.shape, x.dtype)
+...     ctx.submit(ctx.peers()[0], "scale", [pto.Arg.input(x), pto.Arg.output(y),
+...                                          pto.Arg.scalar(2.0)])
+...     return y
+>>> with pto.Runtime(level="host", platform="sim", devices=[0, 1]) as rt:
+...     rt.register("double", orch=double, kernels={"scale": scale})
+...     print(rt.run("double", np.ones(3, np.float32)).numpy())
+[2. 2. 2.]
+"""
+
+from .args import Arg, ParamType
+from .errors import (
+    BrokerLost,
+    OutOfMemory,
+    ProtocolError,
+    PtoError,
+    TaskError,
+    TensorFreed,
+    WorkerLost,
+)
+from .runtime import OrchContext, Runtime
+from .taskinfo import TaskInfo, task
+from .tensor import TensorHandle
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Arg", "ParamType", "Runtime", "OrchContext", "TensorHandle", "TaskInfo", "task",
+    "PtoError", "TaskError", "WorkerLost", "BrokerLost", "TensorFreed", "OutOfMemory",
+    "ProtocolError",
+]

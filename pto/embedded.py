@@ -1,0 +1,51 @@
+"""The broker (and its workers) that ``Runtime(level="host")`` starts when given no address."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+from .procs import runtime_dir
+
+
+class EmbeddedBroker:
+    """A child broker process serving ``devices``, stopped by ``stop()``.
+
+    It runs in its own session (Ctrl-C in a terminal reaches only the user's process,
+    which then closes it), watches our pid, and exits with its workers if we die.
+    """
+
+    def __init__(self, devices: list[int], owner: str):
+        base = runtime_dir()
+        self.address = f"ipc://{base}/{owner}.sock"
+        self.log_dir = os.path.join(base, f"logs-{owner}")
+        os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
+        cmd = [sys.executable, "-m", "broker", "--listen", self.address,
+               "--devices", ",".join(map(str, devices)), "--parent-pid", str(os.getpid()),
+               "--log-dir", self.log_dir]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        with open(os.path.join(self.log_dir, "broker.out"), "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                         env=env, start_new_session=True)
+
+    def exit_reason(self) -> str | None:
+        code = self.proc.poll()
+        if code is None:
+            return None
+        return f"embedded broker exited with code {code} (logs in {self.log_dir})"
+
+    def stop(self, keep_logs: bool = False) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if not keep_logs and not os.environ.get("PTO_KEEP_LOGS"):
+            shutil.rmtree(self.log_dir, ignore_errors=True)

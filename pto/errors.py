@@ -1,0 +1,42 @@
+"""Exceptions raised by pto. Every error a user can see derives from PtoError."""
+
+from __future__ import annotations
+
+
+class PtoError(Exception):
+    """Base class of every pto error."""
+
+
+class TaskError(PtoError):
+    """A task failed: its kernel raised, returned non-zero, crashed, or a task it depends on failed.
+
+    ``kernel`` and ``chip`` name the first failure (the root cause), ``reason`` says why.
+    """
+
+    def __init__(self, kernel: str, chip: int, reason: str, failed: int = 1):
+        self.kernel = kernel
+        self.chip = chip
+        self.reason = reason
+        self.failed = failed
+        extra = f" ({failed - 1} dependent task(s) not run)" if failed > 1 else ""
+        super().__init__(f"kernel {kernel!r} failed on chip {chip}: {reason}{extra}")
+
+
+class WorkerLost(TaskError):
+    """The worker process of a chip died while it ran the task."""
+
+
+class BrokerLost(PtoError):
+    """The broker could not be reached, or stopped answering."""
+
+
+class TensorFreed(PtoError, ValueError):
+    """A freed (or closed-runtime) tensor handle was used."""
+
+
+class OutOfMemory(PtoError, MemoryError):
+    """Shared memory (/dev/shm) has no room for a new tensor."""
+
+
+class ProtocolError(PtoError):
+    """A control message could not be decoded."""

@@ -1,0 +1,74 @@
+"""Process plumbing shared by the client, broker and worker: runtime dir, addresses, lifetimes."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import stat
+import sys
+import tempfile
+
+_PR_SET_PDEATHSIG = 1
+
+
+def runtime_dir() -> str:
+    """The per-user 0700 directory for ipc endpoints and logs (created if missing)."""
+    base = os.environ.get("PTO_RUNTIME_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        base = os.path.join(xdg, "pto") if xdg and os.path.isdir(xdg) else os.path.join(
+            tempfile.gettempdir(), f"pto-{os.getuid()}"
+        )
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    st = os.stat(base)
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"runtime dir {base} belongs to uid {st.st_uid}, not to us")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(base, 0o700)
+    return base
+
+
+def worker_address(client_address: str) -> str:
+    """The broker's worker endpoint, derived from its client endpoint.
+
+    ``ipc://PATH`` -> ``ipc://PATH.w``; ``tcp://HOST:PORT`` -> ``tcp://HOST:PORT+1``.
+    """
+    if client_address.startswith("ipc://"):
+        return client_address + ".w"
+    if client_address.startswith("tcp://"):
+        host, _, port = client_address[len("tcp://") :].rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"tcp address needs an explicit port: {client_address!r}")
+        return f"tcp://{host}:{int(port) + 1}"
+    raise ValueError(f"unsupported broker address {client_address!r} (use ipc:// or tcp://)")
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """Ask the kernel to SIGKILL us when our parent exits (Linux), and check it has not already."""
+    if parent_pid is None:
+        return
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def parent_gone(parent_pid: int | None) -> bool:
+    return parent_pid is not None and os.getppid() != parent_pid
+
+
+def setup_logging(role: str, level: str | None = None, log_file: str | None = None) -> None:
+    """Log records carry the process role and pid; level from PTO_LOG_LEVEL (default INFO)."""
+    level = level or os.environ.get("PTO_LOG_LEVEL", "INFO")
+    handler: logging.Handler = (
+        logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    )
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,202 @@
+"""The wire format: every control message between clients, the broker and workers.
+
+A message is two ZeroMQ frames, ``[VERSION, body]`` (ROUTER sockets prepend the peer
+identity). ``body`` is one msgpack-encoded msgspec Struct, positional (``array_like``)
+and tagged with a small integer, so decoding is one C call and never unpickles.
+Tensor bytes never appear here: tasks name tensors by integer id, and each process maps
+the segment ``/pto_<owner>_<id>`` itself. Strings (kernel names, owners) travel once,
+at registration. Every hop is batched: one message carries a list of tasks or results.
+
+Python kernels travel as opaque cloudpickle bytes inside ``RegisterKernel``: the broker
+forwards them to workers and never loads them.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from .errors import ProtocolError
+
+VERSION = b"PTO\x01"
+MAX_FRAME_BYTES = 64 * 1024 * 1024  # larger frames are refused (socket option MAXMSGSIZE)
+
+
+class Struct(msgspec.Struct, array_like=True, omit_defaults=False):
+    pass
+
+
+# ---- records carried inside messages -------------------------------------------------
+
+
+class ArgSpec(Struct):
+    """One task argument. ``tensor`` is the client's tensor id, or -1 for a scalar."""
+
+    kind: int  # pto.ParamType value
+    tensor: int = -1
+    offset: int = 0  # byte offset of the view in its segment
+    nbytes: int = 0
+    dtype: int = 0  # pto.dtypes code
+    shape: list[int] = []
+    scalar: int | float | bool | None = None
+
+
+class TaskSpec(Struct):
+    """A task as the client submits it."""
+
+    task: int  # client-local task id
+    chip: int
+    kernel: int  # client-local kernel id (see RegisterKernel)
+    args: list[ArgSpec]
+
+
+class Failure(Struct):
+    """Why a task failed. ``root`` is the task id of the first failure (itself if it is one)."""
+
+    task: int
+    kernel: str
+    chip: int
+    reason: str
+    root: int
+    lost: bool = False  # the worker died under it (pto.WorkerLost)
+
+
+class ClientInfo(Struct):
+    client: int  # broker-assigned client index
+    owner: str  # segment owner id: tensors are /pto_<owner>_<id>
+
+
+class KernelDef(Struct):
+    client: int
+    kernel: int
+    name: str
+    kind: str  # "py": cloudpickled callable
+    blob: bytes
+
+
+class TensorRef(Struct):
+    client: int
+    tensor: int
+
+
+class WorkTask(Struct):
+    """A task as the broker dispatches it to a worker."""
+
+    task: int  # broker-global task id
+    client: int
+    kernel: int
+    args: list[ArgSpec]
+    rank: int = 0
+    world: int = 1
+
+
+# ---- client <-> broker --------------------------------------------------------------
+
+
+class Hello(Struct, tag=1):
+    owner: str
+    pid: int
+
+
+class RegisterKernel(Struct, tag=2):
+    kernel: int
+    name: str
+    kind: str
+    blob: bytes
+
+
+class Submit(Struct, tag=3):
+    tasks: list[TaskSpec]
+
+
+class FreeTensors(Struct, tag=4):
+    tensors: list[int]
+
+
+class Heartbeat(Struct, tag=5):
+    pass
+
+
+class Bye(Struct, tag=6):
+    pass
+
+
+class Welcome(Struct, tag=10):
+    client: int
+    devices: list[int]  # every device this broker serves
+    ready: list[int]  # those with a live worker now
+    heartbeat: float  # seconds between heartbeats; silence for `liveness` of them = dead
+    liveness: int
+
+
+class Results(Struct, tag=11):
+    done: list[int]
+    failed: list[Failure]
+
+
+class Error(Struct, tag=12):
+    message: str
+
+
+class DeviceStatus(Struct, tag=13):
+    """Sent to every client when a worker comes or goes."""
+
+    devices: list[int]
+    ready: list[int]
+
+
+# ---- worker <-> broker --------------------------------------------------------------
+
+
+class WorkerHello(Struct, tag=20):
+    device: int
+    pid: int
+
+
+class Dispatch(Struct, tag=21):
+    """Everything a worker must know before running ``tasks``, in the order to apply it."""
+
+    clients: list[ClientInfo]
+    kernels: list[KernelDef]
+    frees: list[TensorRef]
+    gone: list[int]  # client indexes whose tensors and kernels to drop
+    tasks: list[WorkTask]
+
+
+class Report(Struct, tag=22):
+    done: list[int]
+    failed: list[Failure]
+
+
+class Shutdown(Struct, tag=23):
+    reason: str = ""
+
+
+Message = Union[  # noqa: UP007 - msgspec needs a real Union of tagged structs
+    Hello, RegisterKernel, Submit, FreeTensors, Heartbeat, Bye, Welcome, Results, Error,
+    DeviceStatus,
+    WorkerHello, Dispatch, Report, Shutdown,
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> list[bytes]:
+    """Frames for one message (without a ROUTER identity)."""
+    return [VERSION, _encoder.encode(msg)]
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Decode ``[VERSION, body]``; raise ProtocolError on anything else."""
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames, got {len(frames)}")
+    version, body = frames
+    if version != VERSION:
+        got = bytes(version)[:16]
+        raise ProtocolError(f"unsupported protocol version {got!r}, want {VERSION!r}")
+    try:
+        return _decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed message: {exc}") from None

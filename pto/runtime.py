@@ -1,0 +1,473 @@
+"""``pto.Runtime``: register orchestrations and kernels, run them, get results.
+
+The life of a run: ``submit`` calls the orchestration function in the calling thread; each
+``ctx.submit`` checks its arguments at once and queues a task record; records go to the
+broker in batches (``_FLUSH_EVERY``, and when the orchestration returns). The broker
+resolves dependencies and dispatches; the I/O thread receives results and, when the last
+task of a run ends, completes the run's ``Future`` with the orchestration's return value,
+or with ``TaskError`` naming the first failure.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import math
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+import numpy as np
+
+from . import protocol as P
+from . import shm
+from .args import Arg, ParamType
+from .connection import Connection
+from .dtypes import dtype_code
+from .embedded import EmbeddedBroker
+from .errors import BrokerLost, PtoError, TaskError, TensorFreed, WorkerLost
+from .tensor import Segment, TensorHandle, TensorStore, normalize_shape
+
+log = logging.getLogger("pto.runtime")
+
+_FLUSH_EVERY = 256  # task records per Submit message while an orchestration runs
+_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
+
+
+@dataclass
+class _Registration:
+    name: str
+    orch: Callable[..., Any]
+    kernel_ids: dict[str, int]
+
+
+@dataclass(eq=False)
+class _Run:
+    """One call of an orchestration and the tasks it submitted."""
+
+    future: Future
+    outstanding: int = 0
+    orch_done: bool = False
+    value: Any = None
+    error: BaseException | None = None
+    failures: list[P.Failure] = field(default_factory=list)
+    copy_back: list[tuple[np.ndarray, TensorHandle]] = field(default_factory=list)
+    array_handles: dict[int, tuple[np.ndarray, TensorHandle]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _TaskRecord:
+    run: _Run
+    kernel: str
+    chip: int
+    segments: list[Segment]
+
+
+class Runtime:
+    """A connection to chips: embedded (its own broker and workers) or to a running broker.
+
+    >>> with pto.Runtime(level="host", platform="sim", devices=[0, 1]) as rt:
+    ...     rt.register("double", orch=double, kernels={"scale": scale})
+    ...     y = rt.run("double", args={"input": np.ones(4, np.float32)})
+    ...     y.numpy()
+    array([2., 2., 2., 2.], dtype=float32)
+
+    ``broker=ADDRESS`` (or ``PTO_BROKER``) connects to a broker started with
+    ``scripts/start_broker.sh``; then ``devices`` defaults to every chip it serves.
+    Without one, a broker and one worker per device start as child processes and stop
+    on ``close()``, at interpreter exit, or when this process dies.
+    """
+
+    def __init__(self, level: str = "host", platform: str = "sim",
+                 devices: list[int] | None = None, broker: str | None = None,
+                 device: int | None = None, timeout: float = 10.0):
+        if level == "chip":
+            raise NotImplementedError(
+                "level='chip' (the in-process L2 runtime) is not available yet; use level='host'")
+        if level != "host":
+            raise ValueError(f"level must be 'host' or 'chip', not {level!r}")
+        if platform != "sim":
+            raise ValueError(f"platform {platform!r} needs Ascend hardware and its toolkit; "
+                             "this machine supports platform='sim'")
+        if device is not None:
+            if devices is not None:
+                raise ValueError("give device= or devices=, not both")
+            devices = [device]
+        if devices is not None:
+            devices = _check_devices(devices)
+        self._closed = True  # until fully started, close() has nothing to do
+        self._lock = threading.RLock()
+        self._owner = shm.new_owner()
+        self._embedded: EmbeddedBroker | None = None
+        address = broker or os.environ.get("PTO_BROKER")
+        if not address:
+            self._embedded = EmbeddedBroker(devices or [0], self._owner)
+            address = self._embedded.address
+        try:
+            self._conn = Connection(address, self._owner, timeout,
+                                    watch=self._embedded.exit_reason if self._embedded else None)
+            self.devices = self._wait_for_devices(devices, timeout)
+        except BaseException:
+            if self._embedded:
+                self._embedded.stop(keep_logs=True)
+            raise
+        self.address = address
+        self._store = TensorStore(self._owner, self._lock, self._conn.free)
+        self._registry: dict[str, _Registration] = {}
+        self._kernel_ids = itertools.count(1)
+        self._task_ids = itertools.count(1)
+        self._tasks: dict[int, _TaskRecord] = {}
+        self._runs: set[_Run] = set()
+        self._conn.on_message = self._on_message
+        self._conn.on_lost = self._on_lost
+        self._closed = False
+        self._conn.start()
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    def _wait_for_devices(self, wanted: list[int] | None, timeout: float) -> list[int]:
+        welcome = self._conn.welcome
+        served = set(welcome.devices)
+        if wanted is None:
+            wanted = sorted(served)
+        missing = sorted(set(wanted) - served)
+        if missing:
+            self._conn.close()
+            raise ValueError(f"broker at {self._conn.address} does not serve chip(s) {missing}; "
+                             f"it serves {sorted(served)}")
+        ready = set(welcome.ready)
+
+        def on_status(msg: P.Message) -> None:
+            if isinstance(msg, P.DeviceStatus):
+                ready.clear()
+                ready.update(msg.ready)
+
+        self._conn.on_message = on_status
+        if not self._conn.recv_until(lambda: ready >= set(wanted), timeout):
+            self._conn.close()
+            where = f" (logs in {self._embedded.log_dir})" if self._embedded else ""
+            raise PtoError(f"workers for chip(s) {sorted(set(wanted) - ready)} did not start "
+                           f"within {timeout:g}s{where}")
+        return list(wanted)
+
+    # ---- registration ------------------------------------------------------------------
+
+    def register(self, name: str, orch: Callable[..., Any],
+                 kernels: Mapping[str, Callable[..., Any]] | None = None) -> None:
+        """Register an orchestration function and the kernels it submits by name.
+
+        >>> rt.register("pipeline", orch=pipeline, kernels={"compute": compute_fn})
+
+        Python kernels travel to the workers by value (cloudpickle), so functions from
+        ``__main__`` or a test module work as they are.
+        """
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise TypeError("register() needs a non-empty name")
+        if not callable(orch):
+            raise TypeError(f"orch for {name!r} must be callable (ctx, args) -> value")
+        kernel_ids: dict[str, int] = {}
+        messages = []
+        for kname, fn in (kernels or {}).items():
+            if not isinstance(kname, str) or not kname:
+                raise TypeError(f"kernel names must be non-empty strings, not {kname!r}")
+            if not callable(fn):
+                raise TypeError(f"kernel {kname!r} must be callable, not {type(fn).__name__}")
+            try:
+                blob = cloudpickle.dumps(fn)
+            except Exception as exc:
+                raise TypeError(f"kernel {kname!r} cannot be sent to workers: {exc}") from exc
+            kid = next(self._kernel_ids)
+            kernel_ids[kname] = kid
+            messages.append(P.RegisterKernel(kid, kname, "py", blob))
+        for msg in messages:
+            self._conn.send(msg)
+        self._registry[name] = _Registration(name, orch, kernel_ids)
+
+    # ---- running -----------------------------------------------------------------------
+
+    def submit(self, name: str, args: Any = None) -> Future:
+        """Run an orchestration without waiting; the Future resolves to its return value.
+
+        The orchestration itself runs now, in this thread; its tasks run on the chips.
+        """
+        self._check_open()
+        reg = self._registry.get(name)
+        if reg is None:
+            raise KeyError(f"no orchestration registered as {name!r}; "
+                           f"registered: {sorted(self._registry)}")
+        future: Future = Future()
+        future.set_running_or_notify_cancel()  # submitted tasks cannot be called back yet
+        run = _Run(future)
+        with self._lock:
+            self._runs.add(run)
+        ctx = OrchContext(self, run, reg)
+        try:
+            value = reg.orch(ctx, args)
+            ctx._flush()
+        except BaseException as exc:
+            ctx._discard()
+            self._orch_finished(run, error=exc)
+        else:
+            self._orch_finished(run, value=value)
+        return future
+
+    def run(self, name: str, args: Any = None) -> Any:
+        """Run an orchestration and wait for all its tasks; return its return value.
+
+        Raises ``pto.TaskError`` naming the first failed task (kernel, chip, reason).
+        """
+        return self.submit(name, args).result()
+
+    def _orch_finished(self, run: _Run, value: Any = None, error: BaseException | None = None):
+        with self._lock:
+            run.orch_done, run.value, run.error = True, value, error
+            finished = run.outstanding == 0
+        if finished:
+            self._complete(run)
+
+    def _send_tasks(self, run: _Run, batch: list[tuple[P.TaskSpec, str, list[Segment]]]) -> None:
+        with self._lock:
+            if self._conn.lost is not None:
+                raise self._conn.lost
+            for spec, kernel, segments in batch:
+                self._tasks[spec.task] = _TaskRecord(run, kernel, spec.chip, segments)
+                for seg in segments:
+                    seg.users += 1
+            run.outstanding += len(batch)
+        self._conn.send(P.Submit([spec for spec, _, _ in batch]))
+
+    # ---- results (I/O thread) ----------------------------------------------------------
+
+    def _on_message(self, msg: P.Message) -> None:
+        if not isinstance(msg, P.Results):
+            return
+        finished = []
+        with self._lock:
+            for tid in msg.done:
+                run = self._task_ended(tid)
+                if run is not None and run.outstanding == 0 and run.orch_done:
+                    finished.append(run)
+            for failure in msg.failed:
+                record = self._tasks.get(failure.task)
+                run = self._task_ended(failure.task)
+                if run is not None:
+                    run.failures.append(failure)
+                    if record is not None and not failure.kernel:
+                        failure.kernel = record.kernel
+                    if run.outstanding == 0 and run.orch_done:
+                        finished.append(run)
+        for run in finished:
+            self._complete(run)
+
+    def _task_ended(self, tid: int) -> _Run | None:
+        record = self._tasks.pop(tid, None)
+        if record is None:
+            return None
+        for seg in record.segments:
+            self._store.release_use(seg)
+        record.run.outstanding -= 1
+        return record.run
+
+    def _complete(self, run: _Run) -> None:
+        with self._lock:
+            if run not in self._runs:
+                return
+            self._runs.discard(run)
+        if run.error is not None:
+            run.future.set_exception(run.error)
+        elif run.failures:
+            run.future.set_exception(_task_error(run.failures))
+        else:
+            try:
+                for array, handle in run.copy_back:
+                    array[...] = handle.numpy()
+            except BaseException as exc:
+                run.future.set_exception(exc)
+            else:
+                run.future.set_result(run.value)
+
+    def _on_lost(self, exc: BrokerLost) -> None:
+        with self._lock:
+            runs, self._runs = list(self._runs), set()
+            self._tasks.clear()
+        for run in runs:
+            if not run.future.done():
+                run.future.set_exception(exc)
+
+    # ---- life --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PtoError("the runtime is closed")
+        if self._conn.lost is not None:
+            raise self._conn.lost
+
+    def close(self) -> None:
+        """Stop: fail runs still in flight, free every tensor, stop an embedded broker."""
+        if self._closed:
+            return
+        self._closed = True
+        self._conn.close()
+        self._on_lost(BrokerLost("the runtime was closed while this run was in flight"))
+        self._store.close()
+        if self._embedded is not None:
+            self._embedded.stop()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"devices={self.devices}"
+        return f"<pto.Runtime host {self.address} {state}>"
+
+
+class OrchContext:
+    """What an orchestration function receives as ``ctx``: it builds the run's task graph.
+
+    >>> def pipeline(ctx, args):
+    ...     x = ctx.tensor(args["input"])
+    ...     y = ctx.alloc(x.shape, x.dtype)
+    ...     ctx.submit(ctx.peers()[0], "scale", [pto.Arg.input(x), pto.Arg.output(y),
+    ...                                          pto.Arg.scalar(2.0)])
+    ...     return y
+    """
+
+    def __init__(self, rt: Runtime, run: _Run, reg: _Registration):
+        self._rt = rt
+        self._run = run
+        self._reg = reg
+        self._pending: list[tuple[P.TaskSpec, str, list[Segment]]] = []
+
+    def peers(self) -> list[int]:
+        """The chips (device ids) this runtime can submit to."""
+        return list(self._rt.devices)
+
+    def alloc(self, shape: Any, dtype: Any = np.float32) -> TensorHandle:
+        """A new zero-filled tensor in shared memory."""
+        dims = normalize_shape(shape)
+        dt = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
+        dtype_code(dt)
+        seg = self._rt._store.create(math.prod(dims) * dt.itemsize)
+        return TensorHandle(seg, dims, dt)
+
+    def tensor(self, array: Any) -> TensorHandle:
+        """A new tensor holding a copy of ``array`` (the only copy pto makes)."""
+        arr = np.asarray(array)
+        handle = self.alloc(arr.shape, arr.dtype)
+        handle.numpy()[...] = arr
+        return handle
+
+    def submit(self, chip: int, kernel: str, args: list[Arg]) -> None:
+        """Add a task running ``kernel`` on ``chip``; it waits for the tasks it depends on."""
+        rt = self._rt
+        if not isinstance(chip, (int, np.integer)) or isinstance(chip, bool) \
+                or chip not in rt.devices:
+            raise ValueError(f"unknown chip {chip!r}; this runtime has chips {rt.devices}")
+        kid = self._reg.kernel_ids.get(kernel)
+        if kid is None:
+            raise KeyError(f"unknown kernel {kernel!r} in {self._reg.name!r}; "
+                           f"registered kernels: {sorted(self._reg.kernel_ids)}")
+        if not isinstance(args, (list, tuple)):
+            raise TypeError(f"args of {kernel!r} must be a list of pto.Arg, "
+                            f"not {type(args).__name__}")
+        specs: list[P.ArgSpec] = []
+        segments: list[Segment] = []
+        for i, arg in enumerate(args):
+            if not isinstance(arg, Arg):
+                raise TypeError(f"argument {i} of {kernel!r} is a {type(arg).__name__}, "
+                                "not a pto.Arg (use pto.Arg.input/output/inout/scalar)")
+            if arg.kind == ParamType.SCALAR:
+                specs.append(P.ArgSpec(int(ParamType.SCALAR), scalar=_scalar(arg.value, i, kernel)))
+                continue
+            handle = self._as_handle(arg, i, kernel)
+            segments.append(handle._seg)
+            specs.append(P.ArgSpec(int(arg.kind), handle._seg.tid, handle._offset,
+                                   handle.nbytes, handle.dtype_code, list(handle.shape)))
+        spec = P.TaskSpec(next(rt._task_ids), int(chip), kid, specs)
+        self._pending.append((spec, kernel, segments))
+        if len(self._pending) >= _FLUSH_EVERY:
+            self._flush()
+
+    def _as_handle(self, arg: Arg, i: int, kernel: str) -> TensorHandle:
+        value = arg.value
+        if isinstance(value, TensorHandle):
+            if value._seg.store is not self._rt._store:
+                raise ValueError(f"argument {i} of {kernel!r}: tensor {value.name} belongs to "
+                                 "another runtime")
+            value._check()
+            return value
+        if isinstance(value, np.ndarray):
+            known = self._run.array_handles.get(id(value))
+            if known is not None:
+                return known[1]
+            if arg.kind != ParamType.INPUT and not value.flags.writeable:
+                raise ValueError(f"argument {i} of {kernel!r}: a read-only array cannot be "
+                                 f"an {arg.kind.name.lower()}")
+            handle = self.tensor(value) if arg.kind != ParamType.OUTPUT else self.alloc(
+                value.shape, value.dtype)
+            self._run.array_handles[id(value)] = (value, handle)  # also keeps id() unique
+            if arg.kind != ParamType.INPUT:
+                self._run.copy_back.append((value, handle))
+            return handle
+        raise TypeError(f"argument {i} of {kernel!r}: a tensor argument takes a TensorHandle "
+                        f"or a numpy array, not {type(value).__name__}")
+
+    def _flush(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._rt._send_tasks(self._run, batch)
+
+    def _discard(self) -> None:
+        self._pending = []
+
+
+def _scalar(value: Any, i: int, kernel: str) -> int | float | bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        if not _INT_MIN <= int(value) <= _UINT_MAX:
+            raise OverflowError(f"scalar argument {i} of {kernel!r} does not fit in 64 bits")
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    raise TypeError(f"scalar argument {i} of {kernel!r} must be a bool, int or float, "
+                    f"not {type(value).__name__}")
+
+
+def _check_devices(devices: Any) -> list[int]:
+    try:
+        out = list(devices)
+    except TypeError:
+        raise TypeError(f"devices must be a list of ints, not {devices!r}") from None
+    if not out or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+                          and d >= 0 for d in out):
+        raise ValueError(f"devices must be a non-empty list of non-negative ints: {devices!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"devices must not repeat: {devices!r}")
+    return [int(d) for d in out]
+
+
+def _task_error(failures: list[P.Failure]) -> TaskError:
+    roots = [f for f in failures if f.root == f.task] or failures
+    first = min(roots, key=lambda f: f.task)
+    cls = WorkerLost if first.lost else TaskError
+    reason = first.reason if first.root == first.task else first.reason
+    return cls(first.kernel, first.chip, reason, failed=len(failures))
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    rt = ref()
+    if rt is not None:
+        rt.close()
+
+
+__all__ = ["Runtime", "OrchContext", "TensorFreed"]

@@ -1,0 +1,118 @@
+"""POSIX shared-memory segments: the only place tensor bytes live.
+
+A segment is named ``/pto_<owner>_<id>``: ``owner`` is the creating runtime's session id
+(``<pid>x<random>``), so any process can tell from a name alone whether its owner is still
+alive, and a janitor can reclaim what a dead client left. Segments are created mode 0600
+and their pages reserved up front (``posix_fallocate``), so a full /dev/shm is an
+``OutOfMemory`` at allocation instead of a SIGBUS inside a kernel later.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import secrets
+
+import posix_ipc
+
+from .errors import OutOfMemory
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+PREFIX = "pto_"
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def new_owner() -> str:
+    """A session id for the calling process: its pid plus randomness (no underscores)."""
+    return f"{os.getpid()}x{secrets.token_hex(4)}"
+
+
+def owner_pid(owner: str) -> int | None:
+    head = owner.split("x", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def segment_name(owner: str, tensor: int) -> str:
+    return f"/{PREFIX}{owner}_{tensor}"
+
+
+def create(name: str, nbytes: int) -> mmap.mmap:
+    """Create a new segment of ``nbytes`` (at least one page is mapped) and map it."""
+    size = max(nbytes, 1)
+    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
+    try:
+        os.fchmod(shm.fd, 0o600)  # shm_open applies the umask; be explicit
+        try:
+            os.posix_fallocate(shm.fd, 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                raise OutOfMemory(
+                    f"no room in {SHM_DIR} for a tensor of {nbytes} bytes ({exc.strerror})"
+                ) from None
+            raise
+        return mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+    except BaseException:
+        unlink(name)
+        raise
+    finally:
+        shm.close_fd()
+
+
+def open_existing(name: str) -> mmap.mmap:
+    """Map an existing segment (its whole size). Raises posix_ipc.ExistentialError if gone."""
+    shm = posix_ipc.SharedMemory(name)
+    try:
+        size = os.fstat(shm.fd).st_size
+        return mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+    finally:
+        shm.close_fd()
+
+
+def unlink(name: str) -> bool:
+    """Remove a segment's name; mappings stay valid until unmapped. False if already gone."""
+    try:
+        posix_ipc.unlink_shared_memory(name)
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+
+
+def list_names(owner: str | None = None) -> list[str]:
+    """Names (with leading slash) of our segments in /dev/shm, optionally of one owner."""
+    prefix = PREFIX + (f"{owner}_" if owner else "")
+    try:
+        return ["/" + f for f in os.listdir(SHM_DIR) if f.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+
+
+def unlink_owner(owner: str) -> int:
+    """Unlink every segment of ``owner``; returns how many were removed."""
+    return sum(unlink(name) for name in list_names(owner))
+
+
+def reap_dead_owners() -> int:
+    """Unlink segments whose owning process no longer exists (a janitor's sweep)."""
+    removed = 0
+    for name in list_names():
+        owner = name[len(PREFIX) + 1 :].rsplit("_", 1)[0]
+        pid = owner_pid(owner)
+        if pid is not None and not pid_alive(pid):
+            removed += unlink(name)
+    if removed:
+        log.info("janitor: removed %d segment(s) of dead owners", removed)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,121 @@
+"""Shared fixtures: embedded runtimes, and a leak check that runs after every test.
+
+After each test, no ``/dev/shm/pto_*`` segment created during the test and no broker or
+worker process started by this test session may remain (up to 5 s grace). Leaks fail the
+test and are cleaned up, so one leaky test does not fail every later one.
+
+Only processes of *this* session are considered: every process the tests start inherits
+the ``PTO_TEST_SESSION`` marker below (or is a descendant of pytest), so a concurrent pto
+user on the same machine is never reported nor killed.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+import uuid
+
+import psutil
+import pytest
+
+import pto
+
+SHM_DIR = "/dev/shm"
+GRACE_S = 5.0
+POLL_S = 0.05
+MARK = "PTO_TEST_SESSION"
+os.environ[MARK] = uuid.uuid4().hex  # inherited by every process the tests start
+
+_CMD_PATTERNS = ("-m broker", "-m worker", "broker/__main__.py", "worker/__main__.py")
+_SESSION_START = time.time()
+
+
+def _pto_segments() -> set[str]:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith("pto_")}
+
+
+def _pto_processes() -> list[psutil.Process]:
+    """Live broker/worker processes, whoever started them."""
+    found = []
+    for p in psutil.process_iter(["name", "cmdline", "create_time", "status"]):
+        if p.pid == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        cmd = " ".join(p.info["cmdline"] or [])
+        if (p.info["name"] or "").startswith("pto-") or any(s in cmd for s in _CMD_PATTERNS):
+            found.append(p)
+    return found
+
+
+_PREEXISTING = {p.pid for p in _pto_processes()}
+
+
+def _ours(p: psutil.Process) -> bool:
+    try:
+        if p.pid in _PREEXISTING or p.create_time() < _SESSION_START - 1:
+            return False
+        if p.pid in {c.pid for c in psutil.Process().children(recursive=True)}:
+            return True
+        return p.environ().get(MARK) == os.environ[MARK]
+    except psutil.Error:  # gone, or not ours to inspect
+        return False
+
+
+def _leaks(segments_before: set[str]) -> tuple[list[psutil.Process], list[str]]:
+    procs = [p for p in _pto_processes() if _ours(p)]
+    return procs, sorted(_pto_segments() - segments_before)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail a test that leaves pto processes or shared-memory segments behind."""
+    segments_before = _pto_segments()
+    yield
+    gc.collect()  # handles kept alive only by reference cycles free their segments
+    deadline = time.monotonic() + GRACE_S
+    procs, segs = _leaks(segments_before)
+    while (procs or segs) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        procs, segs = _leaks(segments_before)
+    if not (procs or segs):
+        return
+    described = []
+    for p in procs:
+        try:
+            described.append(f"pid {p.pid}: {' '.join(p.cmdline())}")
+            p.kill()
+        except psutil.Error:
+            pass
+    for name in segs:
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except FileNotFoundError:
+            pass
+    pytest.fail(
+        f"leaked after {GRACE_S:.0f}s: {len(described)} process(es) {described}, "
+        f"{len(segs)} segment(s) {segs}",
+        pytrace=False,
+    )
+
+
+def _embedded(devices: list[int]):
+    # Always an embedded broker, even if the developer's shell exports PTO_BROKER.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("PTO_BROKER", raising=False)
+        rt = pto.Runtime(level="host", platform="sim", devices=devices)
+    try:
+        yield rt
+    finally:
+        rt.close()
+
+
+@pytest.fixture
+def rt4():
+    """An embedded host runtime: broker + 4 simulated chips (0..3)."""
+    yield from _embedded([0, 1, 2, 3])
+
+
+@pytest.fixture
+def rt1():
+    """An embedded host runtime with a single simulated chip (0)."""
+    yield from _embedded([0])

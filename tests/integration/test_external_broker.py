@@ -1,0 +1,362 @@
+"""A long-lived broker from scripts/start_broker.sh, shared by several clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+import pto
+
+from ._util import (
+    REPO,
+    children,
+    descendants,
+    is_alive,
+    kill_all,
+    owner_of,
+    read_line,
+    segments_of,
+    shm_path,
+    stop_process,
+    wait_dead,
+    wait_gone,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+SCRIPT = REPO / "scripts" / "start_broker.sh"
+
+
+class Broker:
+    """A broker started by start_broker.sh; ``procs`` is the script and all it started."""
+
+    def __init__(self, tmp_path, workers: int = 2):
+        self.log = open(tmp_path / f"broker-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [str(SCRIPT), "--workers", str(workers)],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+        )
+        self.procs: list[psutil.Process] = [psutil.Process(self.proc.pid)]
+        try:
+            self.address = read_line(self.proc, timeout=30)
+        except Exception:
+            self.stop()
+            raise
+        threading.Thread(target=self._drain, daemon=True).start()
+        assert self.address.startswith(("ipc://", "tcp://")), self.address
+        # the workers: every process the script started (some may still be starting)
+        wait_until(lambda: len(self.descendants()) >= workers + 1, timeout=10)
+        self.remember()
+
+    def _drain(self) -> None:
+        try:
+            while self.proc.stdout.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+
+    def descendants(self) -> list[psutil.Process]:
+        return [p for p in descendants(self.proc.pid) if is_alive(p)]
+
+    def remember(self) -> None:
+        known = {p.pid for p in self.procs}
+        self.procs += [p for p in self.descendants() if p.pid not in known]
+
+    def logtext(self) -> str:
+        self.log.flush()
+        with open(self.log.name, errors="replace") as f:
+            return f.read()[-4000:]
+
+    def stop(self) -> None:
+        """Clean-up: SIGTERM the script, then make sure nothing it started survives."""
+        try:
+            stop_process(self.proc, timeout=10)
+        finally:
+            kill_all(self.procs)
+            if self.proc.stdout:
+                self.proc.stdout.close()
+            self.log.close()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path, workers=2)
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def scale(x, y, factor):
+    y[:] = x * factor
+
+
+def add_const(x, y):
+    y[:] = x + 100
+
+
+def everywhere(ctx, args):
+    x = ctx.tensor(args["x"])
+    outs = []
+    for chip in ctx.peers():
+        y = ctx.alloc(x.shape, x.dtype)
+        ctx.submit(chip, "k", [pto.Arg.input(x), pto.Arg.output(y), pto.Arg.scalar(chip + 2)])
+        outs.append(y)
+    return outs
+
+
+def check_everywhere(rt, x):
+    outs = rt.run("ext", args={"x": x})
+    assert len(outs) == len(rt.devices)
+    for chip, y in zip(rt.devices, outs, strict=True):
+        np.testing.assert_array_equal(y.numpy(), x * (chip + 2))
+    return outs
+
+
+def test_script_prints_address_and_serves_two_devices(broker):
+    before = {p.pid for p in children()} - {p.pid for p in broker.procs}
+    with pto.Runtime(level="host", platform="sim", broker=broker.address) as rt:
+        assert rt.devices == [0, 1]
+        # a client of an external broker starts no broker or workers of its own
+        assert {p.pid for p in children()} - {p.pid for p in broker.procs} <= before
+        rt.register("ext", orch=everywhere, kernels={"k": scale})
+        check_everywhere(rt, np.arange(32, dtype=np.float64))
+    assert broker.proc.poll() is None  # closing a client leaves the broker running
+
+
+def test_connect_through_env_var(broker, monkeypatch):
+    monkeypatch.setenv("PTO_BROKER", broker.address)
+    with pto.Runtime(level="host", platform="sim") as rt:
+        assert rt.devices == [0, 1]
+        rt.register("ext", orch=everywhere, kernels={"k": scale})
+        check_everywhere(rt, np.arange(8, dtype=np.int64))
+
+
+def test_device_subset_and_unserved_device(broker):
+    with pto.Runtime(level="host", platform="sim", broker=broker.address, devices=[1]) as rt:
+        assert rt.devices == [1]
+        rt.register("ext", orch=everywhere, kernels={"k": scale})
+        check_everywhere(rt, np.ones(4))
+    with pytest.raises(ValueError):
+        pto.Runtime(level="host", platform="sim", broker=broker.address, devices=[0, 5])
+
+
+def test_two_runtimes_on_one_broker(broker):
+    """Two clients register the same names with different kernels; neither sees the other's."""
+
+    def other(ctx, args):
+        x = ctx.tensor(args["x"])
+        outs = []
+        for chip in ctx.peers():
+            y = ctx.alloc(x.shape, x.dtype)
+            ctx.submit(chip, "k", [pto.Arg.input(x), pto.Arg.output(y)])
+            outs.append(y)
+        return outs
+
+    a = pto.Runtime(level="host", platform="sim", broker=broker.address)
+    try:
+        b = pto.Runtime(level="host", platform="sim", broker=broker.address)
+        try:
+            a.register("ext", orch=everywhere, kernels={"k": scale})
+            b.register("ext", orch=other, kernels={"k": add_const})
+            x = np.arange(16, dtype=np.float64)
+            kept_b = []
+            for i in range(5):
+                check_everywhere(a, x + i)
+                outs = b.run("ext", args={"x": x + i})
+                for y in outs:
+                    np.testing.assert_array_equal(y.numpy(), x + i + 100)
+                kept_b.append((i, outs))
+            kept_a = check_everywhere(a, x)
+            a_paths = [shm_path(h) for h in kept_a]
+            a_owner = owner_of(kept_a[0])
+            assert a_owner != owner_of(kept_b[0][1][0])  # each client owns its segments
+            del kept_a
+        finally:
+            a.close()
+        # a's segments are gone; b's handles and b itself are undisturbed
+        assert wait_gone(a_paths, timeout=5) == []
+        assert not segments_of(a_owner)
+        for i, outs in kept_b:
+            for y in outs:
+                np.testing.assert_array_equal(y.numpy(), x + i + 100)
+        for i in range(5):
+            for y in b.run("ext", args={"x": x * i}):
+                np.testing.assert_array_equal(y.numpy(), x * i + 100)
+        b.close()
+    finally:
+        a.close()
+    assert broker.proc.poll() is None
+
+
+CLIENT = textwrap.dedent(
+    """
+    import sys, numpy as np, pto
+    TAG = int(sys.argv[1])
+    RUNS = int(sys.argv[2])
+
+    def kern(x, y):                     # defined in __main__: travels by value
+        y[:] = x * 1000 + TAG
+
+    def orch(ctx, args):
+        x = ctx.tensor(args["x"])
+        outs = []
+        for chip in ctx.peers():
+            y = ctx.alloc(x.shape, x.dtype)
+            ctx.submit(chip, "k", [pto.Arg.input(x), pto.Arg.output(y)])
+            outs.append(y)
+        return outs
+
+    with pto.Runtime(level="host", platform="sim") as rt:
+        assert rt.devices == [0, 1], rt.devices
+        rt.register("client", orch=orch, kernels={"k": kern})
+        for i in range(RUNS):
+            x = np.arange(64.0) + i
+            outs = rt.run("client", args={"x": x})
+            for y in outs:
+                got = y.numpy()
+                assert (got == x * 1000 + TAG).all(), (TAG, i, got[:4])
+            if i == 0:
+                print("OWNER", outs[0].name, flush=True)
+    print("OK", TAG, RUNS, flush=True)
+    """
+)
+
+
+def test_two_client_processes_on_one_broker(broker):
+    env = dict(os.environ, PTO_BROKER=broker.address)
+    short = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, "1", "5"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    long = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, "2", "150"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out1, err1 = short.communicate(timeout=60)
+        assert long.poll() is None, "the long client should still be running"
+        out2, err2 = long.communicate(timeout=60)
+    finally:
+        stop_process(short)
+        stop_process(long)
+    assert short.returncode == 0, err1
+    assert long.returncode == 0, err2
+    assert "OK 1 5" in out1, (out1, err1)
+    assert "OK 2 150" in out2, (out2, err2)
+    # every client's segments are gone once it exited
+    for out in (out1, out2):
+        name = next(line.split()[1] for line in out.splitlines() if line.startswith("OWNER"))
+        owner = owner_of(name)
+        assert wait_until(lambda o=owner: not segments_of(o), timeout=5), segments_of(owner)
+    assert broker.proc.poll() is None
+
+
+HOLDER = textwrap.dedent(
+    """
+    import os, sys, time, numpy as np, pto
+    rt = pto.Runtime(level="host", platform="sim")
+    rt.register("hold", orch=lambda ctx, args: ctx.tensor(args["x"]), kernels={})
+    h = rt.run("hold", args={"x": np.arange(1024.0)})
+    print(os.getpid(), h.name, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_killed_client_segments_are_reclaimed(broker):
+    env = dict(os.environ, PTO_BROKER=broker.address)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER], cwd=REPO, env=env, stdout=subprocess.PIPE
+    )
+    try:
+        _pid, name = read_line(proc, timeout=30).split()
+        path = shm_path(name)
+        assert path.exists()
+        proc.kill()
+        proc.wait(10)
+        assert wait_gone([path], timeout=10) == [], (
+            "the broker's janitor left a dead client's segment"
+        )
+    finally:
+        stop_process(proc)
+        if proc.stdout:
+            proc.stdout.close()
+    # the broker still serves others
+    with pto.Runtime(level="host", platform="sim", broker=broker.address) as rt:
+        rt.register("ext", orch=everywhere, kernels={"k": scale})
+        check_everywhere(rt, np.ones(8))
+
+
+def test_sigterm_stops_broker_and_its_workers(tmp_path):
+    b = Broker(tmp_path, workers=2)
+    try:
+        assert len(b.procs) >= 3, b.procs  # the script/broker and two workers
+        rt = pto.Runtime(level="host", platform="sim", broker=b.address, timeout=2)
+        try:
+            rt.register("ext", orch=everywhere, kernels={"k": scale})
+            check_everywhere(rt, np.ones(8))
+            b.remember()
+            b.proc.send_signal(signal.SIGTERM)
+            try:
+                b.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"broker ignored SIGTERM for 10 s\n{b.logtext()}")
+            survivors = wait_dead(b.procs, timeout=5)
+            assert survivors == [], f"left running after SIGTERM: {survivors}"
+            # a client of a stopped broker gets BrokerLost in bounded time, not a hang
+            t0 = time.monotonic()
+            with pytest.raises(pto.BrokerLost):
+                rt.run("ext", args={"x": np.ones(8)})
+            assert time.monotonic() - t0 < 15
+        finally:
+            t0 = time.monotonic()
+            rt.close()
+            assert time.monotonic() - t0 < 15, "close() hung on a dead broker"
+    finally:
+        b.stop()
+
+
+def is_broker_process(p: psutil.Process) -> bool:
+    try:
+        cmd = p.cmdline()
+    except psutil.Error:
+        return False
+    return any(a == "-m" and b == "broker" for a, b in zip(cmd, cmd[1:], strict=False))
+
+
+def test_sigkill_of_broker_takes_workers_down(tmp_path):
+    b = Broker(tmp_path, workers=2)
+    try:
+        b.remember()
+        assert len(b.procs) >= 3, b.procs
+        brokers = [p for p in b.procs if is_broker_process(p)]
+        assert len(brokers) == 1, [p.cmdline() for p in b.procs]
+        workers = [p for p in b.procs if p not in brokers and p.pid != b.proc.pid]
+        assert len(workers) >= 2, [p.cmdline() for p in b.procs]
+        brokers[0].kill()  # no chance to clean up: the workers must notice on their own
+        survivors = wait_dead(workers, timeout=8)
+        assert survivors == [], f"workers outlived their broker: {survivors}"
+    finally:
+        b.stop()

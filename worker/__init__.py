@@ -1,0 +1,1 @@
+"""The pto chip worker: maps tensors, runs kernels, reports results (python -m worker)."""

@@ -1,0 +1,232 @@
+"""A chip worker: receive batches of tasks, map their tensors, run the kernels, report.
+
+The execute path is ``Worker._execute``: tensors become zero-copy numpy views of shared
+memory segments mapped once per tensor and cached until the client frees it; kernels are
+loaded once per (client, kernel). Results go back in batches: everything finished since
+the last report, sent when the local queue runs dry, every ``_REPORT_EVERY`` tasks, or
+after ``_REPORT_AFTER`` seconds, so dependent tasks elsewhere are never held back long.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import signal
+import time
+import traceback
+from collections import deque
+
+import numpy as np
+import posix_ipc
+import zmq
+
+from pto import protocol as P
+from pto import shm
+from pto.args import ParamType
+from pto.dtypes import CODE_DTYPES
+from pto.procs import parent_gone, worker_address
+from pto.taskinfo import TaskInfo, set_current
+
+from .kernels import KernelFn, load_kernel
+
+log = logging.getLogger("pto.worker")
+
+_REPORT_EVERY = 256
+_REPORT_AFTER = 0.001
+
+
+class Worker:
+    def __init__(self, broker: str, device: int, heartbeat: float = 0.5, liveness: int = 4,
+                 parent_pid: int | None = None):
+        self.device = device
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.parent_pid = parent_pid
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
+        self.sock.connect(worker_address(broker))
+        self.owners: dict[int, str] = {}
+        self.kernels: dict[tuple[int, int], KernelFn | Exception] = {}
+        self.kernel_names: dict[tuple[int, int], str] = {}
+        self.segments: dict[tuple[int, int], tuple[mmap.mmap, np.ndarray]] = {}
+        self.queue: deque[P.WorkTask] = deque()
+        self.done: list[int] = []
+        self.failed: list[P.Failure] = []
+        self.last_report = time.monotonic()
+        self.last_recv = time.monotonic()
+        self.last_sent = 0.0
+        self.stopping = False
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self._send(P.WorkerHello(self.device, os.getpid()))
+        log.info("worker for device %d started", self.device)
+        try:
+            while not self.stopping:
+                if not self.queue:
+                    self._report()
+                    if not self.sock.poll(int(self.heartbeat * 1000)):
+                        self._on_idle()
+                        continue
+                self._drain()
+                if self.queue:
+                    self._execute(self.queue.popleft())
+                    if (len(self.done) + len(self.failed) >= _REPORT_EVERY
+                            or time.monotonic() - self.last_report > _REPORT_AFTER):
+                        self._report()
+        finally:
+            self._close()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        self.stopping = True
+
+    def _on_idle(self) -> None:
+        now = time.monotonic()
+        if parent_gone(self.parent_pid):
+            log.info("parent broker is gone: exiting")
+            self.stopping = True
+        elif now - self.last_recv > self.heartbeat * self.liveness:
+            log.warning("broker silent for %.1fs: exiting", now - self.last_recv)
+            self.stopping = True
+        elif now - self.last_sent > self.heartbeat:
+            self._send(P.Heartbeat())
+
+    def _drain(self) -> None:
+        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                msg = P.decode(self.sock.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except P.ProtocolError as exc:
+                log.error("bad frame from broker: %s", exc)
+                continue
+            self.last_recv = time.monotonic()
+            if isinstance(msg, P.Dispatch):
+                self._apply(msg)
+            elif isinstance(msg, P.Shutdown):
+                log.info("broker asked us to stop: %s", msg.reason)
+                self.stopping = True
+                return
+            elif isinstance(msg, P.Error):
+                log.error("broker: %s", msg.message)
+
+    def _apply(self, msg: P.Dispatch) -> None:
+        for info in msg.clients:
+            self.owners[info.client] = info.owner
+        for k in msg.kernels:
+            key = (k.client, k.kernel)
+            self.kernel_names[key] = k.name
+            try:
+                self.kernels[key] = load_kernel(k.kind, k.name, k.blob)
+            except Exception as exc:  # noqa: BLE001 - reported with each task that uses it
+                self.kernels[key] = exc
+        for ref in msg.frees:
+            self._unmap(ref.client, ref.tensor)
+        for client in msg.gone:
+            self._forget_client(client)
+        self.queue.extend(msg.tasks)
+
+    def _report(self) -> None:
+        if self.done or self.failed:
+            self._send(P.Report(self.done, self.failed))
+            self.done, self.failed = [], []
+        self.last_report = time.monotonic()
+
+    def _send(self, msg: P.Message) -> None:
+        self.sock.send_multipart(P.encode(msg))
+        self.last_sent = time.monotonic()
+
+    # ---- the execute path ------------------------------------------------------------
+
+    def _execute(self, task: P.WorkTask) -> None:
+        key = (task.client, task.kernel)
+        name = self.kernel_names.get(key, f"#{task.kernel}")
+        try:
+            fn = self.kernels.get(key)
+            if fn is None:
+                raise LookupError(f"kernel {name!r} was never sent to this worker")
+            if isinstance(fn, Exception):
+                raise RuntimeError(f"cannot load kernel {name!r}: {fn!r}")
+            args = [self._arg(task.client, a) for a in task.args]
+            set_current(TaskInfo(task.rank, task.world, self.device))
+            try:
+                fn(*args)
+            finally:
+                set_current(None)
+                del args
+        except Exception as exc:  # noqa: BLE001 - a kernel's error is the task's result
+            reason = "".join(traceback.format_exception_only(exc)).strip()
+            frames = traceback.format_tb(exc.__traceback__)[1:]  # drop this frame
+            if frames:
+                reason += "\nkernel traceback (most recent call last):\n" + "".join(frames[-5:])
+            self.failed.append(P.Failure(task.task, name, self.device, reason, task.task))
+        else:
+            self.done.append(task.task)
+
+    def _arg(self, client: int, a: P.ArgSpec) -> object:
+        if a.kind == ParamType.SCALAR:
+            return a.scalar
+        buf = self._segment(client, a.tensor)
+        if a.offset < 0 or a.nbytes < 0 or a.offset + a.nbytes > buf.nbytes:
+            raise ValueError(f"argument range [{a.offset}, {a.offset + a.nbytes}) is outside "
+                             f"tensor {a.tensor} of {buf.nbytes} bytes")
+        view = buf[a.offset : a.offset + a.nbytes].view(CODE_DTYPES[a.dtype]).reshape(a.shape)
+        if a.kind == ParamType.INPUT:
+            view.flags.writeable = False
+        return view
+
+    def _segment(self, client: int, tensor: int) -> np.ndarray:
+        entry = self.segments.get((client, tensor))
+        if entry is None:
+            owner = self.owners.get(client)
+            if owner is None:
+                raise LookupError(f"unknown client {client}")
+            name = shm.segment_name(owner, tensor)
+            try:
+                mm = shm.open_existing(name)
+            except posix_ipc.ExistentialError:
+                raise FileNotFoundError(f"tensor segment {name} does not exist (freed?)") from None
+            entry = (mm, np.frombuffer(mm, dtype=np.uint8))
+            self.segments[(client, tensor)] = entry
+        return entry[1]
+
+    def _unmap(self, client: int, tensor: int) -> None:
+        entry = self.segments.pop((client, tensor), None)
+        if entry is not None:
+            mm, arr = entry
+            del arr, entry
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a kernel kept a view: the mapping goes when that view does
+
+    def _forget_client(self, client: int) -> None:
+        for key in [k for k in self.segments if k[0] == client]:
+            self._unmap(*key)
+        for key in [k for k in self.kernels if k[0] == client]:
+            del self.kernels[key]
+            self.kernel_names.pop(key, None)
+        self.owners.pop(client, None)
+        kept = deque()
+        for task in self.queue:
+            if task.client == client:
+                self.failed.append(P.Failure(task.task, "", self.device, "client gone", task.task))
+            else:
+                kept.append(task)
+        self.queue = kept
+
+    def _close(self) -> None:
+        self._report()
+        for key in list(self.segments):
+            self._unmap(*key)
+        self.sock.close(0)
+        self.ctx.term()
+        log.info("worker for device %d stopped", self.device)
+
