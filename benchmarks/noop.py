@@ -144,6 +144,7 @@ def main(argv=None) -> int:
         if name != ours:
             print(f"  vs {name:26} throughput x{t / t_ours:.2f}, "
                   f"round trip x{statistics.median(rtts) / statistics.median(rtt_ours):.2f}")
+    print("  (DESIGN.md figure to beat, upstream C++ host dispatch: 43 us/run + 8 us/task)")
     return 0
 
 

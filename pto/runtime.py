@@ -15,7 +15,10 @@ import itertools
 import logging
 import math
 import os
+import sys
+import sysconfig
 import threading
+import types
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -84,12 +87,16 @@ class Runtime:
     on ``close()``, at interpreter exit, or when this process dies.
     """
 
+    def __new__(cls, level: str = "host", *args: Any, **kwargs: Any) -> Any:
+        if level == "chip":  # L2: one chip in this process, no broker
+            from .chip import ChipRuntime
+
+            return ChipRuntime(*args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, level: str = "host", platform: str = "sim",
                  devices: list[int] | None = None, broker: str | None = None,
                  device: int | None = None, timeout: float = 10.0):
-        if level == "chip":
-            raise NotImplementedError(
-                "level='chip' (the in-process L2 runtime) is not available yet; use level='host'")
         if level != "host":
             raise ValueError(f"level must be 'host' or 'chip', not {level!r}")
         if platform != "sim":
@@ -177,14 +184,18 @@ class Runtime:
             if not isinstance(kname, str) or not kname:
                 raise TypeError(f"kernel names must be non-empty strings, not {kname!r}")
             if not callable(fn):
-                raise TypeError(f"kernel {kname!r} must be callable, not {type(fn).__name__}")
-            try:
-                blob = cloudpickle.dumps(fn)
-            except Exception as exc:
-                raise TypeError(f"kernel {kname!r} cannot be sent to workers: {exc}") from exc
+                from .compiler import kernel_registration  # a compiled package, or an error
+
+                kind, blob = kernel_registration(kname, fn)
+            else:
+                kind = "py"
+                try:
+                    blob = _pickle_by_value(fn)
+                except Exception as exc:
+                    raise TypeError(f"kernel {kname!r} cannot be sent to workers: {exc}") from exc
             kid = next(self._kernel_ids)
             kernel_ids[kname] = kid
-            messages.append(P.RegisterKernel(kid, kname, "py", blob))
+            messages.append(P.RegisterKernel(kid, kname, kind, blob))
         for msg in messages:
             self._conn.send(msg)
         self._registry[name] = _Registration(name, orch, kernel_ids)
@@ -462,6 +473,33 @@ def _task_error(failures: list[P.Failure]) -> TaskError:
     cls = WorkerLost if first.lost else TaskError
     reason = first.reason if first.root == first.task else first.reason
     return cls(first.kernel, first.chip, reason, failed=len(failures))
+
+
+def _pickle_by_value(fn: Callable[..., Any]) -> bytes:
+    """cloudpickle ``fn`` with its defining module by value unless workers can import it.
+
+    cloudpickle sends functions of importable modules by reference; a test module or a
+    user's script next to it is importable here but not from a worker's working directory.
+    """
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    by_value = module is not None and _is_user_module(module)
+    if by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(fn)
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+def _is_user_module(module: types.ModuleType) -> bool:
+    path = getattr(module, "__file__", None)
+    if module.__name__ == "__main__" or not path:
+        return False
+    path = os.path.realpath(path)
+    installed = {os.path.realpath(p) for p in sysconfig.get_paths().values()}
+    ours = os.path.dirname(os.path.realpath(__file__))
+    return not path.startswith(ours) and not any(path.startswith(p + os.sep) for p in installed)
 
 
 def _close_at_exit(ref: weakref.ref) -> None:

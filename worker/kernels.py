@@ -1,5 +1,13 @@
 """How a worker turns a registered kernel into something it can call: the one seam a
-new kernel kind (e.g. a compiled package) plugs into."""
+new kernel kind plugs into.
+
+A loaded kernel is called as ``kernel(values, kinds)``: ``values`` are the task's
+arguments in order (zero-copy numpy views of shared memory, inputs read-only, and Python
+scalars) and ``kinds`` their ``pto.ParamType`` values. Kinds:
+
+- ``"py"``: the blob is a cloudpickled Python callable, called as ``fn(*values)``.
+- ``"sim"``: the blob names a compiled package and symbol (see ``pto.compiler``).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +16,17 @@ from typing import Any
 
 import cloudpickle
 
-KernelFn = Callable[..., Any]
+Kernel = Callable[[list[Any], list[int]], None]
 
 
-def load_kernel(kind: str, name: str, blob: bytes) -> KernelFn:
-    """Return a callable taking the task's arguments in order (numpy views and scalars)."""
+def load_kernel(kind: str, name: str, blob: bytes) -> Kernel:
     if kind == "py":
         fn = cloudpickle.loads(blob)
         if not callable(fn):
             raise TypeError(f"kernel {name!r} is not callable")
-        return fn
+        return lambda values, kinds: fn(*values)
+    if kind == "sim":
+        from pto.compiler import load_sim_kernel  # only workers that run C kernels need it
+
+        return load_sim_kernel(name, blob)
     raise ValueError(f"kernel {name!r} has unknown kind {kind!r}")

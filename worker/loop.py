@@ -28,7 +28,7 @@ from pto.dtypes import CODE_DTYPES
 from pto.procs import parent_gone, worker_address
 from pto.taskinfo import TaskInfo, set_current
 
-from .kernels import KernelFn, load_kernel
+from .kernels import Kernel, load_kernel
 
 log = logging.getLogger("pto.worker")
 
@@ -49,7 +49,7 @@ class Worker:
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
         self.sock.connect(worker_address(broker))
         self.owners: dict[int, str] = {}
-        self.kernels: dict[tuple[int, int], KernelFn | Exception] = {}
+        self.kernels: dict[tuple[int, int], Kernel | Exception] = {}
         self.kernel_names: dict[tuple[int, int], str] = {}
         self.segments: dict[tuple[int, int], tuple[mmap.mmap, np.ndarray]] = {}
         self.queue: deque[P.WorkTask] = deque()
@@ -71,9 +71,8 @@ class Worker:
             while not self.stopping:
                 if not self.queue:
                     self._report()
-                    if not self.sock.poll(int(self.heartbeat * 1000)):
-                        self._on_idle()
-                        continue
+                    self.sock.poll(int(self.heartbeat * 1000))
+                    self._check_timers()
                 self._drain()
                 if self.queue:
                     self._execute(self.queue.popleft())
@@ -87,7 +86,7 @@ class Worker:
         log.info("signal %d: stopping", signum)
         self.stopping = True
 
-    def _on_idle(self) -> None:
+    def _check_timers(self) -> None:
         now = time.monotonic()
         if parent_gone(self.parent_pid):
             log.info("parent broker is gone: exiting")
@@ -116,6 +115,9 @@ class Worker:
                 return
             elif isinstance(msg, P.Error):
                 log.error("broker: %s", msg.message)
+                if msg.message.startswith("unknown worker"):
+                    # The broker dropped us (e.g. it restarted): introduce ourselves again.
+                    self._send(P.WorkerHello(self.device, os.getpid()))
 
     def _apply(self, msg: P.Dispatch) -> None:
         for info in msg.clients:
@@ -157,7 +159,7 @@ class Worker:
             args = [self._arg(task.client, a) for a in task.args]
             set_current(TaskInfo(task.rank, task.world, self.device))
             try:
-                fn(*args)
+                fn(args, [a.kind for a in task.args])
             finally:
                 set_current(None)
                 del args

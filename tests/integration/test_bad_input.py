@@ -181,8 +181,6 @@ def test_orchestration_that_raises(rt4):
     before_procs = {p.pid for p in children()}
     with pytest.raises(OrchBroke, match="orchestration gave up here"):
         rt4.run("bad_orch", args={"t": t})
-    # tasks the orchestration submitted before raising still finished
-    np.testing.assert_array_equal(t.numpy(), np.full(8, 6.0))
 
     def ours():
         gc.collect()
@@ -190,6 +188,30 @@ def test_orchestration_that_raises(rt4):
 
     assert wait_until(lambda: not ours(), timeout=5), f"leaked segments: {ours()}"
     assert {p.pid for p in children()} == before_procs
+    assert_usable(rt4)
+
+
+@pytest.mark.parametrize("bad", ["kernel", "chip", "not_arg"])
+def test_tasks_submitted_before_a_bad_submit_still_finish(rt4, bad):
+    """A submit error propagates out of run() once the tasks submitted before it finished."""
+
+    def orch(ctx, args):
+        ctx.submit(1, "fill", [Out(args["t"]), S(6.0), S(0.3)])
+        a = ctx.alloc((8,), np.float64)
+        if bad == "kernel":
+            ctx.submit(0, "no_such_kernel", [Out(a)])
+        elif bad == "chip":
+            ctx.submit(42, "fill", [Out(a), S(1.0), S(0.0)])
+        else:
+            ctx.submit(0, "copy", [a, Out(a)])
+        return a
+
+    rt4.register("bad_prior_t", orch=make_target, kernels=KERNELS)
+    rt4.register("bad_prior", orch=orch, kernels=KERNELS)
+    t = rt4.run("bad_prior_t", args={})
+    with pytest.raises((KeyError, ValueError, TypeError)):
+        rt4.run("bad_prior", args={"t": t})
+    np.testing.assert_array_equal(t.numpy(), np.full(8, 6.0))
     assert_usable(rt4)
 
 

@@ -32,7 +32,11 @@ def copy(src, dst):
     dst[:] = src
 
 
-KERNELS = {"boom": boom, "boom_after": boom_after, "fill": fill, "copy": copy}
+def mark(src, dst, value):
+    dst[:] = value  # writes whatever its input holds: shows whether it ran at all
+
+
+KERNELS = {"boom": boom, "boom_after": boom_after, "fill": fill, "copy": copy, "mark": mark}
 In, Out, InOut, S = pto.Arg.input, pto.Arg.output, pto.Arg.inout, pto.Arg.scalar
 
 
@@ -68,8 +72,8 @@ def test_dependents_fail_independent_tasks_finish(rt4):
         dep1, dep2, indep, indep_after = args["t"]
         a = ctx.alloc((8,), np.float64)
         ctx.submit(0, "boom_after", [Out(a), S(0.1)])
-        ctx.submit(1, "copy", [In(a), Out(dep1)])  # depends on the failure
-        ctx.submit(2, "copy", [In(dep1), Out(dep2)])  # depends on a dependent
+        ctx.submit(1, "mark", [In(a), Out(dep1), S(5.0)])  # depends on the failure
+        ctx.submit(2, "mark", [In(dep1), Out(dep2), S(6.0)])  # depends on a dependent
         ctx.submit(3, "fill", [Out(indep), S(7.0), S(0.6)])  # independent, finishes late
         ctx.submit(0, "fill", [Out(indep_after), S(8.0), S(0.0)])  # same chip, after the failure
         return a
