@@ -16,8 +16,10 @@
 """
 
 from .args import Arg, ParamType
+from .compiler import CompiledPackage, KernelRef, compile, include_dir
 from .errors import (
     BrokerLost,
+    CompileError,
     OutOfMemory,
     ProtocolError,
     PtoError,
@@ -34,5 +36,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Arg", "ParamType", "Runtime", "OrchContext", "TensorHandle", "TaskInfo", "task",
     "PtoError", "TaskError", "WorkerLost", "BrokerLost", "TensorFreed", "OutOfMemory",
-    "ProtocolError",
+    "ProtocolError", "CompileError", "compile", "include_dir", "CompiledPackage", "KernelRef",
 ]

@@ -38,5 +38,15 @@ class OutOfMemory(PtoError, MemoryError):
     """Shared memory (/dev/shm) has no room for a new tensor."""
 
 
+class CompileError(PtoError):
+    """Building a package failed. ``stderr`` holds the compiler's or linker's output
+    (``file:line: error: ...``), ``command`` the command that failed."""
+
+    def __init__(self, message: str, stderr: str = "", command: list[str] | None = None):
+        super().__init__(message)
+        self.stderr = stderr
+        self.command = command or []
+
+
 class ProtocolError(PtoError):
     """A control message could not be decoded."""

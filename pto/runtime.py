@@ -222,7 +222,12 @@ class Runtime:
             value = reg.orch(ctx, args)
             ctx._flush()
         except BaseException as exc:
-            ctx._discard()
+            # Tasks submitted before the error still run (as if each submit were sent at
+            # once); the run then raises the orchestration's error once they have ended.
+            try:
+                ctx._flush()
+            except PtoError:
+                pass
             self._orch_finished(run, error=exc)
         else:
             self._orch_finished(run, value=value)
@@ -436,9 +441,6 @@ class OrchContext:
         if self._pending:
             batch, self._pending = self._pending, []
             self._rt._send_tasks(self._run, batch)
-
-    def _discard(self) -> None:
-        self._pending = []
 
 
 def _scalar(value: Any, i: int, kernel: str) -> int | float | bool:

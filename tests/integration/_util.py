@@ -10,6 +10,7 @@ import gc
 import os
 import select
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -134,3 +135,60 @@ def owner_of(name_or_handle: object) -> str:
 def segments_of(owner: str) -> set[str]:
     """Segments in /dev/shm that belong to the runtime whose owner_of() is ``owner``."""
     return {s for s in pto_segments() if s.rsplit("_", 1)[0] == owner}
+
+
+SCRIPT = REPO / "scripts" / "start_broker.sh"
+
+
+class ExternalBroker:
+    """A broker started by start_broker.sh; ``procs`` is the script and all it started."""
+
+    def __init__(self, tmp_path, workers: int = 2):
+        self.log = open(tmp_path / f"broker-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [str(SCRIPT), "--workers", str(workers)],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+        )
+        self.procs: list[psutil.Process] = [psutil.Process(self.proc.pid)]
+        try:
+            self.address = read_line(self.proc, timeout=30)
+        except Exception:
+            self.stop()
+            raise
+        threading.Thread(target=self._drain, daemon=True).start()
+        assert self.address.startswith(("ipc://", "tcp://")), self.address
+        # the workers: every process the script started (some may still be starting)
+        wait_until(lambda: len(self.descendants()) >= workers, timeout=10)
+        self.remember()
+
+    def _drain(self) -> None:
+        try:
+            while self.proc.stdout.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+
+    def descendants(self) -> list[psutil.Process]:
+        return [p for p in descendants(self.proc.pid) if is_alive(p)]
+
+    def remember(self) -> None:
+        known = {p.pid for p in self.procs}
+        self.procs += [p for p in self.descendants() if p.pid not in known]
+
+    def logtext(self) -> str:
+        self.log.flush()
+        with open(self.log.name, errors="replace") as f:
+            return f.read()[-4000:]
+
+    def stop(self) -> None:
+        """Clean-up: SIGTERM the script, then make sure nothing it started survives."""
+        try:
+            stop_process(self.proc, timeout=10)
+        finally:
+            kill_all(self.procs)
+            if self.proc.stdout:
+                self.proc.stdout.close()
+            self.log.close()

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import numpy as np
@@ -18,10 +17,8 @@ import pto
 
 from ._util import (
     REPO,
+    ExternalBroker,
     children,
-    descendants,
-    is_alive,
-    kill_all,
     owner_of,
     read_line,
     segments_of,
@@ -33,72 +30,6 @@ from ._util import (
 )
 
 pytestmark = pytest.mark.timeout(90)
-
-SCRIPT = REPO / "scripts" / "start_broker.sh"
-
-
-class Broker:
-    """A broker started by start_broker.sh; ``procs`` is the script and all it started."""
-
-    def __init__(self, tmp_path, workers: int = 2):
-        self.log = open(tmp_path / f"broker-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [str(SCRIPT), "--workers", str(workers)],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-        )
-        self.procs: list[psutil.Process] = [psutil.Process(self.proc.pid)]
-        try:
-            self.address = read_line(self.proc, timeout=30)
-        except Exception:
-            self.stop()
-            raise
-        threading.Thread(target=self._drain, daemon=True).start()
-        assert self.address.startswith(("ipc://", "tcp://")), self.address
-        # the workers: every process the script started (some may still be starting)
-        wait_until(lambda: len(self.descendants()) >= workers, timeout=10)
-        self.remember()
-
-    def _drain(self) -> None:
-        try:
-            while self.proc.stdout.read(4096):
-                pass
-        except (OSError, ValueError):
-            pass
-
-    def descendants(self) -> list[psutil.Process]:
-        return [p for p in descendants(self.proc.pid) if is_alive(p)]
-
-    def remember(self) -> None:
-        known = {p.pid for p in self.procs}
-        self.procs += [p for p in self.descendants() if p.pid not in known]
-
-    def logtext(self) -> str:
-        self.log.flush()
-        with open(self.log.name, errors="replace") as f:
-            return f.read()[-4000:]
-
-    def stop(self) -> None:
-        """Clean-up: SIGTERM the script, then make sure nothing it started survives."""
-        try:
-            stop_process(self.proc, timeout=10)
-        finally:
-            kill_all(self.procs)
-            if self.proc.stdout:
-                self.proc.stdout.close()
-            self.log.close()
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path, workers=2)
-    try:
-        yield b
-    finally:
-        b.stop()
-
 
 def scale(x, y, factor):
     y[:] = x * factor
@@ -317,7 +248,7 @@ def test_killed_client_segments_are_reclaimed(broker):
 
 
 def test_sigterm_stops_broker_and_its_workers(tmp_path):
-    b = Broker(tmp_path, workers=2)
+    b = ExternalBroker(tmp_path, workers=2)
     try:
         assert len(b.procs) >= 3, b.procs  # the script/broker and two workers
         rt = pto.Runtime(level="host", platform="sim", broker=b.address, timeout=2)
@@ -354,7 +285,7 @@ def is_broker_process(p: psutil.Process) -> bool:
 
 
 def test_sigkill_of_broker_takes_workers_down(tmp_path):
-    b = Broker(tmp_path, workers=2)
+    b = ExternalBroker(tmp_path, workers=2)
     try:
         b.remember()
         assert len(b.procs) >= 3, b.procs

@@ -119,3 +119,23 @@ def test_numpy_output_not_touched_when_its_task_fails(rt1):
     with pytest.raises(pto.TaskError, match="numpy-output-failure"):
         rt1.run("np_fail", args={"x": np.zeros(4), "y": y})
     np.testing.assert_array_equal(y, np.full(4, 42.0))
+
+
+def slow_affine(x, y, a, b):
+    time.sleep(0.3)
+    y[:] = x * a + b
+
+
+def test_one_numpy_array_is_one_tensor_within_a_run(rt4):
+    """The same array as one task's output and another's input orders them (RAW)."""
+
+    def orch(ctx, args):
+        ctx.submit(0, "slow_affine", [In(args["x"]), Out(args["mid"]), S(2), S(0)])
+        ctx.submit(1, "affine", [In(args["mid"]), Out(args["y"]), S(1), S(1)])
+
+    rt4.register("np_same", orch=orch, kernels={**KERNELS, "slow_affine": slow_affine})
+    x = np.arange(8.0)
+    mid, y = np.zeros(8), np.zeros(8)
+    rt4.run("np_same", args={"x": x, "mid": mid, "y": y})
+    np.testing.assert_array_equal(mid, x * 2)
+    np.testing.assert_array_equal(y, x * 2 + 1)

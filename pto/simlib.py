@@ -1,0 +1,293 @@
+"""The host side of a "sim" package: load its library, make chips, pack ``pto_arg``s, launch.
+
+Calls go through ctypes, which releases the GIL for the duration of each C call, so other
+Python threads run while kernels do. Tensors are passed as pointers to the caller's
+memory (numpy arrays, or shared-memory views in a worker): nothing is copied.
+
+>>> lib = open_package(pkg.path, pkg.sha256)
+>>> chip = lib.new_chip(device=0, cores=4)
+>>> argv = pack_args([x, y, z], [ParamType.INPUT, ParamType.INPUT, ParamType.OUTPUT], "add")
+>>> chip.launch("add", argv, block_dim=4)     # 0, or a PTO_ERR_* code
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .args import ParamType
+from .dtypes import dtype_code
+
+MAX_DIMS = 8
+ABI_VERSION = 1
+PTO_BOOL, PTO_INT64, PTO_UINT64, PTO_FLOAT64 = 1, 5, 9, 13
+ERROR_NAMES = {
+    -1: "PTO_ERR_UNKNOWN_KERNEL", -2: "PTO_ERR_INVALID", -3: "PTO_ERR_KERNEL",
+    -4: "PTO_ERR_NESTED", -5: "PTO_ERR_UNSUPPORTED", -6: "PTO_ERR_NO_MEMORY",
+    -7: "PTO_ERR_NO_ORCH",
+}
+_INT64_MAX, _UINT64_MAX = 2**63 - 1, 2**64 - 1
+_SCALAR, _INPUT = int(ParamType.SCALAR), int(ParamType.INPUT)
+_KINDS = frozenset(int(k) for k in ParamType)
+
+
+class _Scalar(ctypes.Union):
+    _fields_ = [("i", ctypes.c_int64), ("f", ctypes.c_double)]
+
+
+class PtoArg(ctypes.Structure):
+    """``pto_arg`` of pto_kernel.h (its size is checked against the library's)."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("nbytes", ctypes.c_int64),
+        ("kind", ctypes.c_int32),
+        ("dtype", ctypes.c_int32),
+        ("ndim", ctypes.c_int32),
+        ("shape", ctypes.c_int64 * MAX_DIMS),
+        ("scalar", _Scalar),
+    ]
+
+
+class TaskCtx(ctypes.Structure):
+    """``pto_task_ctx``: the group a chip's next task belongs to."""
+
+    _fields_ = [
+        ("rank", ctypes.c_int32),
+        ("world", ctypes.c_int32),
+        ("barrier", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)),
+        ("barrier_state", ctypes.c_void_p),
+    ]
+
+
+def default_cores() -> int:
+    """Cores of a simulated chip: ``PTO_SIM_CORES``, else the CPUs this process may use."""
+    env = os.environ.get("PTO_SIM_CORES")
+    if env:
+        return max(1, int(env))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def error_name(code: int) -> str:
+    return ERROR_NAMES.get(code, f"error {code}")
+
+
+def pack_args(values: Sequence[Any], kinds: Sequence[int], where: str) -> ctypes.Array:
+    """A ``pto_arg`` array pointing at ``values`` (numpy arrays and Python numbers).
+
+    Keep ``values`` alive while the array is in use: it holds raw pointers into them.
+    """
+    if len(values) != len(kinds):
+        raise ValueError(f"{where}: {len(values)} values but {len(kinds)} kinds")
+    argv = (PtoArg * len(values))()
+    for i, (value, kind) in enumerate(zip(values, kinds, strict=True)):
+        a = argv[i]  # a view into argv, not a copy
+        if kind not in _KINDS:
+            raise ValueError(f"argument {i} of {where}: unknown kind {kind!r}")
+        a.kind = kind
+        if kind == _SCALAR:
+            _pack_scalar(a, value, i, where)
+        else:
+            _pack_tensor(a, value, kind, i, where)
+    return argv
+
+
+def _pack_scalar(a: PtoArg, value: Any, i: int, where: str) -> None:
+    if isinstance(value, (bool, np.bool_)):
+        a.dtype, a.scalar.i = PTO_BOOL, int(value)
+    elif isinstance(value, (int, np.integer)):
+        v = int(value)
+        if not -(2**63) <= v <= _UINT64_MAX:
+            raise OverflowError(f"scalar argument {i} of {where} does not fit in 64 bits")
+        # Above int64, the bits of a uint64; the dtype says how to read them.
+        a.dtype, a.scalar.i = (PTO_INT64, v) if v <= _INT64_MAX else (PTO_UINT64, v - 2**64)
+    elif isinstance(value, (float, np.floating)):
+        a.dtype, a.scalar.f = PTO_FLOAT64, float(value)
+    else:
+        raise TypeError(f"scalar argument {i} of {where} must be a bool, int or float, "
+                        f"not {type(value).__name__}")
+
+
+def _pack_tensor(a: PtoArg, value: Any, kind: int, i: int, where: str) -> None:
+    what = ParamType(kind).name.lower()
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"argument {i} of {where} ({what}) must be a numpy array, "
+                        f"not {type(value).__name__}")
+    if not value.flags.c_contiguous:
+        # A copy would hide the kernel's writes from the caller: refuse, don't copy.
+        raise ValueError(f"argument {i} of {where} ({what}) is not C-contiguous (strides "
+                         f"{value.strides} for shape {value.shape}); pass "
+                         "np.ascontiguousarray(...) and read results from that array")
+    if kind != _INPUT and not value.flags.writeable:
+        raise ValueError(f"argument {i} of {where} is read-only and cannot be an {what}")
+    if value.ndim > MAX_DIMS:
+        raise ValueError(f"argument {i} of {where} has {value.ndim} dimensions; the kernel "
+                         f"ABI takes at most {MAX_DIMS}")
+    try:
+        a.dtype = dtype_code(value.dtype)
+    except TypeError as exc:
+        raise TypeError(f"argument {i} of {where}: {exc}") from None
+    a.data = value.ctypes.data
+    a.nbytes = value.nbytes
+    a.ndim = value.ndim
+    for d, extent in enumerate(value.shape):
+        a.shape[d] = extent
+
+
+class Library:
+    """A package's shared library, loaded once per process per package hash."""
+
+    def __init__(self, path: str, sha256: str):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"compiled package {sha256[:12]} not found at {path} "
+                                    "(was the cache cleared, or is this another host?)")
+        self.path, self.sha256 = path, sha256
+        dll = ctypes.CDLL(path)  # CDLL, not PyDLL: calls release the GIL
+        self._dll = dll
+        _declare(dll)
+        if dll.pto_sim_abi_version() != ABI_VERSION:
+            raise RuntimeError(f"{path}: kernel ABI {dll.pto_sim_abi_version()}, expected "
+                               f"{ABI_VERSION}; recompile it")
+        if dll.pto_sim_arg_size() != ctypes.sizeof(PtoArg):
+            raise RuntimeError(f"{path}: sizeof(pto_arg) is {dll.pto_sim_arg_size()}, "
+                               f"Python expects {ctypes.sizeof(PtoArg)}")
+        self.kernels = tuple(dll.pto_sim_kernel_name(i).decode()
+                             for i in range(dll.pto_sim_kernel_total()))
+        orch = dll.pto_sim_orch_symbol()
+        self.orch: str | None = orch.decode() if orch else None
+        self._process_chip: SimChip | None = None
+        self._lock = threading.Lock()
+
+    def new_chip(self, device: int, cores: int | None = None) -> SimChip:
+        """A new simulated chip running this library's kernels."""
+        return SimChip(self, device, cores or default_cores())
+
+    def process_chip(self, device: int) -> SimChip:
+        """This process's chip for the library (a worker runs one chip)."""
+        with self._lock:
+            if self._process_chip is None:
+                self._process_chip = self.new_chip(device)
+            return self._process_chip
+
+
+class SimChip:
+    """One simulated chip: a pool of cores in a library. Not shared between threads
+    without a lock of the caller's (launches serialize in C; error state is per chip)."""
+
+    def __init__(self, lib: Library, device: int, cores: int):
+        self.lib = lib
+        self.device = device
+        self.cores = cores
+        self._dll = lib._dll
+        self._ptr = self._dll.pto_sim_chip_create(device, cores)
+        if not self._ptr:
+            raise MemoryError("cannot create a simulated chip")
+        self._task = (0, 1)
+
+    def launch(self, kernel: bytes, argv: ctypes.Array, block_dim: int = 1) -> int:
+        return self._dll.pto_launch(self._ptr, kernel, argv, len(argv), block_dim)
+
+    def orchestrate(self, argv: ctypes.Array) -> int:
+        return self._dll.pto_sim_orchestrate(self._ptr, argv, len(argv))
+
+    def set_task(self, rank: int, world: int) -> None:
+        """The group of the next task (no barrier yet: group tasks will bring one)."""
+        if (rank, world) != self._task:
+            ctx = TaskCtx(rank, world)
+            self._dll.pto_sim_set_task(self._ptr, ctypes.byref(ctx))
+            self._task = (rank, world)
+
+    def error(self) -> tuple[int, str]:
+        """The first failure recorded since ``clear_error``: (PTO_ERR_* code, message)."""
+        code = self._dll.pto_sim_error_code(self._ptr)
+        buf = ctypes.create_string_buffer(1024)
+        self._dll.pto_sim_error_message(self._ptr, buf, len(buf))
+        return code, buf.value.decode(errors="replace")
+
+    def clear_error(self) -> None:
+        self._dll.pto_sim_clear_error(self._ptr)
+
+    def close(self) -> None:
+        """Stop the chip's core threads and free it."""
+        if self._ptr:
+            ptr, self._ptr = self._ptr, None
+            self._dll.pto_sim_chip_destroy(ptr)
+
+
+def _declare(dll: ctypes.CDLL) -> None:
+    chip, argv = ctypes.c_void_p, ctypes.POINTER(PtoArg)
+    i32, cstr = ctypes.c_int32, ctypes.c_char_p
+    signatures: dict[str, tuple[Any, list[Any]]] = {
+        "pto_sim_abi_version": (i32, []),
+        "pto_sim_arg_size": (i32, []),
+        "pto_sim_chip_create": (chip, [i32, i32]),
+        "pto_sim_chip_destroy": (None, [chip]),
+        "pto_sim_set_task": (None, [chip, ctypes.POINTER(TaskCtx)]),
+        "pto_sim_orchestrate": (ctypes.c_int, [chip, argv, i32]),
+        "pto_launch": (ctypes.c_int, [chip, cstr, argv, i32, i32]),
+        "pto_sim_error_code": (ctypes.c_int, [chip]),
+        "pto_sim_error_message": (i32, [chip, ctypes.c_char_p, i32]),
+        "pto_sim_clear_error": (None, [chip]),
+        "pto_sim_kernel_total": (i32, []),
+        "pto_sim_kernel_name": (cstr, [i32]),
+        "pto_sim_orch_symbol": (cstr, []),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(dll, name)
+        fn.restype, fn.argtypes = restype, argtypes
+
+
+_libraries: dict[str, Library] = {}
+_libraries_lock = threading.Lock()
+
+
+def open_package(path: str, sha256: str) -> Library:
+    """The loaded library of a package (loaded on first use, then shared)."""
+    with _libraries_lock:
+        lib = _libraries.get(sha256)
+        if lib is None:
+            lib = _libraries[sha256] = Library(path, sha256)
+        return lib
+
+
+def package_kernel(name: str, path: str, sha256: str, symbol: str,
+                   block_dim: int) -> Callable[[list[Any], list[int]], None]:
+    """A worker's callable for kernel ``symbol`` of a package, registered as ``name``.
+
+    Each call is one launch of ``block_dim`` blocks on this process's chip, as the task's
+    rank in its group (``pto.task()``); a failure raises RuntimeError with the reason.
+    """
+    from .taskinfo import task
+
+    lib = open_package(path, sha256)
+    if symbol not in lib.kernels:
+        raise LookupError(f"kernel {name!r}: package {sha256[:12]} has no kernel {symbol!r} "
+                          f"(it has: {', '.join(lib.kernels)})")
+    sym = symbol.encode()
+    where = f"kernel {name!r}"
+
+    def call(values: list[Any], kinds: list[int]) -> None:
+        try:
+            info = task()
+            rank, world, device = info.rank, info.world, info.chip
+        except RuntimeError:  # called outside a worker's task (tests, tools)
+            rank, world, device = 0, 1, 0
+        chip = lib.process_chip(device)
+        argv = pack_args(values, kinds, where)
+        chip.set_task(rank, world)
+        chip.clear_error()
+        rc = chip.launch(sym, argv, block_dim)
+        if rc != 0:
+            _, message = chip.error()
+            raise RuntimeError(f"C kernel {symbol!r} failed on chip {device} with "
+                               f"{error_name(rc)}: {message or 'no message'}")
+
+    return call

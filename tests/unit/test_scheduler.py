@@ -1,0 +1,161 @@
+"""The broker's dependency rules, checked on the scheduler alone (no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.scheduler import Scheduler, State
+from pto.args import ParamType
+from pto.protocol import ArgSpec, TaskSpec
+
+IN, OUT, INOUT = ParamType.INPUT, ParamType.OUTPUT, ParamType.INOUT
+KERNEL = 7
+
+
+def arg(kind: ParamType, tensor: int, offset: int = 0, nbytes: int = 64) -> ArgSpec:
+    return ArgSpec(int(kind), tensor, offset, nbytes, 12, [nbytes // 4])
+
+
+class Graph:
+    """Submit tasks as one client and watch which become ready."""
+
+    def __init__(self, chips=(0, 1)):
+        self.s = Scheduler(chips)
+        self.s.kernel_names[(1, KERNEL)] = "k"
+        self.next_tid = 1
+        self.gids: dict[int, int] = {}
+
+    def task(self, *args: ArgSpec, chip: int = 0) -> int:
+        tid = self.next_tid
+        self.next_tid += 1
+        self.s.submit(1, [TaskSpec(tid, chip, KERNEL, list(args))])
+        self.gids[tid] = max(self.s.tasks) if self.s.tasks else -1
+        return tid
+
+    def ready(self) -> set[int]:
+        return {t.tid for q in self.s.ready.values() for t in q}
+
+    def run(self, tid: int) -> None:
+        task = self.s.tasks[self.gids[tid]]
+        self.s.ready[task.chip].remove(task)
+        task.state = State.DISPATCHED
+
+    def finish(self, tid: int) -> None:
+        self.run(tid)
+        self.s.done(self.gids[tid])
+
+    def fail(self, tid: int, reason: str = "boom") -> None:
+        self.run(tid)
+        self.s.failed(self.gids[tid], reason)
+
+
+def test_independent_tasks_are_ready_at_once():
+    g = Graph()
+    a, b = g.task(arg(OUT, 1)), g.task(arg(OUT, 2), chip=1)
+    assert g.ready() == {a, b}
+
+
+@pytest.mark.parametrize("first,second", [
+    (OUT, IN),      # read after write
+    (IN, OUT),      # write after read
+    (OUT, OUT),     # write after write
+    (INOUT, IN),    # inout is a write
+    (IN, INOUT),    # ...and a read
+])
+def test_hazards_order_tasks(first, second):
+    g = Graph()
+    a = g.task(arg(first, 1))
+    b = g.task(arg(second, 1), chip=1)
+    assert g.ready() == {a}
+    g.finish(a)
+    assert g.ready() == {b}
+
+
+def test_readers_share_and_a_writer_waits_for_all():
+    g = Graph()
+    w = g.task(arg(OUT, 1))
+    r1, r2 = g.task(arg(IN, 1)), g.task(arg(IN, 1), chip=1)
+    w2 = g.task(arg(OUT, 1))
+    g.finish(w)
+    assert g.ready() == {r1, r2}
+    g.finish(r1)
+    assert g.ready() == {r2}
+    g.finish(r2)
+    assert g.ready() == {w2}
+
+
+def test_disjoint_byte_ranges_do_not_conflict_and_overlaps_do():
+    g = Graph()
+    lo = g.task(arg(OUT, 1, 0, 32))
+    hi = g.task(arg(OUT, 1, 32, 32), chip=1)
+    mid = g.task(arg(IN, 1, 16, 32))
+    assert g.ready() == {lo, hi}
+    g.finish(lo)
+    assert g.ready() == {hi}
+    g.finish(hi)
+    assert g.ready() == {mid}
+
+
+def test_tensors_of_different_clients_never_conflict():
+    s = Scheduler([0])
+    for client in (1, 2):
+        s.kernel_names[(client, KERNEL)] = "k"
+        s.submit(client, [TaskSpec(1, 0, KERNEL, [arg(OUT, 5)])])
+    assert len(s.ready[0]) == 2
+
+
+def test_failure_poisons_dependents_but_not_independent_tasks():
+    g = Graph()
+    a = g.task(arg(OUT, 1))
+    b = g.task(arg(IN, 1), arg(OUT, 2))
+    c = g.task(arg(IN, 2), arg(OUT, 3))
+    d = g.task(arg(OUT, 4), chip=1)
+    g.fail(a, "ValueError: bad")
+    done, failed = g.s.take_results()[1]
+    assert {f.task for f in failed} == {a, b, c}
+    assert all(f.root == a for f in failed)
+    assert "ValueError: bad" in next(f for f in failed if f.task == c).reason
+    assert g.ready() == {d}
+
+
+def test_reading_bytes_of_a_failed_write_fails_until_rewritten():
+    g = Graph()
+    a = g.task(arg(OUT, 1))
+    g.fail(a)
+    g.s.take_results()
+    late = g.task(arg(IN, 1))
+    assert [f.task for f in g.s.take_results()[1][1]] == [late]
+    rewrite = g.task(arg(OUT, 1))
+    reader = g.task(arg(IN, 1))
+    g.finish(rewrite)
+    assert g.ready() == {reader}
+
+
+def test_unknown_chip_and_kernel_fail_at_submit():
+    s = Scheduler([0])
+    s.kernel_names[(1, KERNEL)] = "k"
+    s.submit(1, [TaskSpec(1, 9, KERNEL, []), TaskSpec(2, 0, 99, [])])
+    reasons = [f.reason for f in s.take_results()[1][1]]
+    assert "unknown chip 9" in reasons[0] and "unknown kernel" in reasons[1]
+
+
+def test_dropping_a_client_forgets_its_queued_tasks():
+    g = Graph()
+    a = g.task(arg(OUT, 1))
+    g.task(arg(IN, 1))
+    g.run(a)
+    g.s.drop_client(1)
+    assert g.ready() == set()
+    assert list(g.s.tasks) == [g.gids[a]]  # the running one finishes unreported
+    g.s.done(g.gids[a])
+    assert not g.s.tasks
+
+
+def test_bookkeeping_stays_bounded_by_live_tasks():
+    g = Graph(chips=(0,))
+    for _ in range(10_000):
+        t = g.task(arg(IN, 1))
+        g.finish(t)
+    uses = g.s._tensors[(1, 1)]
+    assert len(uses.reads) + len(uses.writes) < 64
+    assert not g.s.tasks
