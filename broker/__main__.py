@@ -36,11 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats")
     parser.add_argument("--liveness", type=int, default=4, help="missed heartbeats = dead peer")
     parser.add_argument("--credit", type=int, default=512, help="tasks in flight per worker")
+    parser.add_argument("--host-workers", type=int, default=1,
+                        help="processes that run host sub-tasks (ctx.submit_host), with workers")
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--log-dir", help="write broker and worker logs here")
     args = parser.parse_args(argv)
-    if args.workers < 0:
-        parser.error("--workers must be >= 0")
+    if args.workers < 0 or args.host_workers < 0:
+        parser.error("--workers and --host-workers must be >= 0")
     if args.workers and args.devices:
         parser.error("give --workers or --devices, not both")
     devices = args.devices or list(range(args.workers))
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         broker = Broker(address, devices, spawn_workers=bool(devices), heartbeat=args.heartbeat,
                         liveness=args.liveness, credit=args.credit, parent_pid=args.parent_pid,
-                        log_dir=args.log_dir)
+                        log_dir=args.log_dir, host_workers=args.host_workers)
     except Exception as exc:  # noqa: BLE001 - report bind errors plainly
         logging.getLogger("pto.broker").error("cannot start: %s", exc)
         print(f"error: cannot start broker on {address}: {exc}", file=sys.stderr)

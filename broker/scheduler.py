@@ -20,7 +20,7 @@ from pto.args import ParamType
 from pto.protocol import ArgSpec, Failure, TaskSpec
 
 _READS = frozenset({ParamType.INPUT, ParamType.INOUT})
-_WRITES = frozenset({ParamType.OUTPUT, ParamType.INOUT})
+_WRITES = frozenset({ParamType.OUTPUT, ParamType.INOUT, ParamType.OUTPUT_EXISTING})
 
 
 class State(IntEnum):
@@ -31,15 +31,23 @@ class State(IntEnum):
     FAILED = 4
 
 
+HOST = -1  # the queue of host sub-tasks, shared by every host worker
+
+
 class Task:
-    __slots__ = ("gid", "client", "tid", "chip", "kernel", "args", "state", "waiting",
-                 "dependents", "root")
+    """A task, or a group task: one member per chip in ``chips``, started together."""
+
+    __slots__ = ("gid", "client", "tid", "chip", "chips", "kernel", "args", "state", "waiting",
+                 "dependents", "root", "left", "failure")
 
     def __init__(self, gid: int, client: int, spec: TaskSpec):
         self.gid = gid
         self.client = client
         self.tid = spec.task
         self.chip = spec.chip
+        self.chips: tuple[int, ...] = tuple(spec.group) if spec.group else (spec.chip,)
+        self.left = 0  # members still running, once dispatched
+        self.failure: tuple[str, bool] | None = None  # the first member failure
         self.kernel = spec.kernel
         self.args: list[ArgSpec] = spec.args
         self.state = State.PENDING
@@ -78,7 +86,7 @@ class Scheduler:
     def __init__(self, chips: Iterable[int] = ()):
         self._gids = itertools.count(1)
         self.tasks: dict[int, Task] = {}  # unfinished tasks by gid
-        self.ready: dict[int, deque[Task]] = {c: deque() for c in chips}
+        self.ready: dict[int, deque[Task]] = {c: deque() for c in (*chips, HOST)}
         self._tensors: dict[tuple[int, int], _TensorUses] = {}
         self.kernel_names: dict[tuple[int, int], str] = {}  # (client, kernel id) -> name
         # results to send per client: (done task ids, failures)
@@ -96,9 +104,17 @@ class Scheduler:
             self._link(task)
 
     def done(self, gid: int) -> Task | None:
-        task = self.tasks.pop(gid, None)
+        """A member (or the only member) of a task finished; returns the task if it ended."""
+        task = self.tasks.get(gid)
         if task is None or task.state != State.DISPATCHED:
             return None  # its client is gone, or a duplicate report
+        task.left -= 1
+        if task.left > 0:
+            return None
+        if task.failure is not None:
+            self._fail(task, None, *task.failure)
+            return task
+        del self.tasks[gid]
         task.state = State.DONE
         self._result(task.client)[0].append(task.tid)
         for dep in task.dependents:
@@ -110,11 +126,23 @@ class Scheduler:
         return task
 
     def failed(self, gid: int, reason: str, lost: bool = False) -> Task | None:
+        """A member of a task failed; the task fails once every member has reported."""
         task = self.tasks.get(gid)
         if task is None or task.state != State.DISPATCHED:
             return None
-        self._fail(task, None, reason, lost)
+        task.left -= 1
+        if task.failure is None:
+            task.failure = (reason, lost)
+        if task.left == 0:
+            self._fail(task, None, *task.failure)
         return task
+
+    def cancel(self, client: int, tids: Iterable[int]) -> None:
+        """Fail the named tasks that have not been dispatched yet (running ones finish)."""
+        wanted = set(tids)
+        for task in [t for t in self.tasks.values() if t.client == client and t.tid in wanted]:
+            if task.state in (State.PENDING, State.READY):
+                self._fail(task, None, "cancelled")
 
     def drop_client(self, client: int) -> None:
         """Forget a client: queued tasks vanish, dispatched ones finish unreported."""
@@ -125,7 +153,7 @@ class Scheduler:
             if task.state == State.DISPATCHED:
                 continue  # done() will pop it; its result goes nowhere
             if task.state == State.READY:
-                self.ready[task.chip].remove(task)
+                self._unqueue(task)
             task.state = State.FAILED
             del self.tasks[gid]
         for key in [k for k in self._tensors if k[0] == client]:
@@ -140,14 +168,37 @@ class Scheduler:
 
     # ---- output ----------------------------------------------------------------------
 
-    def take_ready(self, chip: int, limit: int) -> list[Task]:
-        queue = self.ready.get(chip)
-        if not queue:
-            return []
-        batch = [queue.popleft() for _ in range(min(limit, len(queue)))]
-        for task in batch:
-            task.state = State.DISPATCHED
-        return batch
+    def schedule(self, credit: dict[int, int]) -> list[tuple[int, Task, int]]:
+        """Take ready work within each queue's ``credit``: (queue, task, rank) triples.
+
+        Queues are FIFO. A group at the head of a queue reserves it: nothing behind it
+        goes until the group heads the queue of every one of its chips, and then all its
+        members go at once. Groups thus reach every worker in one global order, so two
+        groups sharing chips can never wait on each other.
+        """
+        out: list[tuple[int, Task, int]] = []
+        progress = True
+        while progress:
+            progress = False
+            for chip, queue in self.ready.items():
+                while queue and credit.get(chip, 0) > 0:
+                    task = queue[0]
+                    if len(task.chips) == 1:
+                        queue.popleft()
+                        credit[chip] -= 1
+                        task.state, task.left = State.DISPATCHED, 1
+                        out.append((chip, task, 0))
+                        continue
+                    if not all(self.ready[c] and self.ready[c][0] is task and credit.get(c, 0) > 0
+                               for c in task.chips):
+                        break
+                    for rank, c in enumerate(task.chips):
+                        self.ready[c].popleft()
+                        credit[c] -= 1
+                        out.append((c, task, rank))
+                    task.state, task.left = State.DISPATCHED, len(task.chips)
+                    progress = True
+        return out
 
     def take_results(self) -> dict[int, tuple[list[int], list[Failure]]]:
         results, self.results = self.results, {}
@@ -159,8 +210,11 @@ class Scheduler:
     # ---- transitions -----------------------------------------------------------------
 
     def _link(self, task: Task) -> None:
-        if task.chip not in self.ready:
-            self._fail(task, None, f"unknown chip {task.chip} (broker serves {sorted(self.ready)})")
+        unknown = [c for c in task.chips if c not in self.ready]
+        if unknown or len(set(task.chips)) != len(task.chips):
+            served = sorted(c for c in self.ready if c != HOST)
+            what = f"unknown chip {unknown[0]}" if unknown else f"repeated chips {task.chips}"
+            self._fail(task, None, f"{what} (broker serves {served})")
             return
         if (task.client, task.kernel) not in self.kernel_names:
             self._fail(task, None, f"unknown kernel id {task.kernel}")
@@ -207,7 +261,12 @@ class Scheduler:
 
     def _ready(self, task: Task) -> None:
         task.state = State.READY
-        self.ready[task.chip].append(task)
+        for chip in task.chips:
+            self.ready[chip].append(task)
+
+    def _unqueue(self, task: Task) -> None:
+        for chip in task.chips:
+            self.ready[chip].remove(task)
 
     def _fail(self, task: Task, root: Failure | None, reason: str, lost: bool = False) -> None:
         """Fail ``task`` (its own ``reason``, or caused by ``root``) and everything downstream."""
@@ -229,7 +288,7 @@ class Scheduler:
                     cause.root, cause.lost,
                 )
             if t.state == State.READY:
-                self.ready[t.chip].remove(t)
+                self._unqueue(t)
             t.state = State.FAILED
             self.tasks.pop(t.gid, None)
             self._result(t.client)[1].append(failure)

@@ -22,10 +22,11 @@ import zmq
 
 from pto import protocol as P
 from pto import shm
+from pto.barrier import GroupBarrier
 from pto.errors import ProtocolError
 from pto.procs import parent_gone, worker_address
 
-from .scheduler import Scheduler, Task
+from .scheduler import HOST, Scheduler, State, Task
 
 log = logging.getLogger("pto.broker")
 
@@ -45,6 +46,8 @@ class ClientPeer:
 
 @dataclass
 class WorkerPeer:
+    """A connected worker: a chip's (device >= 0), or a host worker's (device -1 - index)."""
+
     identity: bytes
     device: int
     pid: int
@@ -55,6 +58,10 @@ class WorkerPeer:
     kernels: set[tuple[int, int]] = field(default_factory=set)  # kernels it has been sent
     frees: list[P.TensorRef] = field(default_factory=list)  # to send with the next batch
     gone: list[int] = field(default_factory=list)
+
+    @property
+    def queue(self) -> int:
+        return self.device if self.device >= 0 else HOST
 
 
 @dataclass
@@ -79,6 +86,7 @@ class Broker:
         credit: int = 512,
         parent_pid: int | None = None,
         log_dir: str | None = None,
+        host_workers: int = 1,
     ):
         self.address = address
         self.heartbeat = heartbeat
@@ -94,8 +102,11 @@ class Broker:
         self.workers: dict[bytes, WorkerPeer] = {}
         self.worker_by_device: dict[int, WorkerPeer] = {}
         self.spawned: dict[int, WorkerProcess] = (
-            {d: WorkerProcess(d) for d in devices} if spawn_workers else {}
+            {d: WorkerProcess(d) for d in (*devices, *range(-1, -1 - host_workers, -1))}
+            if spawn_workers else {}
         )
+        self.owner = shm.new_owner()  # names the group barriers this broker creates
+        self.barriers: dict[int, GroupBarrier] = {}
         self._next_client = 1
         self._stop = False
 
@@ -206,6 +217,8 @@ class Broker:
         client.last_seen = now
         if isinstance(msg, P.Submit):
             self.sched.submit(client.index, msg.tasks)
+        elif isinstance(msg, P.Cancel):
+            self.sched.cancel(client.index, msg.tasks)
         elif isinstance(msg, P.RegisterKernel):
             key = (client.index, msg.kernel)
             self.kernels[key] = P.KernelDef(client.index, msg.kernel, msg.name, msg.kind, msg.blob)
@@ -233,15 +246,18 @@ class Broker:
         self.clients_by_index[client.index] = client
         log.info("client %d connected (pid %d, owner %s)", client.index, msg.pid, msg.owner)
         self._send(self.frontend, identity, P.Welcome(
-            client.index, self.devices(), sorted(self.worker_by_device), self.heartbeat,
+            client.index, self.devices(), self.ready_devices(), self.heartbeat,
             self.liveness))
         client.last_sent = now
 
     def devices(self) -> list[int]:
-        return sorted(set(self.sched.ready) | set(self.spawned))
+        return sorted(d for d in set(self.sched.ready) | set(self.spawned) if d >= 0)
+
+    def ready_devices(self) -> list[int]:
+        return sorted(d for d in self.worker_by_device if d >= 0)
 
     def _announce_devices(self) -> None:
-        msg = P.DeviceStatus(self.devices(), sorted(self.worker_by_device))
+        msg = P.DeviceStatus(self.devices(), self.ready_devices())
         for client in self.clients.values():
             self._send(self.frontend, client.identity, msg)
 
@@ -288,10 +304,10 @@ class Broker:
         if isinstance(msg, P.Report):
             for gid in msg.done:
                 if worker.inflight.pop(gid, None) is not None:
-                    self.sched.done(gid)
+                    self._ended(self.sched.done(gid))
             for failure in msg.failed:
                 if worker.inflight.pop(failure.task, None) is not None:
-                    self.sched.failed(failure.task, failure.reason)
+                    self._member_failed(failure.task, failure.reason)
         elif not isinstance(msg, P.Heartbeat):
             self._send(self.backend, identity, P.Error(f"unexpected {type(msg).__name__}"))
 
@@ -305,42 +321,81 @@ class Broker:
         worker = WorkerPeer(identity, msg.device, msg.pid, time.monotonic())
         self.workers[identity] = worker
         self.worker_by_device[msg.device] = worker
-        self.sched.add_chip(msg.device)
+        if msg.device >= 0:
+            self.sched.add_chip(msg.device)
         log.info("worker for device %d connected (pid %d)", msg.device, msg.pid)
         self._announce_devices()
 
     def _dispatch(self) -> None:
+        credit: dict[int, int] = {}
         for worker in self.workers.values():
-            credit = self.credit - len(worker.inflight)
-            tasks = self.sched.take_ready(worker.device, credit) if credit > 0 else []
-            if not tasks and not worker.frees and not worker.gone:
+            credit[worker.queue] = credit.get(worker.queue, 0) + self._credit(worker)
+        batches: dict[int, list[P.WorkTask]] = {}
+        host_workers = [w for w in self.workers.values() if w.queue == HOST]
+        for queue, task, rank in self.sched.schedule(credit):
+            if queue == HOST:  # any host worker with room, the least loaded first
+                worker = min(host_workers, key=lambda w: len(w.inflight))
+            else:
+                worker = self.worker_by_device[queue]
+            batches.setdefault(worker.device, []).append(self._work(worker, task, rank))
+        for worker in self.workers.values():
+            work = batches.get(worker.device, [])
+            if not work and not worker.frees and not worker.gone:
                 continue
-            clients, kernels, work = [], [], []
-            for task in tasks:
-                if task.client not in worker.clients:
-                    worker.clients.add(task.client)
-                    owner = self.clients_by_index[task.client].owner
-                    clients.append(P.ClientInfo(task.client, owner))
-                key = (task.client, task.kernel)
+            clients, kernels = [], []
+            for item in work:
+                if item.client not in worker.clients:
+                    worker.clients.add(item.client)
+                    owner = self.clients_by_index[item.client].owner
+                    clients.append(P.ClientInfo(item.client, owner))
+                key = (item.client, item.kernel)
                 if key not in worker.kernels:
                     worker.kernels.add(key)
                     kernels.append(self.kernels[key])
-                worker.inflight[task.gid] = task
-                work.append(P.WorkTask(task.gid, task.client, task.kernel, task.args))
             msg = P.Dispatch(clients, kernels, worker.frees, worker.gone, work)
             worker.frees, worker.gone = [], []
             self._send(self.backend, worker.identity, msg)
             worker.last_sent = time.monotonic()
+
+    def _credit(self, worker: WorkerPeer) -> int:
+        # Host tasks are long and few: one at a time per host worker spreads them out.
+        limit = self.credit if worker.queue != HOST else 1
+        return max(0, limit - len(worker.inflight))
+
+    def _work(self, worker: WorkerPeer, task: Task, rank: int) -> P.WorkTask:
+        worker.inflight[task.gid] = task
+        world = len(task.chips)
+        barrier = ""
+        if world > 1:
+            if task.gid not in self.barriers:
+                name = shm.segment_name(self.owner, f"b{task.gid}")
+                self.barriers[task.gid] = GroupBarrier.create(name, world)
+            barrier = self.barriers[task.gid].name
+        return P.WorkTask(task.gid, task.client, task.kernel, task.args, rank, world, barrier)
+
+    def _member_failed(self, gid: int, reason: str, lost: bool = False) -> None:
+        task = self.sched.failed(gid, reason, lost)
+        if task is not None and task.gid in self.barriers:
+            self.barriers[task.gid].abort()  # members waiting at the barrier give up
+        self._ended(task)
+
+    def _ended(self, task: Task | None) -> None:
+        if task is not None and task.state in (State.DONE, State.FAILED):
+            barrier = self.barriers.pop(task.gid, None)
+            if barrier is not None:
+                barrier.close()
+                barrier.unlink()
 
     def _worker_lost(self, worker: WorkerPeer, how: str) -> None:
         log.warning("worker for device %d (pid %d) lost: %s", worker.device, worker.pid, how)
         self.workers.pop(worker.identity, None)
         if self.worker_by_device.get(worker.device) is worker:
             del self.worker_by_device[worker.device]
+        what = f"chip {worker.device}" if worker.device >= 0 else "host"
         for gid, task in worker.inflight.items():
             name = self.sched.kernel_name(task)
-            self.sched.failed(gid, f"worker of chip {worker.device} (pid {worker.pid}) died"
-                                   f" ({how}) while running kernel {name!r}", lost=True)
+            self._member_failed(gid, f"worker of {what} (pid {worker.pid}) died ({how}) while "
+                                     f"running kernel {name!r}", lost=True)
         worker.inflight.clear()
         self._announce_devices()
 
@@ -390,12 +445,14 @@ class Broker:
             proc.started = now
 
     def _spawn_worker(self, device: int) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "worker", "--broker", self.address, "--device", str(device),
+        role = ["--device", str(device)] if device >= 0 else ["--host", str(-1 - device)]
+        cmd = [sys.executable, "-m", "worker", "--broker", self.address, *role,
                "--parent-pid", str(os.getpid()), "--heartbeat", str(self.heartbeat),
                "--liveness", str(self.liveness)]
         if self.log_dir:
-            cmd += ["--log-file", os.path.join(self.log_dir, f"worker-{device}.log")]
-        log.info("starting worker for device %d", device)
+            name = f"worker-{device}.log" if device >= 0 else f"host-{-1 - device}.log"
+            cmd += ["--log-file", os.path.join(self.log_dir, name)]
+        log.info("starting %s worker", f"chip {device}" if device >= 0 else "host")
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=_child_env())
 
     def _shutdown(self) -> None:
@@ -413,6 +470,10 @@ class Broker:
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
                 proc.popen.wait()
+        for barrier in self.barriers.values():
+            barrier.close()
+            barrier.unlink()
+        shm.unlink_owner(self.owner)
         self.frontend.close(0)
         self.backend.close(0)
         self.ctx.term()

@@ -1,18 +1,19 @@
 """The main example: one input fanned out to every chip, then reduced on one.
 
+The per-chip step is a C kernel (pipeline_compute.c, built with pto.compile and cached);
+the reduction is a Python kernel. The result is checked against numpy.
+
 Run:  python examples/pipeline.py   (starts its own broker and 4 workers)
 With a running broker:  PTO_BROKER=ipc://... python examples/pipeline.py
 """
+
+from pathlib import Path
 
 import numpy as np
 
 import pto
 
-
-def compute(x, y, factor):
-    """Runs on each chip: y = x * factor + sin(x), written in place in shared memory."""
-    np.multiply(x, factor, out=y)
-    y += np.sin(x)
+COMPUTE_C = Path(__file__).resolve().parent / "pipeline_compute.c"  # y = x * factor + sin(x)
 
 
 def reduce_sum(*args):
@@ -38,8 +39,9 @@ def pipeline(ctx, args):
 
 def main() -> None:
     data = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    compute = pto.compile(platform="sim", kernels=[{"source": COMPUTE_C, "name": "compute"}])
     with pto.Runtime(level="host", platform="sim", devices=[0, 1, 2, 3]) as rt:
-        kernels = {"compute": compute, "reduce_sum": reduce_sum}
+        kernels = {"compute": compute, "reduce_sum": reduce_sum}  # a C and a Python kernel
         rt.register("pipeline", orch=pipeline, kernels=kernels)
         total = rt.run("pipeline", args={"input": data})
         result = total.numpy()

@@ -14,6 +14,8 @@ class ParamType(IntEnum):
     INPUT = 1  # read
     OUTPUT = 2  # written
     INOUT = 3  # read and written
+    NO_DEP = 4  # passed writable, but takes part in no dependency (the caller orders it)
+    OUTPUT_EXISTING = 5  # written over an existing tensor's data, never zeroed or reallocated
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,3 +47,13 @@ class Arg:
     @staticmethod
     def scalar(value: int | float | bool) -> Arg:
         return Arg(ParamType.SCALAR, value)
+
+    @staticmethod
+    def no_dep(tensor: Any) -> Arg:
+        """A tensor the task may read and write that orders nothing (upstream's NO_DEP)."""
+        return Arg(ParamType.NO_DEP, tensor)
+
+    @staticmethod
+    def output_existing(tensor: Any) -> Arg:
+        """An output written over an existing tensor (its other bytes keep their values)."""
+        return Arg(ParamType.OUTPUT_EXISTING, tensor)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .args import Arg, ParamType
+from .args import Arg
 from .compiler import CompiledPackage, _check_platform
 from .compiler import compile as compile_package
 from .errors import PtoError, TaskError
@@ -120,14 +120,12 @@ class ChipRuntime:
         with self._lock:
             self._check_open()
             chip = reg.chip
-            chip.clear_error()
-            if kernel is None:
-                rc = chip.orchestrate(argv)
-            else:
-                rc = chip.launch(kernel.encode(), argv, block_dim)
-            code, message = chip.error()
+            rc = chip.run(kernel.encode() if kernel is not None else None, argv, block_dim)
+            # An orchestration may return 0 after ignoring a failed launch: that fails too.
+            code = chip.error_code() if rc == 0 and kernel is None else rc
+            message = chip.error_message() if code != 0 else ""
         del values  # the arrays had to outlive the call: argv points into them
-        if rc != 0 or code != 0:
+        if code != 0:
             raise TaskError(label, self.device, _reason(reg, kernel, rc, code, message))
 
     def _resolve(self, name: str) -> tuple[_Registration, str | None]:
@@ -187,13 +185,16 @@ def _split(args: Sequence[Arg], label: str) -> tuple[list[Any], list[int]]:
             raise TypeError(f"argument {i} of {label!r} is a {type(arg).__name__}, not a "
                             "pto.Arg (use pto.Arg.input/output/inout/scalar)")
         values.append(arg.value)
-        kinds.append(int(ParamType(arg.kind)))
+        kinds.append(int(arg.kind))
     return values, kinds
 
 
 def _reason(reg: _Registration, kernel: str | None, rc: int, code: int, message: str) -> str:
-    what = (f"kernel {kernel!r}" if kernel is not None
-            else f"orchestration {reg.package.orch!r} of {reg.name!r}")
+    if kernel is not None:
+        what = f"kernel {kernel!r}"
+    else:
+        symbol = reg.package.orch
+        what = f"orchestration {reg.name!r}" + (f" ({symbol})" if symbol != reg.name else "")
     detail = f": {message}" if message else ""
     if rc == 0:  # the orchestration ignored a failed launch; the failure still counts
         return f"{what} returned 0 but a launch failed with {error_name(code)}{detail}"

@@ -20,7 +20,7 @@ import functools
 import hashlib
 import json
 import os
-import platform
+import platform as pyplatform  # "platform" names the target platform here
 import re
 import shlex
 import shutil
@@ -353,7 +353,7 @@ def _cpu_identity() -> str:
             lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
         return "".join(dict.fromkeys(lines))  # the first CPU's lines; the rest repeat them
     except OSError:
-        return platform.machine() + platform.processor()
+        return pyplatform.machine() + pyplatform.processor()
 
 
 # ---- building ----------------------------------------------------------------------------

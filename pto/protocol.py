@@ -46,9 +46,10 @@ class TaskSpec(Struct):
     """A task as the client submits it."""
 
     task: int  # client-local task id
-    chip: int
+    chip: int  # -1: a host sub-task
     kernel: int  # client-local kernel id (see RegisterKernel)
     args: list[ArgSpec]
+    group: list[int] = []  # a group task: one member per chip, rank = position here
 
 
 class Failure(Struct):
@@ -89,6 +90,7 @@ class WorkTask(Struct):
     args: list[ArgSpec]
     rank: int = 0
     world: int = 1
+    barrier: str = ""  # a group's barrier (see pto.barrier), when world > 1
 
 
 # ---- client <-> broker --------------------------------------------------------------
@@ -116,6 +118,10 @@ class FreeTensors(Struct, tag=4):
 
 class Heartbeat(Struct, tag=5):
     pass
+
+
+class Cancel(Struct, tag=7):
+    tasks: list[int]
 
 
 class Bye(Struct, tag=6):
@@ -174,7 +180,7 @@ class Shutdown(Struct, tag=23):
 
 
 Message = Union[  # noqa: UP007 - msgspec needs a real Union of tagged structs
-    Hello, RegisterKernel, Submit, FreeTensors, Heartbeat, Bye, Welcome, Results, Error,
+    Hello, RegisterKernel, Submit, FreeTensors, Heartbeat, Cancel, Bye, Welcome, Results, Error,
     DeviceStatus,
     WorkerHello, Dispatch, Report, Shutdown,
 ]

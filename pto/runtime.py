@@ -11,6 +11,7 @@ or with ``TaskError`` naming the first failure.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import math
@@ -20,7 +21,7 @@ import sysconfig
 import threading
 import types
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,7 @@ class _Run:
     failures: list[P.Failure] = field(default_factory=list)
     copy_back: list[tuple[np.ndarray, TensorHandle]] = field(default_factory=list)
     array_handles: dict[int, tuple[np.ndarray, TensorHandle]] = field(default_factory=dict)
+    scoped: list[weakref.ref] = field(default_factory=list)  # segments allocated in a scope
 
 
 @dataclass(slots=True)
@@ -131,6 +133,7 @@ class Runtime:
         self._task_ids = itertools.count(1)
         self._tasks: dict[int, _TaskRecord] = {}
         self._runs: set[_Run] = set()
+        self._host_kernels: dict[int, tuple[Callable[..., Any], int]] = {}  # id(fn) -> (fn, id)
         self._conn.on_message = self._on_message
         self._conn.on_lost = self._on_lost
         self._closed = False
@@ -213,7 +216,6 @@ class Runtime:
             raise KeyError(f"no orchestration registered as {name!r}; "
                            f"registered: {sorted(self._registry)}")
         future: Future = Future()
-        future.set_running_or_notify_cancel()  # submitted tasks cannot be called back yet
         run = _Run(future)
         with self._lock:
             self._runs.add(run)
@@ -231,6 +233,7 @@ class Runtime:
             self._orch_finished(run, error=exc)
         else:
             self._orch_finished(run, value=value)
+        future.add_done_callback(lambda f: f.cancelled() and self._cancel(run))
         return future
 
     def run(self, name: str, args: Any = None) -> Any:
@@ -241,6 +244,12 @@ class Runtime:
         return self.submit(name, args).result()
 
     def _orch_finished(self, run: _Run, value: Any = None, error: BaseException | None = None):
+        keep = {id(h._seg) for h in _handles_in(value)} if error is None else set()
+        for ref in run.scoped:
+            seg = ref()
+            if seg is not None and id(seg) not in keep:
+                self._store.release(seg)
+        run.scoped = []
         with self._lock:
             run.orch_done, run.value, run.error = True, value, error
             finished = run.outstanding == 0
@@ -253,10 +262,30 @@ class Runtime:
                 raise self._conn.lost
             for spec, kernel, segments in batch:
                 self._tasks[spec.task] = _TaskRecord(run, kernel, spec.chip, segments)
-                for seg in segments:
-                    seg.users += 1
             run.outstanding += len(batch)
         self._conn.send(P.Submit([spec for spec, _, _ in batch]))
+
+    def _cancel(self, run: _Run) -> None:
+        with self._lock:
+            tids = [tid for tid, record in self._tasks.items() if record.run is run]
+        if tids and self._conn.lost is None and not self._closed:
+            self._conn.send(P.Cancel(tids))
+
+    def _host_kernel(self, fn: Callable[..., Any]) -> int:
+        """The kernel id of a host sub-task function, registering it on first use."""
+        known = self._host_kernels.get(id(fn))
+        if known is not None:
+            return known[1]
+        if not callable(fn):
+            raise TypeError(f"submit_host needs a callable, not {type(fn).__name__}")
+        try:
+            blob = _pickle_by_value(fn)
+        except Exception as exc:
+            raise TypeError(f"host function {fn!r} cannot be sent to workers: {exc}") from exc
+        kid = next(self._kernel_ids)
+        self._conn.send(P.RegisterKernel(kid, getattr(fn, "__qualname__", repr(fn)), "py", blob))
+        self._host_kernels[id(fn)] = (fn, kid)  # keeps fn alive, so id(fn) stays unique
+        return kid
 
     # ---- results (I/O thread) ----------------------------------------------------------
 
@@ -295,6 +324,8 @@ class Runtime:
             if run not in self._runs:
                 return
             self._runs.discard(run)
+        if not run.future.set_running_or_notify_cancel():
+            return  # cancelled: nobody waits for a result
         if run.error is not None:
             run.future.set_exception(run.error)
         elif run.failures:
@@ -313,7 +344,7 @@ class Runtime:
             runs, self._runs = list(self._runs), set()
             self._tasks.clear()
         for run in runs:
-            if not run.future.done():
+            if run.future.set_running_or_notify_cancel():
                 run.future.set_exception(exc)
 
     # ---- life --------------------------------------------------------------------------
@@ -362,18 +393,31 @@ class OrchContext:
         self._run = run
         self._reg = reg
         self._pending: list[tuple[P.TaskSpec, str, list[Segment]]] = []
+        self._scopes = 0
 
     def peers(self) -> list[int]:
         """The chips (device ids) this runtime can submit to."""
         return list(self._rt.devices)
 
+    # ---- tensors -----------------------------------------------------------------------
+
     def alloc(self, shape: Any, dtype: Any = np.float32) -> TensorHandle:
-        """A new zero-filled tensor in shared memory."""
+        """A new zero-filled tensor in shared memory.
+
+        Waits while too many released tensors still wait for their tasks, so a loop that
+        allocates faster than the chips compute keeps a bounded footprint.
+        """
         dims = normalize_shape(shape)
-        dt = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
+        dt = np.dtype(dtype)
         dtype_code(dt)
-        seg = self._rt._store.create(math.prod(dims) * dt.itemsize)
-        return TensorHandle(seg, dims, dt)
+        store = self._rt._store
+        if store.backlog > 0:
+            self._flush()  # the tasks that will shrink the backlog must be on their way
+            store.wait_for_room(lambda: self._rt._conn.lost)
+        handle = TensorHandle(store.create(math.prod(dims) * dt.itemsize), dims, dt)
+        if self._scopes:
+            self._run.scoped.append(weakref.ref(handle._seg))
+        return handle
 
     def tensor(self, array: Any) -> TensorHandle:
         """A new tensor holding a copy of ``array`` (the only copy pto makes)."""
@@ -382,21 +426,86 @@ class OrchContext:
         handle.numpy()[...] = arr
         return handle
 
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Tensors allocated inside are intermediates: each is freed once its tasks finish
+        and no handle to it remains, and at the latest when the run ends, unless the
+        orchestration returns it.
+
+        >>> for step in range(10_000):
+        ...     with ctx.scope():
+        ...         tmp = ctx.alloc(x.shape, x.dtype)
+        ...         ctx.submit(0, "f", [pto.Arg.input(x), pto.Arg.output(tmp)])
+        ...         ctx.submit(1, "g", [pto.Arg.input(tmp), pto.Arg.inout(acc)])
+        """
+        self.scope_begin()
+        try:
+            yield
+        finally:
+            self.scope_end()
+
+    def scope_begin(self) -> None:
+        self._scopes += 1
+
+    def scope_end(self) -> None:
+        if self._scopes == 0:
+            raise RuntimeError("scope_end() without a matching scope_begin()")
+        self._scopes -= 1
+
+    # ---- tasks -------------------------------------------------------------------------
+
     def submit(self, chip: int, kernel: str, args: list[Arg]) -> None:
         """Add a task running ``kernel`` on ``chip``; it waits for the tasks it depends on."""
-        rt = self._rt
-        if not isinstance(chip, (int, np.integer)) or isinstance(chip, bool) \
-                or chip not in rt.devices:
-            raise ValueError(f"unknown chip {chip!r}; this runtime has chips {rt.devices}")
+        self._check_chip(chip)
+        self._add(int(chip), [], self._kernel_id(kernel), kernel, args)
+
+    def submit_group(self, chips: list[int], kernel: str, args: list[Arg]) -> None:
+        """Run ``kernel`` on every chip of ``chips`` at once, as ranks 0..len(chips)-1.
+
+        The members start together (the broker reserves all the chips first), share
+        ``args``, and see ``pto.task().rank/.world``; ``pto.task().barrier()`` waits for
+        all of them. The group depends on (and is depended on through) all its arguments.
+        """
+        try:
+            group = list(chips)
+        except TypeError:
+            raise TypeError(f"chips must be a list of chip ids, not {chips!r}") from None
+        if not group:
+            raise ValueError("a group needs at least one chip")
+        for chip in group:
+            self._check_chip(chip)
+        if len(set(group)) != len(group):
+            raise ValueError(f"a group names each chip once: {group}")
+        group = [int(c) for c in group]
+        self._add(group[0], group, self._kernel_id(kernel), kernel, args)
+
+    def submit_host(self, fn: Callable[..., Any], args: list[Arg]) -> None:
+        """Run the Python callable ``fn`` on the host as a task of the graph.
+
+        It runs in a host worker process of the broker (not in this process), with the
+        same arguments, dependencies and failure rules as a kernel on a chip.
+        """
+        kid = self._rt._host_kernel(fn)
+        self._add(-1, [], kid, getattr(fn, "__qualname__", repr(fn)), args)
+
+    def _check_chip(self, chip: Any) -> None:
+        devices = self._rt.devices
+        if not isinstance(chip, (int, np.integer)) or isinstance(chip, bool) or chip not in devices:
+            raise ValueError(f"unknown chip {chip!r}; this runtime has chips {devices}")
+
+    def _kernel_id(self, kernel: str) -> int:
         kid = self._reg.kernel_ids.get(kernel)
         if kid is None:
             raise KeyError(f"unknown kernel {kernel!r} in {self._reg.name!r}; "
                            f"registered kernels: {sorted(self._reg.kernel_ids)}")
+        return kid
+
+    def _add(self, chip: int, group: list[int], kid: int, kernel: str, args: list[Arg]) -> None:
         if not isinstance(args, (list, tuple)):
             raise TypeError(f"args of {kernel!r} must be a list of pto.Arg, "
                             f"not {type(args).__name__}")
         specs: list[P.ArgSpec] = []
-        segments: list[Segment] = []
+        handles: list[TensorHandle] = []
         for i, arg in enumerate(args):
             if not isinstance(arg, Arg):
                 raise TypeError(f"argument {i} of {kernel!r} is a {type(arg).__name__}, "
@@ -405,10 +514,14 @@ class OrchContext:
                 specs.append(P.ArgSpec(int(ParamType.SCALAR), scalar=_scalar(arg.value, i, kernel)))
                 continue
             handle = self._as_handle(arg, i, kernel)
-            segments.append(handle._seg)
+            handles.append(handle)
             specs.append(P.ArgSpec(int(arg.kind), handle._seg.tid, handle._offset,
                                    handle.nbytes, handle.dtype_code, list(handle.shape)))
-        spec = P.TaskSpec(next(rt._task_ids), int(chip), kid, specs)
+        segments = [h._seg for h in handles]
+        with self._rt._lock:
+            for seg in segments:  # from now on the task keeps the segment alive
+                seg.users += 1
+        spec = P.TaskSpec(next(self._rt._task_ids), chip, kid, specs, group)
         self._pending.append((spec, kernel, segments))
         if len(self._pending) >= _FLUSH_EVERY:
             self._flush()
@@ -467,6 +580,18 @@ def _check_devices(devices: Any) -> list[int]:
     if len(set(out)) != len(out):
         raise ValueError(f"devices must not repeat: {devices!r}")
     return [int(d) for d in out]
+
+
+def _handles_in(value: Any, depth: int = 0) -> Iterator[TensorHandle]:
+    """Tensor handles in a return value (through lists, tuples, sets and dict values)."""
+    if isinstance(value, TensorHandle):
+        yield value
+    elif depth < 8 and isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from _handles_in(item, depth + 1)
+    elif depth < 8 and isinstance(value, dict):
+        for item in value.values():
+            yield from _handles_in(item, depth + 1)
 
 
 def _task_error(failures: list[P.Failure]) -> TaskError:

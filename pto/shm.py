@@ -81,28 +81,40 @@ def unlink(name: str) -> bool:
         return False
 
 
-def list_names(owner: str | None = None) -> list[str]:
-    """Names (with leading slash) of our segments in /dev/shm, optionally of one owner."""
-    prefix = PREFIX + (f"{owner}_" if owner else "")
+def list_names(owner: str | None = None, semaphores: bool = False) -> list[str]:
+    """Names (with leading slash) of our segments in /dev/shm, optionally of one owner.
+
+    With ``semaphores``, our POSIX semaphores (files ``sem.pto_...``) instead.
+    """
+    prefix = ("sem." if semaphores else "") + PREFIX + (f"{owner}_" if owner else "")
     try:
-        return ["/" + f for f in os.listdir(SHM_DIR) if f.startswith(prefix)]
+        return ["/" + f[4 if semaphores else 0 :] for f in os.listdir(SHM_DIR)
+                if f.startswith(prefix)]
     except FileNotFoundError:
         return []
 
 
 def unlink_owner(owner: str) -> int:
-    """Unlink every segment of ``owner``; returns how many were removed."""
-    return sum(unlink(name) for name in list_names(owner))
+    """Unlink every segment and semaphore of ``owner``; returns how many were removed."""
+    removed = sum(unlink(name) for name in list_names(owner))
+    for name in list_names(owner, semaphores=True):
+        try:
+            posix_ipc.unlink_semaphore(name)
+            removed += 1
+        except posix_ipc.ExistentialError:
+            pass
+    return removed
 
 
 def reap_dead_owners() -> int:
     """Unlink segments whose owning process no longer exists (a janitor's sweep)."""
     removed = 0
-    for name in list_names():
-        owner = name[len(PREFIX) + 1 :].rsplit("_", 1)[0]
+    owners = {name[len(PREFIX) + 1 :].rsplit("_", 1)[0]
+              for sem in (False, True) for name in list_names(semaphores=sem)}
+    for owner in owners:
         pid = owner_pid(owner)
         if pid is not None and not pid_alive(pid):
-            removed += unlink(name)
+            removed += unlink_owner(owner)
     if removed:
         log.info("janitor: removed %d segment(s) of dead owners", removed)
     return removed

@@ -7,7 +7,7 @@ memory (numpy arrays, or shared-memory views in a worker): nothing is copied.
 >>> lib = open_package(pkg.path, pkg.sha256)
 >>> chip = lib.new_chip(device=0, cores=4)
 >>> argv = pack_args([x, y, z], [ParamType.INPUT, ParamType.INPUT, ParamType.OUTPUT], "add")
->>> chip.launch("add", argv, block_dim=4)     # 0, or a PTO_ERR_* code
+>>> chip.run(b"add", argv, block_dim=4)      # 0, or a PTO_ERR_* code
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ PTO_BOOL, PTO_INT64, PTO_UINT64, PTO_FLOAT64 = 1, 5, 9, 13
 ERROR_NAMES = {
     -1: "PTO_ERR_UNKNOWN_KERNEL", -2: "PTO_ERR_INVALID", -3: "PTO_ERR_KERNEL",
     -4: "PTO_ERR_NESTED", -5: "PTO_ERR_UNSUPPORTED", -6: "PTO_ERR_NO_MEMORY",
-    -7: "PTO_ERR_NO_ORCH",
+    -7: "PTO_ERR_NO_ORCH", -8: "PTO_ERR_BARRIER",
 }
+PTO_ERR_BARRIER = -8
 _INT64_MAX, _UINT64_MAX = 2**63 - 1, 2**64 - 1
 _SCALAR, _INPUT = int(ParamType.SCALAR), int(ParamType.INPUT)
 _KINDS = frozenset(int(k) for k in ParamType)
@@ -54,13 +55,16 @@ class PtoArg(ctypes.Structure):
     ]
 
 
+BarrierFn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+
 class TaskCtx(ctypes.Structure):
     """``pto_task_ctx``: the group a chip's next task belongs to."""
 
     _fields_ = [
         ("rank", ctypes.c_int32),
         ("world", ctypes.c_int32),
-        ("barrier", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)),
+        ("barrier", BarrierFn),
         ("barrier_state", ctypes.c_void_p),
     ]
 
@@ -117,29 +121,49 @@ def _pack_scalar(a: PtoArg, value: Any, i: int, where: str) -> None:
 
 
 def _pack_tensor(a: PtoArg, value: Any, kind: int, i: int, where: str) -> None:
-    what = ParamType(kind).name.lower()
     if not isinstance(value, np.ndarray):
-        raise TypeError(f"argument {i} of {where} ({what}) must be a numpy array, "
+        raise TypeError(f"argument {i} of {where} ({_kind_name(kind)}) must be a numpy array, "
                         f"not {type(value).__name__}")
-    if not value.flags.c_contiguous:
+    flags = value.flags
+    if not flags.c_contiguous:
         # A copy would hide the kernel's writes from the caller: refuse, don't copy.
-        raise ValueError(f"argument {i} of {where} ({what}) is not C-contiguous (strides "
-                         f"{value.strides} for shape {value.shape}); pass "
+        raise ValueError(f"argument {i} of {where} ({_kind_name(kind)}) is not C-contiguous "
+                         f"(strides {value.strides} for shape {value.shape}); pass "
                          "np.ascontiguousarray(...) and read results from that array")
-    if kind != _INPUT and not value.flags.writeable:
-        raise ValueError(f"argument {i} of {where} is read-only and cannot be an {what}")
-    if value.ndim > MAX_DIMS:
-        raise ValueError(f"argument {i} of {where} has {value.ndim} dimensions; the kernel "
+    if kind != _INPUT and not flags.writeable:
+        raise ValueError(f"argument {i} of {where} is read-only and cannot be an "
+                         f"{_kind_name(kind)}")
+    shape = value.shape
+    if len(shape) > MAX_DIMS:
+        raise ValueError(f"argument {i} of {where} has {len(shape)} dimensions; the kernel "
                          f"ABI takes at most {MAX_DIMS}")
-    try:
-        a.dtype = dtype_code(value.dtype)
-    except TypeError as exc:
-        raise TypeError(f"argument {i} of {where}: {exc}") from None
+    a.dtype = _code_of(value.dtype, i, where)
     a.data = value.ctypes.data
     a.nbytes = value.nbytes
-    a.ndim = value.ndim
-    for d, extent in enumerate(value.shape):
-        a.shape[d] = extent
+    a.ndim = len(shape)
+    a.shape[: len(shape)] = shape
+
+
+def _kind_name(kind: int) -> str:
+    return ParamType(kind).name.lower()
+
+
+_codes: dict[int, tuple[np.dtype, int]] = {}  # id(dtype) -> (dtype, code): the hot path
+
+
+def _code_of(dtype: np.dtype, i: int, where: str) -> int:
+    # By identity, not equality: a bfloat16 dtype equals uint16 but has its own code.
+    hit = _codes.get(id(dtype))
+    if hit is not None and hit[0] is dtype:
+        return hit[1]
+    try:
+        code = dtype_code(dtype)
+    except TypeError as exc:
+        raise TypeError(f"argument {i} of {where}: {exc}") from None
+    if len(_codes) > 1024:
+        _codes.clear()
+    _codes[id(dtype)] = (dtype, code)  # holding the dtype keeps its id from being reused
+    return code
 
 
 class Library:
@@ -190,30 +214,46 @@ class SimChip:
         self._ptr = self._dll.pto_sim_chip_create(device, cores)
         if not self._ptr:
             raise MemoryError("cannot create a simulated chip")
-        self._task = (0, 1)
+        self._task: tuple[int, int, Callable[[], None] | None] = (0, 1, None)
+        self.barrier_error: BaseException | None = None
+        # One C callback for the chip's lifetime (ctypes must keep it alive); it calls the
+        # current task's Python barrier, re-taking the GIL for that call only.
+        self._barrier_cb = BarrierFn(self._on_barrier)
 
-    def launch(self, kernel: bytes, argv: ctypes.Array, block_dim: int = 1) -> int:
-        return self._dll.pto_launch(self._ptr, kernel, argv, len(argv), block_dim)
+    def run(self, kernel: bytes | None, argv: ctypes.Array, block_dim: int = 1) -> int:
+        """Clear the chip's error, then launch ``kernel`` or (None) run the orchestration.
 
-    def orchestrate(self, argv: ctypes.Array) -> int:
-        return self._dll.pto_sim_orchestrate(self._ptr, argv, len(argv))
+        One C call (the GIL is released during it); returns 0 or the non-zero code.
+        """
+        return self._dll.pto_sim_run(self._ptr, kernel, argv, len(argv), block_dim)
 
-    def set_task(self, rank: int, world: int) -> None:
-        """The group of the next task (no barrier yet: group tasks will bring one)."""
-        if (rank, world) != self._task:
-            ctx = TaskCtx(rank, world)
+    def set_task(self, rank: int, world: int, barrier: Callable[[], None] | None = None) -> None:
+        """The group of the next task: ``pto_rank()``, ``pto_world()``, and the function
+        ``pto_barrier()`` calls (e.g. ``pto.task().barrier``) in a group of several."""
+        task = (rank, world, barrier)
+        if task != self._task:
+            ctx = TaskCtx(rank, world, self._barrier_cb if barrier is not None else BarrierFn())
             self._dll.pto_sim_set_task(self._ptr, ctypes.byref(ctx))
-            self._task = (rank, world)
+            self._task = task
+        self.barrier_error = None
 
-    def error(self) -> tuple[int, str]:
-        """The first failure recorded since ``clear_error``: (PTO_ERR_* code, message)."""
-        code = self._dll.pto_sim_error_code(self._ptr)
+    def _on_barrier(self, _state: int) -> int:
+        try:
+            self._task[2]()  # type: ignore[misc]
+        except BaseException as exc:  # noqa: BLE001 - C cannot take it: kept, raised later
+            self.barrier_error = exc
+            return PTO_ERR_BARRIER
+        return 0
+
+    def error_code(self) -> int:
+        """The code of the first failure since the last ``run`` began (0: none)."""
+        return self._dll.pto_sim_error_code(self._ptr)
+
+    def error_message(self) -> str:
+        """The message of that failure ("" if none)."""
         buf = ctypes.create_string_buffer(1024)
         self._dll.pto_sim_error_message(self._ptr, buf, len(buf))
-        return code, buf.value.decode(errors="replace")
-
-    def clear_error(self) -> None:
-        self._dll.pto_sim_clear_error(self._ptr)
+        return buf.value.decode(errors="replace")
 
     def close(self) -> None:
         """Stop the chip's core threads and free it."""
@@ -231,11 +271,9 @@ def _declare(dll: ctypes.CDLL) -> None:
         "pto_sim_chip_create": (chip, [i32, i32]),
         "pto_sim_chip_destroy": (None, [chip]),
         "pto_sim_set_task": (None, [chip, ctypes.POINTER(TaskCtx)]),
-        "pto_sim_orchestrate": (ctypes.c_int, [chip, argv, i32]),
-        "pto_launch": (ctypes.c_int, [chip, cstr, argv, i32, i32]),
+        "pto_sim_run": (ctypes.c_int, [chip, cstr, argv, i32, i32]),
         "pto_sim_error_code": (ctypes.c_int, [chip]),
         "pto_sim_error_message": (i32, [chip, ctypes.c_char_p, i32]),
-        "pto_sim_clear_error": (None, [chip]),
         "pto_sim_kernel_total": (i32, []),
         "pto_sim_kernel_name": (cstr, [i32]),
         "pto_sim_orch_symbol": (cstr, []),
@@ -277,17 +315,17 @@ def package_kernel(name: str, path: str, sha256: str, symbol: str,
     def call(values: list[Any], kinds: list[int]) -> None:
         try:
             info = task()
-            rank, world, device = info.rank, info.world, info.chip
         except RuntimeError:  # called outside a worker's task (tests, tools)
-            rank, world, device = 0, 1, 0
+            info = None
+        rank, world, device = (info.rank, info.world, info.chip) if info else (0, 1, 0)
         chip = lib.process_chip(device)
         argv = pack_args(values, kinds, where)
-        chip.set_task(rank, world)
-        chip.clear_error()
-        rc = chip.launch(sym, argv, block_dim)
+        chip.set_task(rank, world, info.barrier if info is not None and world > 1 else None)
+        rc = chip.run(sym, argv, block_dim)
         if rc != 0:
-            _, message = chip.error()
+            if chip.barrier_error is not None:  # e.g. BarrierAborted: another member failed
+                raise chip.barrier_error
             raise RuntimeError(f"C kernel {symbol!r} failed on chip {device} with "
-                               f"{error_name(rc)}: {message or 'no message'}")
+                               f"{error_name(rc)}: {chip.error_message() or 'no message'}")
 
     return call

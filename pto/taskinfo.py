@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """The running task's place: ``rank`` of ``world`` members of its group, on ``chip``."""
+    """The running task's place: ``rank`` of ``world`` members of its group, on ``chip``.
+
+    ``chip`` is negative for a host sub-task.
+    """
 
     rank: int = 0
     world: int = 1
     chip: int = 0
+    _barrier: Any = field(default=None, repr=False, compare=False)
 
-    def barrier(self) -> None:
-        """Wait for every member of the group; a task outside a group returns at once."""
-        if self.world != 1:
-            raise NotImplementedError("group barriers arrive with group tasks")
+    def barrier(self, timeout: float = 600.0) -> None:
+        """Wait until every member of the group reaches this call (no-op outside a group).
+
+        Raises ``pto.barrier.BarrierAborted`` if another member failed, ``TimeoutError``
+        after ``timeout`` seconds.
+        """
+        if self._barrier is not None:
+            self._barrier.wait(timeout)
 
 
 _current = threading.local()

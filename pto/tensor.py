@@ -1,14 +1,18 @@
 """Tensors as the client sees them: handles onto shared-memory segments it owns.
 
-A segment is unlinked exactly once, when the first of these happens *and* no submitted
-task still uses it: ``handle.free()``, garbage collection of its last handle, or
-``Runtime.close()``. Workers drop their cached mapping when the broker forwards the free.
+A segment's release is requested by ``handle.free()``, by the garbage collection of its
+last handle, by the end of a run for tensors allocated in a scope and not returned, or by
+``Runtime.close()``; it is unlinked once that has happened *and* no submitted task uses
+it any more. Workers drop their cached mapping when the broker forwards the free.
+Bytes waiting only for tasks to finish are counted, so an orchestration that allocates
+faster than tasks run is held back (``wait_for_room``) instead of filling /dev/shm.
 """
 
 from __future__ import annotations
 
 import itertools
 import mmap
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -21,21 +25,27 @@ from . import shm
 from .dtypes import dtype_code
 from .errors import TensorFreed
 
+# Bytes of released tensors still waiting for their tasks before alloc() waits.
+RELEASE_BACKLOG = int(os.environ.get("PTO_RELEASE_BACKLOG_BYTES", 32 * 1024 * 1024))
+
 
 class Segment:
-    """One shared-memory segment of a runtime, with the count of unfinished tasks using it."""
+    """One shared-memory segment of a runtime and the bookkeeping of its release."""
 
-    __slots__ = ("tid", "name", "nbytes", "mm", "buf", "users", "freed", "store", "__weakref__")
+    __slots__ = ("tid", "name", "nbytes", "mm", "buf", "users", "handles", "released",
+                 "freed", "store", "__weakref__")
 
     def __init__(self, store: TensorStore, tid: int, nbytes: int):
         self.store = store
         self.tid = tid
         self.name = shm.segment_name(store.owner, tid)
         self.nbytes = nbytes
-        self.mm: mmap.mmap | None = shm.create(self.name, nbytes)
+        self.mm: mmap.mmap = shm.create(self.name, nbytes)
         self.buf = np.frombuffer(self.mm, dtype=np.uint8, count=nbytes)
-        self.users = 0
-        self.freed = False
+        self.users = 0  # submitted tasks not yet finished
+        self.handles = 0  # live TensorHandle objects
+        self.released = False  # release requested: unlink once users == 0
+        self.freed = False  # released by the user or a scope: handles are unusable
 
 
 class TensorStore:
@@ -44,9 +54,11 @@ class TensorStore:
     def __init__(self, owner: str, lock: threading.RLock, notify_free: Callable[[int], None]):
         self.owner = owner
         self.lock = lock
+        self.room = threading.Condition(lock)
         self._ids = itertools.count(1)
         self._live: dict[int, str] = {}  # tid -> name of every segment not yet unlinked
         self._notify_free = notify_free
+        self.backlog = 0  # bytes released but still used by tasks
         self.closed = False
 
     def create(self, nbytes: int) -> Segment:
@@ -58,21 +70,43 @@ class TensorStore:
         weakref.finalize(seg, self._collect, seg.tid, seg.mm)
         return seg
 
-    def free(self, seg: Segment) -> None:
-        """Free now, or as soon as the tasks using it finish."""
+    def release(self, seg: Segment, freed: bool = True) -> None:
+        """Unlink ``seg`` now, or as soon as the tasks using it finish."""
         with self.lock:
-            seg.freed = True
+            seg.freed = seg.freed or freed
+            if seg.released:
+                return
+            seg.released = True
             if seg.users == 0:
                 self._unlink(seg.tid)
+            else:
+                self.backlog += seg.nbytes
+
+    def handle_gone(self, seg: Segment) -> None:
+        with self.lock:
+            seg.handles -= 1
+            if seg.handles == 0:
+                self.release(seg, freed=False)
 
     def release_use(self, seg: Segment) -> None:
         """A task using ``seg`` finished (caller holds the lock)."""
         seg.users -= 1
-        if seg.users == 0 and seg.freed:
+        if seg.users == 0 and seg.released:
+            self.backlog -= seg.nbytes
             self._unlink(seg.tid)
+            self.room.notify_all()
+
+    def wait_for_room(self, lost: Callable[[], BaseException | None]) -> None:
+        """Block while the release backlog is over its bound (tasks will shrink it)."""
+        with self.lock:
+            while self.backlog > RELEASE_BACKLOG:
+                error = lost()
+                if error is not None:
+                    raise error
+                self.room.wait(0.25)
 
     def _collect(self, tid: int, mm: mmap.mmap) -> None:
-        # Garbage collection of the last handle: tasks hold their segments, so none uses it.
+        # The segment object is gone, so no handle nor task refers to it any more.
         with self.lock:
             self._unlink(tid)
         try:
@@ -93,6 +127,7 @@ class TensorStore:
             for name in self._live.values():
                 shm.unlink(name)
             self._live.clear()
+            self.room.notify_all()
 
     def live_names(self) -> list[str]:
         with self.lock:
@@ -119,17 +154,23 @@ class TensorHandle:
     >>> y = ctx.alloc((1024,), np.float32)      # inside an orchestration
     >>> y.shape, y.dtype, y.nbytes, y.name
     ((1024,), dtype('float32'), 4096, '/pto_1234x9f3a_7')
+    >>> top = y[:512]                           # a view: same segment, bytes 0..2047
     >>> y.numpy()[:4]                           # zero-copy view, after the run
     >>> y.free()
     """
 
-    __slots__ = ("_seg", "_offset", "shape", "dtype", "__weakref__")
+    __slots__ = ("_seg", "_offset", "shape", "dtype", "_is_view", "__weakref__")
 
-    def __init__(self, seg: Segment, shape: tuple[int, ...], dtype: np.dtype, offset: int = 0):
+    def __init__(self, seg: Segment, shape: tuple[int, ...], dtype: np.dtype, offset: int = 0,
+                 is_view: bool = False):
         self._seg = seg
         self._offset = offset
         self.shape = shape
         self.dtype = dtype
+        self._is_view = is_view
+        with seg.store.lock:
+            seg.handles += 1
+        weakref.finalize(self, seg.store.handle_gone, seg)
 
     @property
     def nbytes(self) -> int:
@@ -139,6 +180,11 @@ class TensorHandle:
     def name(self) -> str:
         """The shared-memory name of the segment (``/dev/shm/<name without slash>``)."""
         return self._seg.name
+
+    @property
+    def offset(self) -> int:
+        """Byte offset of this view in its segment (0 for a whole tensor)."""
+        return self._offset
 
     @property
     def freed(self) -> bool:
@@ -154,9 +200,45 @@ class TensorHandle:
         """Release the tensor; its segment goes once no submitted task uses it.
 
         Freeing twice is harmless; using a freed handle raises ``pto.TensorFreed``.
+        A view cannot be freed on its own: free the tensor it views.
         """
+        if self._is_view:
+            raise ValueError(f"{self!r} is a view: free the tensor it views")
         if not self._seg.store.closed:
-            self._seg.store.free(self._seg)
+            self._seg.store.release(self._seg)
+
+    def __getitem__(self, key: Any) -> TensorHandle:
+        """A view of a contiguous block along the first axis: ``h[2]``, ``h[a:b]``."""
+        self._check()
+        if isinstance(key, tuple) and len(key) == 1:
+            key = key[0]
+        if not self.shape:
+            raise IndexError("a 0-d tensor cannot be indexed")
+        rows = self.shape[0]
+        row_bytes = prod(self.shape[1:]) * self.dtype.itemsize
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            index = int(key) + (rows if key < 0 else 0)
+            if not 0 <= index < rows:
+                raise IndexError(f"index {key} is out of range for {rows} rows")
+            return self._view(self.shape[1:], self._offset + index * row_bytes)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(rows)
+            if step != 1:
+                raise ValueError("views must be contiguous: slices with a step are not supported")
+            stop = max(start, stop)
+            return self._view((stop - start, *self.shape[1:]), self._offset + start * row_bytes)
+        raise TypeError(f"tensor views take an int or a slice on the first axis, not {key!r}")
+
+    def reshape(self, *shape: Any) -> TensorHandle:
+        """The same bytes with another shape (same number of elements)."""
+        self._check()
+        dims = normalize_shape(shape[0] if len(shape) == 1 else shape)
+        if prod(dims) != prod(self.shape):
+            raise ValueError(f"cannot reshape {self.shape} into {dims}")
+        return self._view(dims, self._offset)
+
+    def _view(self, shape: tuple[int, ...], offset: int) -> TensorHandle:
+        return TensorHandle(self._seg, shape, self.dtype, offset, is_view=True)
 
     def _check(self) -> None:
         if self._seg.store.closed:
@@ -170,4 +252,5 @@ class TensorHandle:
 
     def __repr__(self) -> str:
         state = " freed" if self.freed else ""
-        return f"TensorHandle({self.name}, shape={self.shape}, dtype={self.dtype}{state})"
+        view = f" view@{self._offset}" if self._is_view else ""
+        return f"TensorHandle({self.name}{view}, shape={self.shape}, dtype={self.dtype}{state})"

@@ -14,18 +14,22 @@ from .loop import Worker
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     parser.add_argument("--broker", required=True, help="the broker's client address")
-    parser.add_argument("--device", type=int, required=True, help="the chip this worker serves")
+    role = parser.add_mutually_exclusive_group(required=True)
+    role.add_argument("--device", type=int, help="the chip this worker serves")
+    role.add_argument("--host", type=int, metavar="K", help="be host worker K (ctx.submit_host)")
     parser.add_argument("--heartbeat", type=float, default=0.5)
     parser.add_argument("--liveness", type=int, default=4)
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--log-file")
     args = parser.parse_args(argv)
-    if args.device < 0:
-        parser.error("--device must be >= 0")
-    setup_logging(f"worker{args.device}", log_file=args.log_file)
+    if (args.device if args.device is not None else args.host) < 0:
+        parser.error("--device and --host must be >= 0")
+    device = args.device if args.device is not None else -1 - args.host
+    role_name = f"worker{args.device}" if args.device is not None else f"host{args.host}"
+    setup_logging(role_name, log_file=args.log_file)
     die_with_parent(args.parent_pid)
     gc.set_threshold(100_000, 50, 100)
-    worker = Worker(args.broker, args.device, args.heartbeat, args.liveness, args.parent_pid)
+    worker = Worker(args.broker, device, args.heartbeat, args.liveness, args.parent_pid)
     gc.freeze()
     worker.run()
     return 0

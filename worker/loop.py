@@ -24,6 +24,7 @@ import zmq
 from pto import protocol as P
 from pto import shm
 from pto.args import ParamType
+from pto.barrier import GroupBarrier
 from pto.dtypes import CODE_DTYPES
 from pto.procs import parent_gone, worker_address
 from pto.taskinfo import TaskInfo, set_current
@@ -66,7 +67,7 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self._send(P.WorkerHello(self.device, os.getpid()))
-        log.info("worker for device %d started", self.device)
+        log.info("worker for %s started", self._what())
         try:
             while not self.stopping:
                 if not self.queue:
@@ -157,14 +158,23 @@ class Worker:
             if isinstance(fn, Exception):
                 raise RuntimeError(f"cannot load kernel {name!r}: {fn!r}")
             args = [self._arg(task.client, a) for a in task.args]
-            set_current(TaskInfo(task.rank, task.world, self.device))
+            barrier = GroupBarrier.open(task.barrier, task.world) if task.world > 1 else None
+            set_current(TaskInfo(task.rank, task.world, self.device, barrier))
             try:
                 fn(args, [a.kind for a in task.args])
+            except BaseException:
+                if barrier is not None:
+                    barrier.abort()  # the other members must not wait for us forever
+                raise
             finally:
                 set_current(None)
                 del args
+                if barrier is not None:
+                    barrier.close()
         except Exception as exc:  # noqa: BLE001 - a kernel's error is the task's result
             reason = "".join(traceback.format_exception_only(exc)).strip()
+            if task.world > 1:
+                reason = f"rank {task.rank} of {task.world}: {reason}"
             frames = traceback.format_tb(exc.__traceback__)[1:]  # drop this frame
             if frames:
                 reason += "\nkernel traceback (most recent call last):\n" + "".join(frames[-5:])
@@ -230,5 +240,8 @@ class Worker:
             self._unmap(*key)
         self.sock.close(0)
         self.ctx.term()
-        log.info("worker for device %d stopped", self.device)
+        log.info("worker for %s stopped", self._what())
+
+    def _what(self) -> str:
+        return f"chip {self.device}" if self.device >= 0 else f"host ({-1 - self.device})"
 

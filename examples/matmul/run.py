@@ -17,7 +17,7 @@ import pto
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "kernels" / "matmul.c"
-FLAGS = ["-O3"]
+FLAGS = ["-O3", "-march=native"]  # built on this machine, for it (the cache key includes the CPU)
 
 
 def build() -> pto.CompiledPackage:

@@ -45,7 +45,9 @@ enum {
     PTO_SCALAR = 0,
     PTO_INPUT = 1,  /* read only */
     PTO_OUTPUT = 2, /* written */
-    PTO_INOUT = 3   /* read and written */
+    PTO_INOUT = 3,  /* read and written */
+    PTO_NO_DEP = 4, /* read and written, but orders nothing (the orchestration does) */
+    PTO_OUTPUT_EXISTING = 5 /* written over an existing tensor, whose other bytes stay */
 };
 
 /* pto_arg.dtype: the element type of a tensor (pto.dtypes); for a scalar, the type of
@@ -75,7 +77,8 @@ enum {
     PTO_ERR_NESTED = -4,         /* pto_launch from inside a kernel */
     PTO_ERR_UNSUPPORTED = -5,    /* e.g. a group barrier with no group support */
     PTO_ERR_NO_MEMORY = -6,      /* could not start the chip's core threads */
-    PTO_ERR_NO_ORCH = -7         /* the package has no orchestration */
+    PTO_ERR_NO_ORCH = -7,        /* the package has no orchestration */
+    PTO_ERR_BARRIER = -8         /* the group barrier was aborted (a member failed) */
 };
 
 /* One argument of a kernel or an orchestration. Tensors are passed by pointer into
@@ -110,8 +113,9 @@ int32_t pto_block_idx(void);
 int32_t pto_block_num(void);
 
 /* The task's group: its rank among `world` members (a task outside a group, and every
- * L2 run, is rank 0 of 1), and a barrier across the group (returns PTO_OK at once for
- * a group of one). */
+ * L2 run, is rank 0 of 1), and a barrier across the group: PTO_OK at once for a group of
+ * one; in a group, PTO_OK once every member reached it, or PTO_ERR_BARRIER if a member
+ * failed (the launch then fails too). A group barrier needs a launch of one block. */
 int32_t pto_rank(void);
 int32_t pto_world(void);
 int pto_barrier(void);
@@ -186,7 +190,7 @@ static inline pto_half pto_float_to_half(float f) { /* round to nearest even */
 typedef struct {
     int32_t rank;
     int32_t world;
-    int (*barrier)(void *state); /* NULL: only a group of one can pass a barrier */
+    int (*barrier)(void *state); /* PTO_OK or PTO_ERR_BARRIER; NULL: no group support */
     void *barrier_state;
 } pto_task_ctx;
 

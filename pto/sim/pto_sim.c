@@ -117,14 +117,25 @@ EXPORT int32_t pto_chip_id(void) { return tls_chip ? tls_chip->device : -1; }
 EXPORT int pto_barrier(void) {
     pto_chip *chip = tls_chip;
     if (chip == NULL || chip->task.world <= 1) return PTO_OK;
-    if (chip->task.barrier == NULL) {
-        set_error(chip, PTO_ERR_UNSUPPORTED,
-                  "pto_barrier: rank %d of %d has no group barrier on this chip",
+    int rc;
+    if (tls_in_block && tls_block_num > 1) {
+        /* Blocks waiting in a barrier would hold every core while blocks not yet started
+         * need one: only a launch of one block can wait for the group. */
+        rc = PTO_ERR_UNSUPPORTED;
+        set_error(chip, rc, "pto_barrier: a group barrier needs a launch of one block, not %d",
+                  tls_block_num);
+    } else if (chip->task.barrier == NULL) {
+        rc = PTO_ERR_UNSUPPORTED;
+        set_error(chip, rc, "pto_barrier: rank %d of %d has no group barrier on this chip",
                   chip->task.rank, chip->task.world);
-        atomic_store(&chip->failed, 1);
-        return PTO_ERR_UNSUPPORTED;
+    } else {
+        rc = chip->task.barrier(chip->task.barrier_state);
+        if (rc != PTO_OK)
+            set_error(chip, rc, "pto_barrier failed for rank %d of %d", chip->task.rank,
+                      chip->task.world);
     }
-    return chip->task.barrier(chip->task.barrier_state);
+    if (rc != PTO_OK) atomic_store(&chip->failed, 1);
+    return rc;
 }
 
 EXPORT void pto_fail(const char *fmt, ...) {
@@ -304,6 +315,8 @@ EXPORT int pto_launch(pto_chip *chip, const char *kernel, const pto_arg *args, i
 
 /* ---- the host's interface (ctypes, from pto/simlib.py) --------------------------- */
 
+EXPORT void pto_sim_clear_error(pto_chip *chip);
+
 EXPORT int32_t pto_sim_abi_version(void) { return PTO_ABI_VERSION; }
 EXPORT int32_t pto_sim_arg_size(void) { return (int32_t)sizeof(pto_arg); }
 
@@ -357,6 +370,15 @@ EXPORT int pto_sim_orchestrate(pto_chip *chip, const pto_arg *args, int32_t narg
     int rc = pto_sim_orch_entry(chip, args, nargs);
     tls_chip = saved;
     return rc;
+}
+
+/* One host call: clear the chip's error, then launch `kernel` (block_dim blocks) or, with
+ * kernel NULL, run the orchestration. Returns what they return. */
+EXPORT int pto_sim_run(pto_chip *chip, const char *kernel, const pto_arg *args, int32_t nargs,
+                       int32_t block_dim) {
+    pto_sim_clear_error(chip);
+    if (kernel == NULL) return pto_sim_orchestrate(chip, args, nargs);
+    return pto_launch(chip, kernel, args, nargs, block_dim);
 }
 
 /* The first failure recorded since the last pto_sim_clear_error (message and code). */

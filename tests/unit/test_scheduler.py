@@ -37,8 +37,9 @@ class Graph:
 
     def run(self, tid: int) -> None:
         task = self.s.tasks[self.gids[tid]]
-        self.s.ready[task.chip].remove(task)
-        task.state = State.DISPATCHED
+        for chip in task.chips:
+            self.s.ready[chip].remove(task)
+        task.state, task.left = State.DISPATCHED, len(task.chips)
 
     def finish(self, tid: int) -> None:
         self.run(tid)
@@ -159,3 +160,56 @@ def test_bookkeeping_stays_bounded_by_live_tasks():
     uses = g.s._tensors[(1, 1)]
     assert len(uses.reads) + len(uses.writes) < 64
     assert not g.s.tasks
+
+
+def group(s: Scheduler, client: int, tid: int, chips: list[int], *args: ArgSpec) -> None:
+    s.submit(client, [TaskSpec(tid, chips[0], KERNEL, list(args), chips)])
+
+
+def test_a_group_waits_for_all_its_chips_and_reserves_them():
+    s = Scheduler([0, 1])
+    s.kernel_names[(1, KERNEL)] = "k"
+    s.submit(1, [TaskSpec(1, 0, KERNEL, [])])
+    group(s, 1, 2, [0, 1])
+    s.submit(1, [TaskSpec(3, 1, KERNEL, [])])  # queued behind the group on chip 1
+    out = s.schedule({0: 0, 1: 5})  # chip 0 has no credit: the group cannot start
+    assert out == []  # ...and task 3 does not overtake it
+    out = s.schedule({0: 5, 1: 5})
+    assert [(q, t.tid, r) for q, t, r in out] == [(0, 1, 0), (0, 2, 0), (1, 2, 1), (1, 3, 0)]
+
+
+def test_overlapping_groups_reach_every_chip_in_one_order():
+    s = Scheduler([0, 1, 2])
+    for client in (1, 2):
+        s.kernel_names[(client, KERNEL)] = "k"
+    group(s, 1, 1, [0, 1])
+    group(s, 2, 1, [1, 2])
+    group(s, 1, 2, [2, 0])
+    out = s.schedule({0: 9, 1: 9, 2: 9})
+    order = {chip: [(t.client, t.tid) for q, t, _ in out if q == chip] for chip in (0, 1, 2)}
+    pairs = [(1, 1), (2, 1), (1, 2)]
+    for chip_order in order.values():  # every chip sees the groups in the same global order
+        assert chip_order == [p for p in pairs if p in chip_order]
+
+
+def test_a_group_ends_when_every_member_reported_and_fails_if_one_failed():
+    s = Scheduler([0, 1])
+    s.kernel_names[(1, KERNEL)] = "k"
+    group(s, 1, 1, [0, 1], arg(OUT, 1))
+    s.submit(1, [TaskSpec(2, 0, KERNEL, [arg(IN, 1)])])
+    (_, task, _), _ = s.schedule({0: 1, 1: 1})
+    assert s.failed(task.gid, "rank 1: boom") is task and task.state == State.DISPATCHED
+    s.done(task.gid)
+    assert task.state == State.FAILED
+    failed = s.take_results()[1][1]
+    assert [f.task for f in failed] == [1, 2] and "rank 1: boom" in failed[1].reason
+
+
+def test_cancel_fails_queued_tasks_but_not_dispatched_ones():
+    g = Graph()
+    a = g.task(arg(OUT, 1))
+    b = g.task(arg(IN, 1))
+    g.run(a)
+    g.s.cancel(1, [a, b])
+    assert [f.reason for f in g.s.take_results()[1][1]] == ["cancelled"]
+    assert g.s.tasks[g.gids[a]].state == State.DISPATCHED

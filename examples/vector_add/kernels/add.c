@@ -11,6 +11,14 @@
         for (int64_t i = lo; i < hi; i++) z[i] = (T)(x[i] + y[i]);                 \
     } while (0)
 
+/* Integers wrap around like numpy's: add as unsigned (signed overflow is undefined in C). */
+#define ADD_INT(T, UT)                                                             \
+    do {                                                                           \
+        const T *x = (const T *)args[0].data, *y = (const T *)args[1].data;        \
+        T *z = (T *)args[2].data;                                                  \
+        for (int64_t i = lo; i < hi; i++) z[i] = (T)((UT)x[i] + (UT)y[i]);         \
+    } while (0)
+
 /* 16-bit floats are stored raw: add in float, round back. */
 #define ADD_VIA_FLOAT(T, TO_F, FROM_F)                                             \
     do {                                                                           \
@@ -51,14 +59,14 @@ void add(const pto_arg *args, int32_t nargs) {
     int64_t lo = n * pto_block_idx() / pto_block_num();
     int64_t hi = n * (pto_block_idx() + 1) / pto_block_num();
     switch (dtype) {
-    case PTO_INT8: ADD_AS(int8_t); break;
-    case PTO_INT16: ADD_AS(int16_t); break;
-    case PTO_INT32: ADD_AS(int32_t); break;
-    case PTO_INT64: ADD_AS(int64_t); break;
-    case PTO_UINT8: ADD_AS(uint8_t); break;
-    case PTO_UINT16: ADD_AS(uint16_t); break;
-    case PTO_UINT32: ADD_AS(uint32_t); break;
-    case PTO_UINT64: ADD_AS(uint64_t); break;
+    case PTO_INT8: ADD_INT(int8_t, uint8_t); break;
+    case PTO_INT16: ADD_INT(int16_t, uint16_t); break;
+    case PTO_INT32: ADD_INT(int32_t, uint32_t); break;
+    case PTO_INT64: ADD_INT(int64_t, uint64_t); break;
+    case PTO_UINT8: ADD_INT(uint8_t, uint8_t); break;
+    case PTO_UINT16: ADD_INT(uint16_t, uint16_t); break;
+    case PTO_UINT32: ADD_INT(uint32_t, uint32_t); break;
+    case PTO_UINT64: ADD_INT(uint64_t, uint64_t); break;
     case PTO_FLOAT32: ADD_AS(float); break;
     case PTO_FLOAT64: ADD_AS(double); break;
     case PTO_FLOAT16: ADD_VIA_FLOAT(pto_half, pto_half_to_float, pto_float_to_half); break;
