@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="start N workers, devices 0..N-1")
     parser.add_argument("--devices", type=parse_devices, help="start workers for these devices")
     parser.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats")
-    parser.add_argument("--liveness", type=int, default=4, help="missed heartbeats = dead peer")
+    parser.add_argument("--liveness", type=int, default=3, help="missed heartbeats = dead peer")
     parser.add_argument("--credit", type=int, default=512, help="tasks in flight per worker")
     parser.add_argument("--host-workers", type=int, default=1,
                         help="processes that run host sub-tasks (ctx.submit_host), with workers")

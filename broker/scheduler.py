@@ -21,6 +21,7 @@ from pto.protocol import ArgSpec, Failure, TaskSpec
 
 _READS = frozenset({ParamType.INPUT, ParamType.INOUT})
 _WRITES = frozenset({ParamType.OUTPUT, ParamType.INOUT, ParamType.OUTPUT_EXISTING})
+_OVERWRITES = frozenset({ParamType.INOUT, ParamType.OUTPUT_EXISTING, ParamType.NO_DEP})
 
 
 class State(IntEnum):
@@ -38,7 +39,7 @@ class Task:
     """A task, or a group task: one member per chip in ``chips``, started together."""
 
     __slots__ = ("gid", "client", "tid", "chip", "chips", "kernel", "args", "state", "waiting",
-                 "dependents", "root", "left", "failure")
+                 "dependents", "root", "left", "failure", "retries")
 
     def __init__(self, gid: int, client: int, spec: TaskSpec):
         self.gid = gid
@@ -48,6 +49,7 @@ class Task:
         self.chips: tuple[int, ...] = tuple(spec.group) if spec.group else (spec.chip,)
         self.left = 0  # members still running, once dispatched
         self.failure: tuple[str, bool] | None = None  # the first member failure
+        self.retries = spec.retries
         self.kernel = spec.kernel
         self.args: list[ArgSpec] = spec.args
         self.state = State.PENDING
@@ -136,6 +138,18 @@ class Scheduler:
         if task.left == 0:
             self._fail(task, None, *task.failure)
         return task
+
+    def requeue(self, tasks: list[Task]) -> None:
+        """Put dispatched single tasks back at the head of their queues, in this order."""
+        for task in reversed(tasks):
+            if task.state == State.DISPATCHED and task.gid in self.tasks:
+                task.state = State.READY
+                self.ready[task.chip].appendleft(task)
+
+    @staticmethod
+    def overwrites(task: Task) -> bool:
+        """Rerunning it after a partial run could give wrong data (INOUT, OUTPUT_EXISTING)."""
+        return any(a.kind in _OVERWRITES for a in task.args)
 
     def cancel(self, client: int, tids: Iterable[int]) -> None:
         """Fail the named tasks that have not been dispatched yet (running ones finish)."""

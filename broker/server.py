@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import zmq
 
 from pto import protocol as P
@@ -31,7 +32,9 @@ from .scheduler import HOST, Scheduler, State, Task
 log = logging.getLogger("pto.broker")
 
 _OWNER = re.compile(r"^[0-9]+x[0-9a-f]{1,32}$")
-_MAX_DRAIN = 4096  # messages per socket per round, so one busy peer cannot starve the other
+# Messages per socket per round: bounds a round's work (timers stay on time) and keeps one
+# busy socket from starving the other.
+_MAX_DRAIN = 256
 
 
 @dataclass
@@ -58,6 +61,7 @@ class WorkerPeer:
     kernels: set[tuple[int, int]] = field(default_factory=set)  # kernels it has been sent
     frees: list[P.TensorRef] = field(default_factory=list)  # to send with the next batch
     gone: list[int] = field(default_factory=list)
+    status: str = ""  # the worker's status segment (see worker.loop)
 
     @property
     def queue(self) -> int:
@@ -82,7 +86,7 @@ class Broker:
         devices: list[int],
         spawn_workers: bool,
         heartbeat: float = 0.5,
-        liveness: int = 4,
+        liveness: int = 3,
         credit: int = 512,
         parent_pid: int | None = None,
         log_dir: str | None = None,
@@ -318,7 +322,7 @@ class Broker:
             self._send(self.backend, identity, P.Error(f"device {msg.device} is already served"))
             self._send(self.backend, identity, P.Shutdown("device already served"))
             return
-        worker = WorkerPeer(identity, msg.device, msg.pid, time.monotonic())
+        worker = WorkerPeer(identity, msg.device, msg.pid, time.monotonic(), status=msg.status)
         self.workers[identity] = worker
         self.worker_by_device[msg.device] = worker
         if msg.device >= 0:
@@ -387,15 +391,34 @@ class Broker:
                 barrier.unlink()
 
     def _worker_lost(self, worker: WorkerPeer, how: str) -> None:
+        """Fail or rerun what a dead worker held: tasks it had not started go back to the
+        head of the queue; started ones rerun while they have retries, unless a partial run
+        may have overwritten their inputs (then pto.WorkerLost); group members fail."""
         log.warning("worker for device %d (pid %d) lost: %s", worker.device, worker.pid, how)
         self.workers.pop(worker.identity, None)
         if self.worker_by_device.get(worker.device) is worker:
             del self.worker_by_device[worker.device]
+        running, finished = _read_status(worker.status)
+        order = list(worker.inflight)
+        done_upto = order.index(finished) if finished in order else -1
         what = f"chip {worker.device}" if worker.device >= 0 else "host"
-        for gid, task in worker.inflight.items():
+        requeue = []
+        for i, (gid, task) in enumerate(worker.inflight.items()):
+            started = i <= done_upto or gid == running or not worker.status
             name = self.sched.kernel_name(task)
-            self._member_failed(gid, f"worker of {what} (pid {worker.pid}) died ({how}) while "
-                                     f"running kernel {name!r}", lost=True)
+            reason = (f"worker of {what} (pid {worker.pid}) died ({how}) while running kernel "
+                      f"{name!r}")
+            if task.client not in self.clients_by_index or len(task.chips) > 1:
+                self._member_failed(gid, reason, lost=True)
+            elif not started:
+                requeue.append(task)
+            elif task.retries > 0 and not self.sched.overwrites(task):
+                task.retries -= 1
+                log.info("rerunning task %d (kernel %r) after its worker died", gid, name)
+                requeue.append(task)
+            else:
+                self._member_failed(gid, reason, lost=True)
+        self.sched.requeue(requeue)
         worker.inflight.clear()
         self._announce_devices()
 
@@ -483,6 +506,22 @@ class Broker:
         self._wake_r.close()
         self._wake_w.close()
         log.info("broker stopped")
+
+
+def _read_status(name: str) -> tuple[int, int]:
+    """(running task, last finished task) from a dead worker's status segment, then unlink it."""
+    if not name:
+        return 0, 0
+    try:
+        mm = shm.open_existing(name)
+    except Exception:  # noqa: BLE001 - gone or foreign: know nothing
+        return 0, 0
+    try:
+        running, finished = np.frombuffer(mm, dtype=np.int64, count=2).tolist()
+        return running, finished
+    finally:
+        mm.close()
+        shm.unlink(name)
 
 
 def _exit_text(returncode: int | None) -> str:

@@ -50,6 +50,7 @@ class TaskSpec(Struct):
     kernel: int  # client-local kernel id (see RegisterKernel)
     args: list[ArgSpec]
     group: list[int] = []  # a group task: one member per chip, rank = position here
+    retries: int = 1  # times to rerun the task if its worker dies under it
 
 
 class Failure(Struct):
@@ -158,6 +159,7 @@ class DeviceStatus(Struct, tag=13):
 class WorkerHello(Struct, tag=20):
     device: int
     pid: int
+    status: str = ""  # shm segment: [running task id, last finished task id], see worker.loop
 
 
 class Dispatch(Struct, tag=21):

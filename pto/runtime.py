@@ -41,6 +41,9 @@ from .tensor import Segment, TensorHandle, TensorStore, normalize_shape
 log = logging.getLogger("pto.runtime")
 
 _FLUSH_EVERY = 256  # task records per Submit message while an orchestration runs
+# Unfinished tasks per runtime before submitting waits: bounds client and broker memory
+# when an orchestration submits faster than the chips run.
+MAX_OUTSTANDING = int(os.environ.get("PTO_MAX_OUTSTANDING_TASKS", 100_000))
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
 
 
@@ -132,6 +135,7 @@ class Runtime:
         self._kernel_ids = itertools.count(1)
         self._task_ids = itertools.count(1)
         self._tasks: dict[int, _TaskRecord] = {}
+        self._room = threading.Condition(self._lock)  # notified as tasks end
         self._runs: set[_Run] = set()
         self._host_kernels: dict[int, tuple[Callable[..., Any], int]] = {}  # id(fn) -> (fn, id)
         self._conn.on_message = self._on_message
@@ -258,6 +262,8 @@ class Runtime:
 
     def _send_tasks(self, run: _Run, batch: list[tuple[P.TaskSpec, str, list[Segment]]]) -> None:
         with self._lock:
+            while len(self._tasks) >= MAX_OUTSTANDING and self._conn.lost is None:
+                self._room.wait(0.25)
             if self._conn.lost is not None:
                 raise self._conn.lost
             for spec, kernel, segments in batch:
@@ -307,6 +313,7 @@ class Runtime:
                         failure.kernel = record.kernel
                     if run.outstanding == 0 and run.orch_done:
                         finished.append(run)
+            self._room.notify_all()
         for run in finished:
             self._complete(run)
 
@@ -454,10 +461,14 @@ class OrchContext:
 
     # ---- tasks -------------------------------------------------------------------------
 
-    def submit(self, chip: int, kernel: str, args: list[Arg]) -> None:
-        """Add a task running ``kernel`` on ``chip``; it waits for the tasks it depends on."""
+    def submit(self, chip: int, kernel: str, args: list[Arg], retries: int = 1) -> None:
+        """Add a task running ``kernel`` on ``chip``; it waits for the tasks it depends on.
+
+        If the chip's worker dies under the task, it reruns up to ``retries`` times, unless
+        it has INOUT/OUTPUT_EXISTING/NO_DEP arguments (then ``pto.WorkerLost``).
+        """
         self._check_chip(chip)
-        self._add(int(chip), [], self._kernel_id(kernel), kernel, args)
+        self._add(int(chip), [], self._kernel_id(kernel), kernel, args, retries)
 
     def submit_group(self, chips: list[int], kernel: str, args: list[Arg]) -> None:
         """Run ``kernel`` on every chip of ``chips`` at once, as ranks 0..len(chips)-1.
@@ -479,14 +490,14 @@ class OrchContext:
         group = [int(c) for c in group]
         self._add(group[0], group, self._kernel_id(kernel), kernel, args)
 
-    def submit_host(self, fn: Callable[..., Any], args: list[Arg]) -> None:
+    def submit_host(self, fn: Callable[..., Any], args: list[Arg], retries: int = 1) -> None:
         """Run the Python callable ``fn`` on the host as a task of the graph.
 
         It runs in a host worker process of the broker (not in this process), with the
         same arguments, dependencies and failure rules as a kernel on a chip.
         """
         kid = self._rt._host_kernel(fn)
-        self._add(-1, [], kid, getattr(fn, "__qualname__", repr(fn)), args)
+        self._add(-1, [], kid, getattr(fn, "__qualname__", repr(fn)), args, retries)
 
     def _check_chip(self, chip: Any) -> None:
         devices = self._rt.devices
@@ -500,7 +511,10 @@ class OrchContext:
                            f"registered kernels: {sorted(self._reg.kernel_ids)}")
         return kid
 
-    def _add(self, chip: int, group: list[int], kid: int, kernel: str, args: list[Arg]) -> None:
+    def _add(self, chip: int, group: list[int], kid: int, kernel: str, args: list[Arg],
+             retries: int = 0) -> None:
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, not {retries!r}")
         if not isinstance(args, (list, tuple)):
             raise TypeError(f"args of {kernel!r} must be a list of pto.Arg, "
                             f"not {type(args).__name__}")
@@ -521,7 +535,7 @@ class OrchContext:
         with self._rt._lock:
             for seg in segments:  # from now on the task keeps the segment alive
                 seg.users += 1
-        spec = P.TaskSpec(next(self._rt._task_ids), chip, kid, specs, group)
+        spec = P.TaskSpec(next(self._rt._task_ids), chip, kid, specs, group, retries)
         self._pending.append((spec, kernel, segments))
         if len(self._pending) >= _FLUSH_EVERY:
             self._flush()

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     role.add_argument("--device", type=int, help="the chip this worker serves")
     role.add_argument("--host", type=int, metavar="K", help="be host worker K (ctx.submit_host)")
     parser.add_argument("--heartbeat", type=float, default=0.5)
-    parser.add_argument("--liveness", type=int, default=4)
+    parser.add_argument("--liveness", type=int, default=3)
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--log-file")
     args = parser.parse_args(argv)

@@ -38,7 +38,7 @@ _REPORT_AFTER = 0.001
 
 
 class Worker:
-    def __init__(self, broker: str, device: int, heartbeat: float = 0.5, liveness: int = 4,
+    def __init__(self, broker: str, device: int, heartbeat: float = 0.5, liveness: int = 3,
                  parent_pid: int | None = None):
         self.device = device
         self.heartbeat = heartbeat
@@ -60,13 +60,18 @@ class Worker:
         self.last_recv = time.monotonic()
         self.last_sent = 0.0
         self.stopping = False
+        # What this worker is doing, readable by the broker after a crash (no message
+        # needed): [task running now or 0, last task finished]. Tasks run in FIFO order.
+        self.status_name = shm.segment_name(shm.new_owner(), "status")
+        self._status_mm = shm.create(self.status_name, 16)
+        self.status = np.frombuffer(self._status_mm, dtype=np.int64, count=2)
 
     # ---- the loop --------------------------------------------------------------------
 
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self._send(P.WorkerHello(self.device, os.getpid()))
+        self._send(P.WorkerHello(self.device, os.getpid(), self.status_name))
         log.info("worker for %s started", self._what())
         try:
             while not self.stopping:
@@ -118,7 +123,7 @@ class Worker:
                 log.error("broker: %s", msg.message)
                 if msg.message.startswith("unknown worker"):
                     # The broker dropped us (e.g. it restarted): introduce ourselves again.
-                    self._send(P.WorkerHello(self.device, os.getpid()))
+                    self._send(P.WorkerHello(self.device, os.getpid(), self.status_name))
 
     def _apply(self, msg: P.Dispatch) -> None:
         for info in msg.clients:
@@ -149,6 +154,14 @@ class Worker:
     # ---- the execute path ------------------------------------------------------------
 
     def _execute(self, task: P.WorkTask) -> None:
+        self.status[0] = task.task
+        try:
+            self._run_kernel(task)
+        finally:
+            self.status[1] = task.task
+            self.status[0] = 0
+
+    def _run_kernel(self, task: P.WorkTask) -> None:
         key = (task.client, task.kernel)
         name = self.kernel_names.get(key, f"#{task.kernel}")
         try:
@@ -240,6 +253,9 @@ class Worker:
             self._unmap(*key)
         self.sock.close(0)
         self.ctx.term()
+        del self.status
+        self._status_mm.close()
+        shm.unlink(self.status_name)
         log.info("worker for %s stopped", self._what())
 
     def _what(self) -> str:

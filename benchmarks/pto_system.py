@@ -1,0 +1,209 @@
+"""pto through its public API: an embedded broker and one worker per chip (4 chips).
+
+Every case is one orchestration, timed around ``rt.run`` (plus reading the result):
+the orchestration builds the graph in this process, the broker resolves dependencies,
+the workers run the Python kernels on views of shared memory.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+
+import numpy as np
+import psutil
+
+import pto
+
+from .common import median, timed
+from .noop import many_noops, noop, one_noop
+
+# ---- kernels and orchestrations ------------------------------------------------------
+
+
+def inc(x):
+    x[0] += 1
+
+
+def fill(x):
+    x[:] = 1.0
+
+
+def total(x, out):
+    out[0] = x.sum()
+
+
+def chain(ctx, args):
+    """``n`` tasks, each INOUT on one small tensor, alternating between two chips."""
+    a, b = ctx.peers()[:2]
+    x = ctx.alloc((1,), np.int64)
+    for i in range(args["n"]):
+        ctx.submit(b if i & 1 else a, "inc", [pto.Arg.inout(x)])
+    return x
+
+
+def handoff(ctx, args):
+    """Chip A writes ``n`` float64 ones, chip B sums them into a 1-element tensor."""
+    a, b = ctx.peers()[:2]
+    data = ctx.alloc((args["n"],), np.float64)  # freed once both tasks are done
+    out = ctx.alloc((1,), np.float64)
+    ctx.submit(a, "fill", [pto.Arg.output(data)])
+    ctx.submit(b, "total", [pto.Arg.input(data), pto.Arg.output(out)])
+    return out
+
+
+# ---- random DAGs (scaling) ------------------------------------------------------------
+
+POOL = 64  # tensors the random tasks name
+POOL_ELEMS = 8
+
+
+def bump(acc, *inputs):
+    acc[0] += 1  # so the driver can count finished tasks: sum of acc[0] over the pool
+
+
+def make_pool(ctx, args):
+    return [ctx.alloc((POOL_ELEMS,), np.int64) for _ in range(POOL)]
+
+
+def random_dag(ctx, args):
+    """Each task: INOUT on one pool tensor, INPUT on 0-2 others, on a random chip."""
+    peers, pool, progress = ctx.peers(), args["pool"], args["progress"]
+    inout, inp, submit = pto.Arg.inout, pto.Arg.input, ctx.submit
+    for i, (chip, w, reads) in enumerate(args["ops"]):
+        submit(peers[chip], "bump", [inout(pool[w])] + [inp(pool[r]) for r in reads])
+        progress[0] = i + 1
+
+
+def make_ops(n: int, seed: int, chips: int) -> list[tuple[int, int, list[int]]]:
+    rng = random.Random(seed)
+    ops = []
+    for _ in range(n):
+        w, *reads = rng.sample(range(POOL), rng.randint(1, 3))
+        ops.append((rng.randrange(chips), w, reads))
+    return ops
+
+
+class RssSampler:
+    """Samples the broker's RSS and the live task count in a thread while in ``with``."""
+
+    def __init__(self, proc: psutil.Process, live, interval: float = 0.005):
+        self.proc, self.live, self.interval = proc, live, interval
+        self.samples: list[tuple[int, int]] = []
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append((self.proc.memory_info().rss, self.live()))
+
+    def __enter__(self) -> RssSampler:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((self.proc.memory_info().rss, self.live()))
+
+
+def broker_process(address: str) -> psutil.Process:
+    """The embedded broker: our child process with ``-m broker`` (serving ``address``)."""
+    brokers = [p for p in psutil.Process().children(recursive=True)
+               if "-m broker" in " ".join(p.cmdline())]
+    ours = [p for p in brokers if address in p.cmdline()]
+    if not (ours or brokers):
+        raise RuntimeError("no embedded broker process found")
+    return (ours or brokers)[-1]
+
+
+# ---- the system ----------------------------------------------------------------------
+
+
+def _runtime(devices: int) -> pto.Runtime:
+    os.environ.pop("PTO_BROKER", None)  # always an embedded broker
+    return pto.Runtime(level="host", platform="sim", devices=list(range(devices)))
+
+
+class PtoSystem:
+    key = "pto"
+    labels = {
+        "chain": "pto: INOUT on one tensor, chips 0/1 alternating (deps in the broker)",
+        "handoff": "pto: chip 0 writes, chip 1 sums (shared memory)",
+    }
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.label = f"pto host, {cfg.devices} chips"
+
+    def __enter__(self) -> PtoSystem:
+        self.rt = _runtime(self.cfg.devices)
+        self.rt.register("many_noops", orch=many_noops, kernels={"noop": noop})
+        self.rt.register("one_noop", orch=one_noop, kernels={"noop": noop})
+        self.rt.register("chain", orch=chain, kernels={"inc": inc})
+        self.rt.register("handoff", orch=handoff, kernels={"fill": fill, "total": total})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.rt.close()
+
+    def noop(self, n: int) -> None:
+        self.rt.run("many_noops", {"n": n})
+
+    def roundtrip(self) -> None:
+        self.rt.run("one_noop")
+
+    def chain(self, n: int) -> int:
+        x = self.rt.run("chain", {"n": n})
+        value = int(x.numpy()[0])
+        x.free()
+        return value
+
+    def handoff(self, nbytes: int) -> float:
+        out = self.rt.run("handoff", {"n": nbytes // 8})
+        value = float(out.numpy()[0])
+        out.free()
+        return value
+
+    def handoff_copied(self, nbytes: int) -> tuple[int, str]:
+        return 0, ("by construction: tensors are POSIX shm segments mapped by every process; "
+                   "messages carry handles only")
+
+    def scaling(self, n: int) -> dict:
+        """A seeded random DAG of ``n`` tasks on a fresh runtime; tasks/s and broker RSS."""
+        ops = make_ops(n, self.cfg.seed + n, self.cfg.devices)
+        with _runtime(self.cfg.devices) as rt:
+            rt.register("make_pool", orch=make_pool)
+            rt.register("dag", orch=random_dag, kernels={"bump": bump})
+            pool = rt.run("make_pool")
+            progress = [0]
+            args = {"ops": ops, "pool": pool, "progress": progress}
+            rt.run("dag", {**args, "ops": ops[:200]})  # warm-up: ships the kernel
+            views = [h.numpy() for h in pool]
+            broker = broker_process(rt.address)
+            base = broker.memory_info().rss
+            times, samples = [], []
+            for _ in range(self.cfg.repeats):
+                for v in views:
+                    v[:] = 0
+                progress[0] = 0
+                sampler = RssSampler(broker, lambda: progress[0] - sum(int(v[0]) for v in views))
+                with sampler:
+                    times.append(timed(rt.run, "dag", args))
+                samples += sampler.samples
+                done = sum(int(v[0]) for v in views)
+                if done != n:
+                    raise AssertionError(f"random DAG: {done} of {n} tasks counted")
+            del views
+            for h in pool:
+                h.free()
+        peak_rss = max(rss for rss, _ in samples)
+        peak_live = max(1, max(live for _, live in samples))
+        t = median(times)
+        return {"tasks": n, "seconds": t, "tasks_per_s": n / t,
+                "broker_base_rss_mib": base / 2**20, "broker_peak_rss_mib": peak_rss / 2**20,
+                "peak_live_tasks": peak_live,
+                "bytes_per_live_task": max(0, peak_rss - base) / peak_live,
+                "samples": len(samples), "time": time.time()}
