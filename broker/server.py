@@ -497,6 +497,9 @@ class Broker:
             barrier.close()
             barrier.unlink()
         shm.unlink_owner(self.owner)
+        for worker in self.workers.values():  # status segments of workers that were killed
+            if worker.status and not shm.pid_alive(worker.pid):
+                shm.unlink(worker.status)
         self.frontend.close(0)
         self.backend.close(0)
         self.ctx.term()

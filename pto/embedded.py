@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+from . import shm
 from .procs import runtime_dir
 
 
@@ -47,5 +48,6 @@ class EmbeddedBroker:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        shm.reap_dead_owners()  # what a killed broker's workers could not remove themselves
         if not keep_logs and not os.environ.get("PTO_KEEP_LOGS"):
             shutil.rmtree(self.log_dir, ignore_errors=True)
