@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import threading
-import time
 
 import numpy as np
 import psutil
@@ -206,4 +205,4 @@ class PtoSystem:
                 "broker_base_rss_mib": base / 2**20, "broker_peak_rss_mib": peak_rss / 2**20,
                 "peak_live_tasks": peak_live,
                 "bytes_per_live_task": max(0, peak_rss - base) / peak_live,
-                "samples": len(samples), "time": time.time()}
+                "samples": len(samples)}

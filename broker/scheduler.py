@@ -12,6 +12,7 @@ with the same root cause until a new write covers them.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Iterable
 from enum import IntEnum
@@ -39,7 +40,7 @@ class Task:
     """A task, or a group task: one member per chip in ``chips``, started together."""
 
     __slots__ = ("gid", "client", "tid", "chip", "chips", "kernel", "args", "state", "waiting",
-                 "dependents", "root", "left", "failure", "retries")
+                 "dependents", "root", "left", "failure", "retries", "trace")
 
     def __init__(self, gid: int, client: int, spec: TaskSpec):
         self.gid = gid
@@ -50,6 +51,7 @@ class Task:
         self.left = 0  # members still running, once dispatched
         self.failure: tuple[str, bool] | None = None  # the first member failure
         self.retries = spec.retries
+        self.trace: list | None = None  # [ready, dispatch, dep task ids] of a traced client
         self.kernel = spec.kernel
         self.args: list[ArgSpec] = spec.args
         self.state = State.PENDING
@@ -90,6 +92,7 @@ class Scheduler:
         self.tasks: dict[int, Task] = {}  # unfinished tasks by gid
         self.ready: dict[int, deque[Task]] = {c: deque() for c in (*chips, HOST)}
         self._tensors: dict[tuple[int, int], _TensorUses] = {}
+        self.traced: set[int] = set()  # clients that asked for task times
         self.kernel_names: dict[tuple[int, int], str] = {}  # (client, kernel id) -> name
         # results to send per client: (done task ids, failures)
         self.results: dict[int, tuple[list[int], list[Failure]]] = {}
@@ -175,6 +178,7 @@ class Scheduler:
         for key in [k for k in self.kernel_names if k[0] == client]:
             del self.kernel_names[key]
         self.results.pop(client, None)
+        self.traced.discard(client)
 
     def forget_tensors(self, client: int, tensors: Iterable[int]) -> None:
         for tid in tensors:
@@ -197,6 +201,8 @@ class Scheduler:
             for chip, queue in self.ready.items():
                 while queue and credit.get(chip, 0) > 0:
                     task = queue[0]
+                    if task.trace is not None:
+                        task.trace[1] = time.monotonic()
                     if len(task.chips) == 1:
                         queue.popleft()
                         credit[chip] -= 1
@@ -264,6 +270,8 @@ class Scheduler:
             if len(uses.reads) + len(uses.writes) >= uses.compact_at:
                 uses.compact()
         deps.discard(task)
+        if task.client in self.traced:
+            task.trace = [0.0, 0.0, [d.tid for d in deps]]
         if poison is not None:
             self._fail(task, poison, "")
             return
@@ -274,6 +282,8 @@ class Scheduler:
             self._ready(task)
 
     def _ready(self, task: Task) -> None:
+        if task.trace is not None:
+            task.trace[0] = time.monotonic()
         task.state = State.READY
         for chip in task.chips:
             self.ready[chip].append(task)

@@ -8,6 +8,7 @@ loop blocks in ``zmq.Poller.poll`` until a message, a signal or the next timer t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -62,6 +63,8 @@ class WorkerPeer:
     frees: list[P.TensorRef] = field(default_factory=list)  # to send with the next batch
     gone: list[int] = field(default_factory=list)
     status: str = ""  # the worker's status segment (see worker.loop)
+    done: int = 0
+    failed: int = 0
 
     @property
     def queue(self) -> int:
@@ -111,6 +114,7 @@ class Broker:
         )
         self.owner = shm.new_owner()  # names the group barriers this broker creates
         self.barriers: dict[int, GroupBarrier] = {}
+        self.times: dict[int, list[P.TaskTime]] = {}  # per traced client, to send
         self._next_client = 1
         self._stop = False
 
@@ -210,6 +214,9 @@ class Broker:
             log.warning("bad frame from client %r: %s", identity, exc)
             self._send(self.frontend, identity, P.Error(str(exc)))
             return
+        if isinstance(msg, P.StatusRequest):
+            self._send(self.frontend, identity, P.StatusReply(json.dumps(self.status())))
+            return
         client = self.clients.get(identity)
         now = time.monotonic()
         if client is None:
@@ -248,6 +255,8 @@ class Broker:
         self._next_client += 1
         self.clients[identity] = client
         self.clients_by_index[client.index] = client
+        if msg.trace:
+            self.sched.traced.add(client.index)
         log.info("client %d connected (pid %d, owner %s)", client.index, msg.pid, msg.owner)
         self._send(self.frontend, identity, P.Welcome(
             client.index, self.devices(), self.ready_devices(), self.heartbeat,
@@ -264,6 +273,35 @@ class Broker:
         msg = P.DeviceStatus(self.devices(), self.ready_devices())
         for client in self.clients.values():
             self._send(self.frontend, client.identity, msg)
+
+    def status(self) -> dict:
+        """What ``pto status`` shows: uptime, workers, clients, queues, shared memory."""
+        unfinished: dict[int, int] = {}
+        for task in self.sched.tasks.values():
+            unfinished[task.client] = unfinished.get(task.client, 0) + 1
+        workers = []
+        for w in sorted(self.workers.values(), key=lambda w: w.device):
+            running, _ = _peek_status(w.status)
+            task = w.inflight.get(running)
+            workers.append({
+                "chip": w.device if w.device >= 0 else "host", "pid": w.pid,
+                "state": "busy" if w.inflight else "idle",
+                "running": self.sched.kernel_name(task) if task else None,
+                "inflight": len(w.inflight), "done": w.done, "failed": w.failed,
+            })
+        owners = {c.owner for c in self.clients.values()}
+        shm_bytes = sum(_size(n) for n in shm.list_names() if n[5:].rsplit("_", 1)[0] in owners)
+        return {
+            "address": self.address, "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "devices": self.devices(), "workers": workers,
+            "clients": [{"client": c.index, "pid": c.pid, "owner": c.owner,
+                         "tasks": unfinished.get(c.index, 0)}
+                        for c in sorted(self.clients.values(), key=lambda c: c.index)],
+            "queues": {("host" if q == HOST else str(q)): len(d)
+                       for q, d in sorted(self.sched.ready.items())},
+            "shm_bytes": shm_bytes,
+        }
 
     def _drop_client(self, client: ClientPeer, reap: bool) -> None:
         self.clients.pop(client.identity, None)
@@ -285,7 +323,8 @@ class Broker:
         for index, (done, failed) in self.sched.take_results().items():
             client = self.clients_by_index.get(index)
             if client is not None:
-                self._send(self.frontend, client.identity, P.Results(done, failed))
+                times = self.times.pop(index, [])
+                self._send(self.frontend, client.identity, P.Results(done, failed, times))
                 client.last_sent = now
 
     # ---- workers ---------------------------------------------------------------------
@@ -306,6 +345,14 @@ class Broker:
             return
         worker.last_seen = time.monotonic()
         if isinstance(msg, P.Report):
+            worker.done += len(msg.done)
+            worker.failed += len(msg.failed)
+            for gid, rank, start, end in msg.times:
+                task = worker.inflight.get(gid)
+                if task is not None and task.trace is not None:
+                    ready, dispatch, deps = task.trace
+                    self.times.setdefault(task.client, []).append(P.TaskTime(
+                        task.tid, worker.device, rank, ready, dispatch, start, end, deps))
             for gid in msg.done:
                 if worker.inflight.pop(gid, None) is not None:
                     self._ended(self.sched.done(gid))
@@ -375,7 +422,8 @@ class Broker:
                 name = shm.segment_name(self.owner, f"b{task.gid}")
                 self.barriers[task.gid] = GroupBarrier.create(name, world)
             barrier = self.barriers[task.gid].name
-        return P.WorkTask(task.gid, task.client, task.kernel, task.args, rank, world, barrier)
+        return P.WorkTask(task.gid, task.client, task.kernel, task.args, rank, world, barrier,
+                          task.trace is not None)
 
     def _member_failed(self, gid: int, reason: str, lost: bool = False) -> None:
         task = self.sched.failed(gid, reason, lost)
@@ -511,20 +559,33 @@ class Broker:
         log.info("broker stopped")
 
 
-def _read_status(name: str) -> tuple[int, int]:
-    """(running task, last finished task) from a dead worker's status segment, then unlink it."""
-    if not name:
-        return 0, 0
+def _peek_status(name: str) -> tuple[int, int]:
+    """(running task, last finished task) of a live worker, or (0, 0)."""
     try:
         mm = shm.open_existing(name)
-    except Exception:  # noqa: BLE001 - gone or foreign: know nothing
+    except Exception:  # noqa: BLE001 - not there (yet): know nothing
         return 0, 0
     try:
         running, finished = np.frombuffer(mm, dtype=np.int64, count=2).tolist()
         return running, finished
     finally:
         mm.close()
-        shm.unlink(name)
+
+
+def _size(name: str) -> int:
+    try:
+        return os.stat(shm.SHM_DIR + name).st_size
+    except OSError:
+        return 0
+
+
+def _read_status(name: str) -> tuple[int, int]:
+    """(running task, last finished task) from a dead worker's status segment, then unlink it."""
+    if not name:
+        return 0, 0
+    status = _peek_status(name)
+    shm.unlink(name)
+    return status
 
 
 def _exit_text(returncode: int | None) -> str:

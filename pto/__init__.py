@@ -28,6 +28,7 @@ from .errors import (
     WorkerLost,
 )
 from .runtime import OrchContext, Runtime
+from .status import status
 from .taskinfo import TaskInfo, task
 from .tensor import TensorHandle
 
@@ -37,4 +38,5 @@ __all__ = [
     "Arg", "ParamType", "Runtime", "OrchContext", "TensorHandle", "TaskInfo", "task",
     "PtoError", "TaskError", "WorkerLost", "BrokerLost", "TensorFreed", "OutOfMemory",
     "ProtocolError", "CompileError", "compile", "include_dir", "CompiledPackage", "KernelRef",
+    "status",
 ]

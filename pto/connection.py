@@ -25,7 +25,7 @@ log = logging.getLogger("pto.client")
 
 class Connection:
     def __init__(self, address: str, owner: str, timeout: float,
-                 watch: Callable[[], str | None] | None = None):
+                 watch: Callable[[], str | None] | None = None, trace: bool = False):
         self.address = address
         self._watch = watch  # returns why the broker is gone, or None
         self.ctx = zmq.Context()
@@ -42,7 +42,7 @@ class Connection:
         self.on_message: Callable[[P.Message], None] = lambda msg: None
         self.on_lost: Callable[[BrokerLost], None] = lambda exc: None
         try:
-            self.welcome = self._handshake(owner, timeout)
+            self.welcome = self._handshake(owner, timeout, trace)
         except BaseException:
             self._close_socket()
             raise
@@ -50,8 +50,8 @@ class Connection:
         self.liveness = self.welcome.liveness
         self._last_recv = self._last_sent = time.monotonic()
 
-    def _handshake(self, owner: str, timeout: float) -> P.Welcome:
-        self.sock.send_multipart(P.encode(P.Hello(owner, os.getpid())))
+    def _handshake(self, owner: str, timeout: float, trace: bool) -> P.Welcome:
+        self.sock.send_multipart(P.encode(P.Hello(owner, os.getpid(), trace)))
         deadline = time.monotonic() + timeout
         while True:
             why = self._watch() if self._watch else None
@@ -87,11 +87,13 @@ class Connection:
     def send(self, msg: P.Message) -> None:
         if self.lost is not None:
             raise self.lost
+        if self._stop:
+            raise BrokerLost("the connection to the broker is closed")
         self._outbox.append(P.encode(msg))
         os.eventfd_write(self._wake_fd, 1)
 
     def free(self, tensor: int) -> None:
-        if self.lost is None:
+        if self.lost is None and not self._stop:
             self._frees.append(tensor)
             os.eventfd_write(self._wake_fd, 1)
 

@@ -92,6 +92,21 @@ class WorkTask(Struct):
     rank: int = 0
     world: int = 1
     barrier: str = ""  # a group's barrier (see pto.barrier), when world > 1
+    trace: bool = False  # report start/end times
+
+
+class TaskTime(Struct):
+    """When one member of a traced task became ready, was dispatched, started and ended
+    (time.monotonic() seconds: one clock for every process of the host)."""
+
+    task: int
+    chip: int
+    rank: int
+    ready: float
+    dispatch: float
+    start: float
+    end: float
+    deps: list[int]  # the task ids it waited for
 
 
 # ---- client <-> broker --------------------------------------------------------------
@@ -100,6 +115,7 @@ class WorkTask(Struct):
 class Hello(Struct, tag=1):
     owner: str
     pid: int
+    trace: bool = False  # send TaskTimes with results
 
 
 class RegisterKernel(Struct, tag=2):
@@ -125,6 +141,14 @@ class Cancel(Struct, tag=7):
     tasks: list[int]
 
 
+class StatusRequest(Struct, tag=8):
+    """Any peer may ask, without a Hello: the answer is a StatusReply."""
+
+
+class StatusReply(Struct, tag=14):
+    status: str  # JSON: see broker.server.Broker.status
+
+
 class Bye(Struct, tag=6):
     pass
 
@@ -140,6 +164,7 @@ class Welcome(Struct, tag=10):
 class Results(Struct, tag=11):
     done: list[int]
     failed: list[Failure]
+    times: list[TaskTime] = []
 
 
 class Error(Struct, tag=12):
@@ -175,6 +200,7 @@ class Dispatch(Struct, tag=21):
 class Report(Struct, tag=22):
     done: list[int]
     failed: list[Failure]
+    times: list[tuple[int, int, float, float]] = []  # (task, rank, start, end) of traced tasks
 
 
 class Shutdown(Struct, tag=23):
@@ -182,8 +208,8 @@ class Shutdown(Struct, tag=23):
 
 
 Message = Union[  # noqa: UP007 - msgspec needs a real Union of tagged structs
-    Hello, RegisterKernel, Submit, FreeTensors, Heartbeat, Cancel, Bye, Welcome, Results, Error,
-    DeviceStatus,
+    Hello, RegisterKernel, Submit, FreeTensors, Heartbeat, Cancel, StatusRequest, Bye, Welcome,
+    Results, Error, DeviceStatus, StatusReply,
     WorkerHello, Dispatch, Report, Shutdown,
 ]
 

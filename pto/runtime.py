@@ -19,6 +19,7 @@ import os
 import sys
 import sysconfig
 import threading
+import time
 import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -37,6 +38,7 @@ from .dtypes import dtype_code
 from .embedded import EmbeddedBroker
 from .errors import BrokerLost, PtoError, TaskError, TensorFreed, WorkerLost
 from .tensor import Segment, TensorHandle, TensorStore, normalize_shape
+from .trace import TraceRecorder
 
 log = logging.getLogger("pto.runtime")
 
@@ -101,7 +103,7 @@ class Runtime:
 
     def __init__(self, level: str = "host", platform: str = "sim",
                  devices: list[int] | None = None, broker: str | None = None,
-                 device: int | None = None, timeout: float = 10.0):
+                 device: int | None = None, timeout: float = 10.0, trace: str | None = None):
         if level != "host":
             raise ValueError(f"level must be 'host' or 'chip', not {level!r}")
         if platform != "sim":
@@ -121,9 +123,12 @@ class Runtime:
         if not address:
             self._embedded = EmbeddedBroker(devices or [0], self._owner)
             address = self._embedded.address
+        trace = trace or os.environ.get("PTO_TRACE") or None
+        self._trace = TraceRecorder(trace) if trace else None
         try:
             self._conn = Connection(address, self._owner, timeout,
-                                    watch=self._embedded.exit_reason if self._embedded else None)
+                                    watch=self._embedded.exit_reason if self._embedded else None,
+                                    trace=self._trace is not None)
             self.devices = self._wait_for_devices(devices, timeout)
         except BaseException:
             if self._embedded:
@@ -298,6 +303,8 @@ class Runtime:
     def _on_message(self, msg: P.Message) -> None:
         if not isinstance(msg, P.Results):
             return
+        if self._trace is not None:
+            self._trace.results(msg)
         finished = []
         with self._lock:
             for tid in msg.done:
@@ -368,10 +375,21 @@ class Runtime:
             return
         self._closed = True
         self._conn.close()
+        if self._trace is not None:
+            try:
+                self._trace.write()
+            except OSError as exc:
+                log.error("cannot write trace %s: %s", self._trace.path, exc)
         self._on_lost(BrokerLost("the runtime was closed while this run was in flight"))
         self._store.close()
         if self._embedded is not None:
             self._embedded.stop()
+
+    def write_trace(self, path: str | None = None) -> str:
+        """Write the Chrome trace-event JSON of the tasks so far (also done at close())."""
+        if self._trace is None:
+            raise PtoError("tracing is off: create the runtime with trace='run.json'")
+        return self._trace.write(path)
 
     def __enter__(self) -> Runtime:
         return self
@@ -536,6 +554,9 @@ class OrchContext:
             for seg in segments:  # from now on the task keeps the segment alive
                 seg.users += 1
         spec = P.TaskSpec(next(self._rt._task_ids), chip, kid, specs, group, retries)
+        if self._rt._trace is not None:
+            self._rt._trace.submitted(spec.task, kernel, group or [chip],
+                                      sum(h.nbytes for h in handles), time.monotonic())
         self._pending.append((spec, kernel, segments))
         if len(self._pending) >= _FLUSH_EVERY:
             self._flush()

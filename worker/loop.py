@@ -56,6 +56,7 @@ class Worker:
         self.queue: deque[P.WorkTask] = deque()
         self.done: list[int] = []
         self.failed: list[P.Failure] = []
+        self.times: list[tuple[int, int, float, float]] = []
         self.last_report = time.monotonic()
         self.last_recv = time.monotonic()
         self.last_sent = 0.0
@@ -143,8 +144,8 @@ class Worker:
 
     def _report(self) -> None:
         if self.done or self.failed:
-            self._send(P.Report(self.done, self.failed))
-            self.done, self.failed = [], []
+            self._send(P.Report(self.done, self.failed, self.times))
+            self.done, self.failed, self.times = [], [], []
         self.last_report = time.monotonic()
 
     def _send(self, msg: P.Message) -> None:
@@ -155,11 +156,14 @@ class Worker:
 
     def _execute(self, task: P.WorkTask) -> None:
         self.status[0] = task.task
+        start = time.monotonic() if task.trace else 0.0
         try:
             self._run_kernel(task)
         finally:
             self.status[1] = task.task
             self.status[0] = 0
+            if task.trace:
+                self.times.append((task.task, task.rank, start, time.monotonic()))
 
     def _run_kernel(self, task: P.WorkTask) -> None:
         key = (task.client, task.kernel)
