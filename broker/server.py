@@ -455,7 +455,7 @@ class Broker:
             started = i <= done_upto or gid == running or not worker.status
             name = self.sched.kernel_name(task)
             reason = (f"worker of {what} (pid {worker.pid}) died ({how}) while running kernel "
-                      f"{name!r}")
+                      f"{name!r}{self._log_hint(worker.device)}")
             if task.client not in self.clients_by_index or len(task.chips) > 1:
                 self._member_failed(gid, reason, lost=True)
             elif not started:
@@ -515,14 +515,24 @@ class Broker:
             proc.popen = self._spawn_worker(proc.device)
             proc.started = now
 
+    def _log_file(self, device: int) -> str | None:
+        if not self.log_dir:
+            return None
+        name = f"worker-{device}.log" if device >= 0 else f"host-{-1 - device}.log"
+        return os.path.join(self.log_dir, name)
+
+    def _log_hint(self, device: int) -> str:
+        path = self._log_file(device)
+        return f"; worker log: {path}" if path else ""
+
     def _spawn_worker(self, device: int) -> subprocess.Popen:
         role = ["--device", str(device)] if device >= 0 else ["--host", str(-1 - device)]
         cmd = [sys.executable, "-m", "worker", "--broker", self.address, *role,
                "--parent-pid", str(os.getpid()), "--heartbeat", str(self.heartbeat),
                "--liveness", str(self.liveness)]
-        if self.log_dir:
-            name = f"worker-{device}.log" if device >= 0 else f"host-{-1 - device}.log"
-            cmd += ["--log-file", os.path.join(self.log_dir, name)]
+        log_file = self._log_file(device)
+        if log_file:
+            cmd += ["--log-file", log_file]
         log.info("starting %s worker", f"chip {device}" if device >= 0 else "host")
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=_child_env())
 

@@ -23,7 +23,7 @@ import time
 import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,7 @@ class _Run:
 
     future: Future
     outstanding: int = 0
+    submitted: int = 0
     orch_done: bool = False
     value: Any = None
     error: BaseException | None = None
@@ -219,6 +220,9 @@ class Runtime:
 
         The orchestration itself runs now, in this thread; its tasks run on the chips.
         """
+        return self._start(name, args).future
+
+    def _start(self, name: str, args: Any) -> _Run:
         self._check_open()
         reg = self._registry.get(name)
         if reg is None:
@@ -243,14 +247,18 @@ class Runtime:
         else:
             self._orch_finished(run, value=value)
         future.add_done_callback(lambda f: f.cancelled() and self._cancel(run))
-        return future
+        return run
 
-    def run(self, name: str, args: Any = None) -> Any:
+    def run(self, name: str, args: Any = None, progress: bool = False) -> Any:
         """Run an orchestration and wait for all its tasks; return its return value.
 
         Raises ``pto.TaskError`` naming the first failed task (kernel, chip, reason).
+        With ``progress=True``, a bar of tasks done/total is drawn on stderr.
         """
-        return self.submit(name, args).result()
+        run = self._start(name, args)
+        if progress:
+            _show_progress(run)
+        return run.future.result()
 
     def _orch_finished(self, run: _Run, value: Any = None, error: BaseException | None = None):
         keep = {id(h._seg) for h in _handles_in(value)} if error is None else set()
@@ -274,6 +282,7 @@ class Runtime:
             for spec, kernel, segments in batch:
                 self._tasks[spec.task] = _TaskRecord(run, kernel, spec.chip, segments)
             run.outstanding += len(batch)
+            run.submitted += len(batch)
         self._conn.send(P.Submit([spec for spec, _, _ in batch]))
 
     def _cancel(self, run: _Run) -> None:
@@ -589,6 +598,23 @@ class OrchContext:
         if self._pending:
             batch, self._pending = self._pending, []
             self._rt._send_tasks(self._run, batch)
+
+
+def _show_progress(run: _Run, width: int = 30) -> None:
+    """Draw ``[#####.....] done/total tasks`` on stderr until the run ends."""
+    while True:
+        total = run.submitted
+        done = total - run.outstanding
+        filled = width * done // total if total else width
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks")
+        sys.stderr.flush()
+        if run.future.done():
+            sys.stderr.write("\n")
+            return
+        try:
+            run.future.exception(timeout=0.1)
+        except (TimeoutError, CancelledError):
+            pass
 
 
 def _scalar(value: Any, i: int, kernel: str) -> int | float | bool:

@@ -1,0 +1,96 @@
+"""The cases, measured the same way for every system: warm up, repeat, take the median.
+
+A system is an object from one of the system modules (``pools``, ``floors``,
+``pto_system``, ``ray_system``, ``dask_system``); a case uses the methods it has and
+skips a system that has none. Each case returns result rows: dicts with ``system``
+(key), ``label``, ``kind`` (``runtime``, ``batched`` or ``floor``) and numbers.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .common import MiB, median, p99, timed
+
+
+def _row(system, case: str, **values) -> dict:
+    kind = "floor" if system.key == "floor" else "runtime"
+    label = getattr(system, "labels", {}).get(case, system.label)
+    return {"system": system.key, "label": label, "kind": kind, **values}
+
+
+def noop(system, cfg) -> list[dict]:
+    """``noop_tasks`` independent no-op tasks, one submission each; wall time to all done."""
+    n = cfg.noop_tasks
+    system.noop(min(n, 200))  # warm-up: workers started, functions shipped
+    t = median([timed(system.noop, n) for _ in range(cfg.repeats)])
+    rows = [_row(system, "noop", tasks=n, tasks_per_s=n / t, us_per_task=t / n * 1e6)]
+    if hasattr(system, "noop_batched"):
+        system.noop_batched(min(n, 200))
+        t = median([timed(system.noop_batched, n) for _ in range(cfg.repeats)])
+        rows.append({**rows[0], "system": f"{system.key}-batched", "kind": "batched",
+                     "label": f"{system.label}: {system.batch_label}",
+                     "tasks_per_s": n / t, "us_per_task": t / n * 1e6})
+    return rows
+
+
+def roundtrip(system, cfg) -> list[dict]:
+    """One no-op task, submitted and waited for; ``trips`` per repeat."""
+    for _ in range(min(cfg.trips, 50)):
+        system.roundtrip()
+    medians, p99s = [], []
+    for _ in range(cfg.repeats):
+        us = []
+        for _ in range(cfg.trips):
+            t0 = time.perf_counter_ns()
+            system.roundtrip()
+            us.append((time.perf_counter_ns() - t0) / 1e3)
+        medians.append(median(us))
+        p99s.append(p99(us))
+    return [_row(system, "roundtrip", trips=cfg.trips, median_us=median(medians),
+                 p99_us=median(p99s))]
+
+
+def chain(system, cfg) -> list[dict]:
+    """``chain_tasks`` tasks, each depending on the one before."""
+    if not hasattr(system, "chain"):
+        return []
+    n = cfg.chain_tasks
+    system.chain(min(n, 20))
+    times = []
+    for _ in range(cfg.repeats):
+        t0 = time.perf_counter()
+        value = system.chain(n)
+        times.append(time.perf_counter() - t0)
+        if value != n:
+            raise AssertionError(f"{system.key} chain of {n} tasks ended at {value}")
+    t = median(times)
+    return [_row(system, "chain", tasks=n, us_per_task=t / n * 1e6)]
+
+
+def handoff(system, cfg) -> list[dict]:
+    """Producer writes S bytes (float64 ones), a consumer elsewhere sums; driver gets it."""
+    system.handoff(MiB)
+    rows = []
+    for mib in cfg.handoff_mib:
+        nbytes = mib * MiB
+        times = []
+        for _ in range(cfg.repeats):
+            t0 = time.perf_counter()
+            value = system.handoff(nbytes)
+            times.append(time.perf_counter() - t0)
+            if value != nbytes // 8:
+                raise AssertionError(f"{system.key} handoff of {mib} MiB summed to {value}")
+        copied, basis = system.handoff_copied(nbytes)
+        rows.append(_row(system, "handoff", size_mib=mib, ms=median(times) * 1e3,
+                         bytes_copied=copied, copied_basis=basis))
+    if hasattr(system, "memcpy"):
+        rows.append(system.memcpy(cfg.repeats))
+    return rows
+
+
+def scaling(system, cfg) -> list[dict]:
+    """Random DAGs of growing size (only systems with a ``scaling`` method: pto)."""
+    if not hasattr(system, "scaling"):
+        return []
+    return [_row(system, "scaling", **system.scaling(n)) for n in cfg.scaling_tasks]
