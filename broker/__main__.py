@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="processes that run host sub-tasks (ctx.submit_host), with workers")
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--log-dir", help="write broker and worker logs here")
+    parser.add_argument("--curve", metavar="DIR", help="require CURVE keys from `pto keygen DIR` "
+                        "(needed for tcp:// unless --insecure)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow tcp:// without CURVE: any local user could run code on workers")
     args = parser.parse_args(argv)
     if args.workers < 0 or args.host_workers < 0:
         parser.error("--workers and --host-workers must be >= 0")
@@ -49,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     address = args.listen or default_address()
     if address.startswith("tcp://*:"):
         parser.error("listen on an explicit interface (tcp://127.0.0.1:PORT is the safe choice)")
+    if address.startswith("tcp://") and not args.curve and not args.insecure:
+        parser.error("a tcp broker needs --curve DIR (keys from `pto keygen DIR`) so that only key "
+                     "holders can submit code; --insecure allows it without")
 
     log_file = os.path.join(args.log_dir, "broker.log") if args.log_dir else None
     setup_logging("broker", log_file=log_file)
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         broker = Broker(address, devices, spawn_workers=bool(devices), heartbeat=args.heartbeat,
                         liveness=args.liveness, credit=args.credit, parent_pid=args.parent_pid,
-                        log_dir=args.log_dir, host_workers=args.host_workers)
+                        log_dir=args.log_dir, host_workers=args.host_workers, curve=args.curve)
     except Exception as exc:  # noqa: BLE001 - report bind errors plainly
         logging.getLogger("pto.broker").error("cannot start: %s", exc)
         print(f"error: cannot start broker on {address}: {exc}", file=sys.stderr)

@@ -27,6 +27,7 @@ from pto import shm
 from pto.barrier import GroupBarrier
 from pto.errors import ProtocolError
 from pto.procs import parent_gone, worker_address
+from pto.security import secure_server
 
 from .scheduler import HOST, Scheduler, State, Task
 
@@ -94,6 +95,7 @@ class Broker:
         parent_pid: int | None = None,
         log_dir: str | None = None,
         host_workers: int = 1,
+        curve: str | None = None,
     ):
         self.address = address
         self.heartbeat = heartbeat
@@ -119,8 +121,13 @@ class Broker:
         self._stop = False
 
         self.ctx = zmq.Context()
-        self.frontend = self._bind(address)
-        self.backend = self._bind(worker_address(address))
+        self.curve = curve
+        self.frontend = self.ctx.socket(zmq.ROUTER)
+        self.backend = self.ctx.socket(zmq.ROUTER)
+        sockets = [self.frontend, self.backend]
+        self._auth = secure_server(self.ctx, sockets, curve) if curve else None
+        self._bind(self.frontend, address)
+        self._bind(self.backend, worker_address(address))
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -129,8 +136,7 @@ class Broker:
         self.poller.register(self.backend, zmq.POLLIN)
         self.poller.register(self._wake_r, zmq.POLLIN)
 
-    def _bind(self, address: str) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.ROUTER)
+    def _bind(self, sock: zmq.Socket, address: str) -> None:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -145,7 +151,6 @@ class Broker:
                 os.umask(old)
         else:
             sock.bind(address)
-        return sock
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -533,6 +538,8 @@ class Broker:
         log_file = self._log_file(device)
         if log_file:
             cmd += ["--log-file", log_file]
+        if self.curve:
+            cmd += ["--curve", self.curve]
         log.info("starting %s worker", f"chip {device}" if device >= 0 else "host")
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=_child_env())
 
@@ -560,6 +567,8 @@ class Broker:
                 shm.unlink(worker.status)
         self.frontend.close(0)
         self.backend.close(0)
+        if self._auth is not None:
+            self._auth.stop()
         self.ctx.term()
         for addr in (self.address, worker_address(self.address)):
             if addr.startswith("ipc://") and os.path.exists(addr[6:]):

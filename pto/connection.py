@@ -19,19 +19,23 @@ import zmq
 
 from . import protocol as P
 from .errors import BrokerLost, ProtocolError
+from .security import secure_client
 
 log = logging.getLogger("pto.client")
 
 
 class Connection:
     def __init__(self, address: str, owner: str, timeout: float,
-                 watch: Callable[[], str | None] | None = None, trace: bool = False):
+                 watch: Callable[[], str | None] | None = None, trace: bool = False,
+                 curve: str | None = None):
         self.address = address
         self._watch = watch  # returns why the broker is gone, or None
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
+        if curve:
+            secure_client(self.sock, curve)
         self.sock.connect(address)
         self._outbox: deque[list[bytes]] = deque()
         self._frees: deque[int] = deque()
@@ -59,7 +63,10 @@ class Connection:
                 raise BrokerLost(f"broker at {self.address} is gone: {why}")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise BrokerLost(f"no broker answered at {self.address} within {timeout:g}s")
+                hint = (" (a tcp broker needs this client's CURVE keys: PTO_CURVE_DIR or curve=)"
+                        if self.address.startswith("tcp://") else "")
+                raise BrokerLost(
+                    f"no broker answered at {self.address} within {timeout:g}s{hint}")
             if self.sock.poll(int(min(left, 0.1) * 1000)):
                 msg = P.decode(self.sock.recv_multipart())
                 if isinstance(msg, P.Welcome):

@@ -37,6 +37,7 @@ from .connection import Connection
 from .dtypes import dtype_code
 from .embedded import EmbeddedBroker
 from .errors import BrokerLost, PtoError, TaskError, TensorFreed, WorkerLost
+from .security import curve_dir
 from .tensor import Segment, TensorHandle, TensorStore, normalize_shape
 from .trace import TraceRecorder
 
@@ -104,7 +105,8 @@ class Runtime:
 
     def __init__(self, level: str = "host", platform: str = "sim",
                  devices: list[int] | None = None, broker: str | None = None,
-                 device: int | None = None, timeout: float = 10.0, trace: str | None = None):
+                 device: int | None = None, timeout: float = 10.0, trace: str | None = None,
+                 curve: str | None = None):
         if level != "host":
             raise ValueError(f"level must be 'host' or 'chip', not {level!r}")
         if platform != "sim":
@@ -129,7 +131,8 @@ class Runtime:
         try:
             self._conn = Connection(address, self._owner, timeout,
                                     watch=self._embedded.exit_reason if self._embedded else None,
-                                    trace=self._trace is not None)
+                                    trace=self._trace is not None,
+                                    curve=curve_dir(curve) if not self._embedded else None)
             self.devices = self._wait_for_devices(devices, timeout)
         except BaseException:
             if self._embedded:

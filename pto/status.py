@@ -10,9 +10,11 @@ import zmq
 
 from . import protocol as P
 from .errors import BrokerLost
+from .security import curve_dir, secure_client
 
 
-def status(broker: str | None = None, timeout: float = 2.0) -> dict[str, Any]:
+def status(broker: str | None = None, timeout: float = 2.0,
+           curve: str | None = None) -> dict[str, Any]:
     """The broker's status: uptime, workers, clients, queue depth per chip, shm bytes.
 
     >>> pto.status("ipc:///tmp/pto-1000/broker-42.sock")["workers"][0]["state"]
@@ -25,6 +27,9 @@ def status(broker: str | None = None, timeout: float = 2.0) -> dict[str, Any]:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        keys = curve_dir(curve)
+        if keys:
+            secure_client(sock, keys)
         sock.connect(address)
         sock.send_multipart(P.encode(P.StatusRequest()))
         if not sock.poll(int(timeout * 1000)):

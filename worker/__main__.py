@@ -7,6 +7,7 @@ import gc
 import sys
 
 from pto.procs import die_with_parent, setup_logging
+from pto.security import curve_dir
 
 from .loop import Worker
 
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--liveness", type=int, default=3)
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--log-file")
+    parser.add_argument("--curve", metavar="DIR", help="CURVE keys (pto keygen) for a tcp broker")
     args = parser.parse_args(argv)
     if (args.device if args.device is not None else args.host) < 0:
         parser.error("--device and --host must be >= 0")
@@ -29,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(role_name, log_file=args.log_file)
     die_with_parent(args.parent_pid)
     gc.set_threshold(100_000, 50, 100)
-    worker = Worker(args.broker, device, args.heartbeat, args.liveness, args.parent_pid)
+    worker = Worker(args.broker, device, args.heartbeat, args.liveness, args.parent_pid,
+                    curve_dir(args.curve))
     gc.freeze()
     worker.run()
     return 0

@@ -27,6 +27,7 @@ from pto.args import ParamType
 from pto.barrier import GroupBarrier
 from pto.dtypes import CODE_DTYPES
 from pto.procs import parent_gone, worker_address
+from pto.security import secure_client
 from pto.taskinfo import TaskInfo, set_current
 
 from .kernels import Kernel, load_kernel
@@ -39,7 +40,7 @@ _REPORT_AFTER = 0.001
 
 class Worker:
     def __init__(self, broker: str, device: int, heartbeat: float = 0.5, liveness: int = 3,
-                 parent_pid: int | None = None):
+                 parent_pid: int | None = None, curve: str | None = None):
         self.device = device
         self.heartbeat = heartbeat
         self.liveness = liveness
@@ -48,6 +49,8 @@ class Worker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
+        if curve:
+            secure_client(self.sock, curve)
         self.sock.connect(worker_address(broker))
         self.owners: dict[int, str] = {}
         self.kernels: dict[tuple[int, int], Kernel | Exception] = {}
