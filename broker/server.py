@@ -26,7 +26,7 @@ from pto import protocol as P
 from pto import shm
 from pto.barrier import GroupBarrier
 from pto.errors import ProtocolError
-from pto.procs import parent_gone, worker_address
+from pto.procs import parent_gone, poll_with_spin, worker_address
 from pto.security import secure_server
 
 from .scheduler import HOST, Scheduler, State, Task
@@ -164,6 +164,7 @@ class Broker:
             log.info("startup janitor removed %d segment(s)", removed)
         tick = min(self.heartbeat, 0.25)
         next_tick = 0.0
+        busy = False
         try:
             while not self._stop:
                 now = time.monotonic()
@@ -171,7 +172,8 @@ class Broker:
                     self._on_tick(now)
                     next_tick = now + tick
                 timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
-                ready = dict(self.poller.poll(timeout_ms))
+                ready = dict(poll_with_spin(self.poller.poll, timeout_ms, busy))
+                busy = bool(ready)
                 if self._wake_r.fileno() in ready or self._wake_r in ready:
                     self._drain_wakeups()
                 if self.frontend in ready:

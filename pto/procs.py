@@ -9,6 +9,11 @@ import signal
 import stat
 import sys
 import tempfile
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -72,3 +77,19 @@ def setup_logging(role: str, level: str | None = None, log_file: str | None = No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+# After activity, poll without blocking for this long before sleeping: waking a sleeping
+# process costs tens of microseconds on a VM, and the next message usually comes sooner.
+SPIN_SECONDS = float(os.environ.get("PTO_SPIN_US", "100")) / 1e6
+
+
+def poll_with_spin(poll: Callable[[int], T], timeout_ms: int, spin: bool) -> T:
+    """``poll(timeout_ms)``, preceded by up to SPIN_SECONDS of ``poll(0)`` when ``spin``."""
+    if spin and SPIN_SECONDS > 0:
+        deadline = time.perf_counter() + SPIN_SECONDS
+        while True:
+            ready = poll(0)
+            if ready or time.perf_counter() >= deadline:
+                return ready
+    return poll(timeout_ms)

@@ -26,7 +26,7 @@ from pto import shm
 from pto.args import ParamType
 from pto.barrier import GroupBarrier
 from pto.dtypes import CODE_DTYPES
-from pto.procs import parent_gone, worker_address
+from pto.procs import parent_gone, poll_with_spin, worker_address
 from pto.security import secure_client
 from pto.taskinfo import TaskInfo, set_current
 
@@ -80,8 +80,8 @@ class Worker:
         try:
             while not self.stopping:
                 if not self.queue:
-                    self._report()
-                    self.sock.poll(int(self.heartbeat * 1000))
+                    spin = self._report()
+                    poll_with_spin(self.sock.poll, int(self.heartbeat * 1000), spin)
                     self._check_timers()
                 self._drain()
                 if self.queue:
@@ -145,11 +145,14 @@ class Worker:
             self._forget_client(client)
         self.queue.extend(msg.tasks)
 
-    def _report(self) -> None:
-        if self.done or self.failed:
+    def _report(self) -> bool:
+        """Send what finished since the last report; True if there was anything."""
+        sent = bool(self.done or self.failed)
+        if sent:
             self._send(P.Report(self.done, self.failed, self.times))
             self.done, self.failed, self.times = [], [], []
         self.last_report = time.monotonic()
+        return sent
 
     def _send(self, msg: P.Message) -> None:
         self.sock.send_multipart(P.encode(msg))
