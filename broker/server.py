@@ -47,6 +47,10 @@ class ClientPeer:
     pid: int
     last_seen: float
     last_sent: float = 0.0
+    identities: list[bytes] = field(default_factory=list)  # its sockets: results go to the first
+
+    def __post_init__(self) -> None:
+        self.identities.append(self.identity)
 
 
 @dataclass
@@ -229,6 +233,8 @@ class Broker:
         if client is None:
             if isinstance(msg, P.Hello):
                 self._on_hello(identity, msg, now)
+            elif isinstance(msg, P.Attach):
+                self._on_attach(identity, msg)
             elif not isinstance(msg, (P.Bye, P.Heartbeat)):
                 self._send(self.frontend, identity, P.Error("unknown client: send Hello first"))
             return
@@ -270,6 +276,14 @@ class Broker:
             self.liveness))
         client.last_sent = now
 
+    def _on_attach(self, identity: bytes, msg: P.Attach) -> None:
+        client = self.clients_by_index.get(msg.client)
+        if client is None or client.owner != msg.owner:
+            self._send(self.frontend, identity, P.Error("Attach names no connected client"))
+            return
+        client.identities.append(identity)
+        self.clients[identity] = client
+
     def devices(self) -> list[int]:
         return sorted(d for d in set(self.sched.ready) | set(self.spawned) if d >= 0)
 
@@ -278,7 +292,7 @@ class Broker:
 
     def _announce_devices(self) -> None:
         msg = P.DeviceStatus(self.devices(), self.ready_devices())
-        for client in self.clients.values():
+        for client in self.clients_by_index.values():
             self._send(self.frontend, client.identity, msg)
 
     def status(self) -> dict:
@@ -296,7 +310,7 @@ class Broker:
                 "running": self.sched.kernel_name(task) if task else None,
                 "inflight": len(w.inflight), "done": w.done, "failed": w.failed,
             })
-        owners = {c.owner for c in self.clients.values()}
+        owners = {c.owner for c in self.clients_by_index.values()}
         shm_bytes = sum(_size(n) for n in shm.list_names() if n[5:].rsplit("_", 1)[0] in owners)
         return {
             "address": self.address, "pid": os.getpid(),
@@ -304,14 +318,15 @@ class Broker:
             "devices": self.devices(), "workers": workers,
             "clients": [{"client": c.index, "pid": c.pid, "owner": c.owner,
                          "tasks": unfinished.get(c.index, 0)}
-                        for c in sorted(self.clients.values(), key=lambda c: c.index)],
+                        for c in sorted(self.clients_by_index.values(), key=lambda c: c.index)],
             "queues": {("host" if q == HOST else str(q)): len(d)
                        for q, d in sorted(self.sched.ready.items())},
             "shm_bytes": shm_bytes,
         }
 
     def _drop_client(self, client: ClientPeer, reap: bool) -> None:
-        self.clients.pop(client.identity, None)
+        for identity in client.identities:
+            self.clients.pop(identity, None)
         self.clients_by_index.pop(client.index, None)
         self.sched.drop_client(client.index)
         for key in [k for k in self.kernels if k[0] == client.index]:
@@ -483,11 +498,11 @@ class Broker:
         if parent_gone(self.parent_pid):
             log.info("parent %s is gone: shutting down", self.parent_pid)
             self._stop = True
-            for client in list(self.clients.values()):
+            for client in list(self.clients_by_index.values()):
                 self._drop_client(client, reap=True)
             return
         deadline = self.heartbeat * self.liveness
-        for client in list(self.clients.values()):
+        for client in list(self.clients_by_index.values()):
             if not shm.pid_alive(client.pid) or now - client.last_seen > deadline:
                 self._drop_client(client, reap=True)
             elif now - client.last_sent > self.heartbeat:
@@ -549,7 +564,7 @@ class Broker:
         signal.set_wakeup_fd(-1)
         for worker in self.workers.values():
             self._send(self.backend, worker.identity, P.Shutdown("broker stopping"))
-        for client in self.clients.values():
+        for client in self.clients_by_index.values():
             self._send(self.frontend, client.identity, P.Shutdown("broker stopping"))
         deadline = time.monotonic() + 2.0
         for proc in self.spawned.values():

@@ -1,9 +1,11 @@
-"""The client's link to the broker: one DEALER socket owned by one I/O thread.
+"""The client's link to the broker: two DEALER sockets and one I/O thread.
 
-User threads never touch the socket: they queue encoded frames and wake the thread
-through an eventfd. The thread sends, receives, heartbeats, and declares the broker lost
+Requests (registrations, task batches, frees, cancels) leave on ``tx`` straight from the
+thread that makes them, under a lock, so a run costs no thread hop on the way out. The
+I/O thread owns ``rx``: it receives results, heartbeats, and declares the broker lost
 when it stays silent for ``heartbeat * liveness`` seconds or its process is gone, so no
-wait on a result can hang on a dead broker.
+wait on a result can hang on a dead broker. The broker knows ``tx`` as the same client
+from its first message, ``Attach``.
 """
 
 from __future__ import annotations
@@ -31,14 +33,10 @@ class Connection:
         self.address = address
         self._watch = watch  # returns why the broker is gone, or None
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
-        if curve:
-            secure_client(self.sock, curve)
-        self.sock.connect(address)
-        self._outbox: deque[list[bytes]] = deque()
-        self._frees: deque[int] = deque()
+        self.rx = self._socket(curve)
+        self.tx = self._socket(curve)
+        self._tx_lock = threading.Lock()
+        self._frees: deque[int] = deque()  # appended by GC finalizers: sent with the next batch
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -47,15 +45,25 @@ class Connection:
         self.on_lost: Callable[[BrokerLost], None] = lambda exc: None
         try:
             self.welcome = self._handshake(owner, timeout, trace)
+            self.tx.send_multipart(P.encode(P.Attach(self.welcome.client, owner)))
         except BaseException:
-            self._close_socket()
+            self._close_sockets()
             raise
         self.heartbeat = self.welcome.heartbeat
         self.liveness = self.welcome.liveness
         self._last_recv = self._last_sent = time.monotonic()
 
+    def _socket(self, curve: str | None) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
+        if curve:
+            secure_client(sock, curve)
+        sock.connect(self.address)
+        return sock
+
     def _handshake(self, owner: str, timeout: float, trace: bool) -> P.Welcome:
-        self.sock.send_multipart(P.encode(P.Hello(owner, os.getpid(), trace)))
+        self.rx.send_multipart(P.encode(P.Hello(owner, os.getpid(), trace)))
         deadline = time.monotonic() + timeout
         while True:
             why = self._watch() if self._watch else None
@@ -67,8 +75,8 @@ class Connection:
                         if self.address.startswith("tcp://") else "")
                 raise BrokerLost(
                     f"no broker answered at {self.address} within {timeout:g}s{hint}")
-            if self.sock.poll(int(min(left, 0.1) * 1000)):
-                msg = P.decode(self.sock.recv_multipart())
+            if self.rx.poll(int(min(left, 0.1) * 1000)):
+                msg = P.decode(self.rx.recv_multipart())
                 if isinstance(msg, P.Welcome):
                     return msg
                 if isinstance(msg, P.Error):
@@ -81,42 +89,59 @@ class Connection:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            if self.sock.poll(int(min(left, 0.1) * 1000)):
-                self.on_message(P.decode(self.sock.recv_multipart()))
+            if self.rx.poll(int(min(left, 0.1) * 1000)):
+                self._last_recv = time.monotonic()
+                self.on_message(P.decode(self.rx.recv_multipart()))
+            self._check_liveness()
         return True
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._io_loop, name="pto-io", daemon=True)
         self._thread.start()
 
-    # ---- called from user threads ------------------------------------------------------
+    # ---- called from any thread --------------------------------------------------------
 
     def send(self, msg: P.Message) -> None:
+        """Send a request now, from the calling thread."""
         if self.lost is not None:
             raise self.lost
         if self._stop:
             raise BrokerLost("the connection to the broker is closed")
-        self._outbox.append(P.encode(msg))
-        os.eventfd_write(self._wake_fd, 1)
+        frames = P.encode(msg)
+        with self._tx_lock:
+            self._send_frees()
+            self.tx.send_multipart(frames)
 
     def free(self, tensor: int) -> None:
+        """Tell the broker (and so the workers) a tensor is gone; batched, never blocks."""
         if self.lost is None and not self._stop:
             self._frees.append(tensor)
-            os.eventfd_write(self._wake_fd, 1)
+            if len(self._frees) == 1:
+                os.eventfd_write(self._wake_fd, 1)  # the I/O thread sends it if nobody else
+
+    def _send_frees(self) -> None:
+        # Caller holds _tx_lock. GC finalizers only append to the deque, never send.
+        if self._frees:
+            tensors = []
+            while self._frees:
+                tensors.append(self._frees.popleft())
+            self.tx.send_multipart(P.encode(P.FreeTensors(tensors)))
 
     def close(self, bye: bool = True) -> None:
-        if bye and self.lost is None:
-            self._outbox.append(P.encode(P.Bye()))
         self._stop = True
         if self._thread is not None:
             os.eventfd_write(self._wake_fd, 1)
             self._thread.join(timeout=5)
-        self._close_socket()
+        if bye and self.lost is None:
+            with self._tx_lock:
+                self._send_frees()
+                self.tx.send_multipart(P.encode(P.Bye()))
+        self._close_sockets()
 
-    def _close_socket(self) -> None:
-        if not self.sock.closed:
-            self._flush_outbox()
-            self.sock.close(linger=200)
+    def _close_sockets(self) -> None:
+        if not self.rx.closed:
+            self.rx.close(0)
+            self.tx.close(linger=200)  # let a Bye leave
             self.ctx.term()
             os.close(self._wake_fd)
 
@@ -124,7 +149,7 @@ class Connection:
 
     def _io_loop(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.rx, zmq.POLLIN)
         poller.register(self._wake_fd, zmq.POLLIN)
         tick = min(self.heartbeat, 0.25)
         try:
@@ -135,8 +160,12 @@ class Connection:
                         os.eventfd_read(self._wake_fd)
                     except BlockingIOError:
                         pass
-                self._flush_outbox()
-                if self.sock in ready:
+                if self._frees and self._tx_lock.acquire(blocking=False):
+                    try:
+                        self._send_frees()
+                    finally:
+                        self._tx_lock.release()
+                if self.rx in ready:
                     self._drain()
                 self._check_liveness()
         except BrokerLost as exc:
@@ -145,22 +174,9 @@ class Connection:
             log.exception("client I/O thread failed")
             self._declare_lost(BrokerLost(f"client I/O failed: {exc!r}"))
 
-    def _flush_outbox(self) -> None:
-        if self._frees:
-            tensors = []
-            while self._frees:
-                tensors.append(self._frees.popleft())
-            self._outbox.append(P.encode(P.FreeTensors(tensors)))
-        sent = False
-        while self._outbox:
-            self.sock.send_multipart(self._outbox.popleft())
-            sent = True
-        if sent:
-            self._last_sent = time.monotonic()
-
     def _drain(self) -> None:
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+        while self.rx.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = self.rx.recv_multipart(zmq.NOBLOCK)
             self._last_recv = time.monotonic()
             try:
                 msg = P.decode(frames)
@@ -182,8 +198,8 @@ class Connection:
         if silent > self.heartbeat * self.liveness:
             raise BrokerLost(f"broker at {self.address} silent for {silent:.1f}s")
         if now - self._last_sent > self.heartbeat:
-            self._outbox.append(P.encode(P.Heartbeat()))
-            self._flush_outbox()
+            self.rx.send_multipart(P.encode(P.Heartbeat()))
+            self._last_sent = now
 
     def _declare_lost(self, exc: BrokerLost) -> None:
         log.error("%s", exc)

@@ -141,6 +141,13 @@ class Cancel(Struct, tag=7):
     tasks: list[int]
 
 
+class Attach(Struct, tag=9):
+    """First message on a client's second (sending) socket: "I am this client too"."""
+
+    client: int
+    owner: str
+
+
 class StatusRequest(Struct, tag=8):
     """Any peer may ask, without a Hello: the answer is a StatusReply."""
 
@@ -208,7 +215,8 @@ class Shutdown(Struct, tag=23):
 
 
 Message = Union[  # noqa: UP007 - msgspec needs a real Union of tagged structs
-    Hello, RegisterKernel, Submit, FreeTensors, Heartbeat, Cancel, StatusRequest, Bye, Welcome,
+    Hello, RegisterKernel, Submit, FreeTensors, Heartbeat, Cancel, StatusRequest, Attach, Bye,
+    Welcome,
     Results, Error, DeviceStatus, StatusReply,
     WorkerHello, Dispatch, Report, Shutdown,
 ]
