@@ -218,12 +218,19 @@ class Broker:
 
     # ---- clients ---------------------------------------------------------------------
 
-    def _on_client_frames(self, identity: bytes, frames: list[bytes]) -> None:
+    def _decode(self, sock: zmq.Socket, identity: bytes, frames: list[bytes]) -> P.Message | None:
+        """The message in ``frames``, or None after answering the sender with an Error."""
         try:
-            msg = P.decode(frames)
+            return P.decode(frames)
         except ProtocolError as exc:
-            log.warning("bad frame from client %r: %s", identity, exc)
-            self._send(self.frontend, identity, P.Error(str(exc)))
+            role = "client" if sock is self.frontend else "worker"
+            log.warning("bad frame from %s %r: %s", role, identity, exc)
+            self._send(sock, identity, P.Error(str(exc)))
+            return None
+
+    def _on_client_frames(self, identity: bytes, frames: list[bytes]) -> None:
+        msg = self._decode(self.frontend, identity, frames)
+        if msg is None:
             return
         if isinstance(msg, P.StatusRequest):
             self._send(self.frontend, identity, P.StatusReply(json.dumps(self.status())))
@@ -352,11 +359,8 @@ class Broker:
     # ---- workers ---------------------------------------------------------------------
 
     def _on_worker_frames(self, identity: bytes, frames: list[bytes]) -> None:
-        try:
-            msg = P.decode(frames)
-        except ProtocolError as exc:
-            log.warning("bad frame from worker %r: %s", identity, exc)
-            self._send(self.backend, identity, P.Error(str(exc)))
+        msg = self._decode(self.backend, identity, frames)
+        if msg is None:
             return
         worker = self.workers.get(identity)
         if worker is None:
