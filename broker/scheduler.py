@@ -90,7 +90,7 @@ class Scheduler:
     def __init__(self, chips: Iterable[int] = ()):
         self._gids = itertools.count(1)
         self.tasks: dict[int, Task] = {}  # unfinished tasks by gid
-        self.ready: dict[int, deque[Task]] = {c: deque() for c in (*chips, HOST)}
+        self.ready: dict[int, deque[Task]] = {c: deque() for c in chips}
         self._tensors: dict[tuple[int, int], _TensorUses] = {}
         self.traced: set[int] = set()  # clients that asked for task times
         self.kernel_names: dict[tuple[int, int], str] = {}  # (client, kernel id) -> name
@@ -154,12 +154,17 @@ class Scheduler:
         """Rerunning it after a partial run could give wrong data (INOUT, OUTPUT_EXISTING)."""
         return any(a.kind in _OVERWRITES for a in task.args)
 
-    def cancel(self, client: int, tids: Iterable[int]) -> None:
-        """Fail the named tasks that have not been dispatched yet (running ones finish)."""
+    def cancel(self, client: int, tids: Iterable[int]) -> list[Task]:
+        """Fail the named tasks not dispatched yet; return the dispatched single ones (a
+        worker may still hold them queued and drop them)."""
         wanted = set(tids)
+        dispatched = []
         for task in [t for t in self.tasks.values() if t.client == client and t.tid in wanted]:
             if task.state in (State.PENDING, State.READY):
                 self._fail(task, None, "cancelled")
+            elif task.state == State.DISPATCHED and len(task.chips) == 1:
+                dispatched.append(task)
+        return dispatched
 
     def drop_client(self, client: int) -> None:
         """Forget a client: queued tasks vanish, dispatched ones finish unreported."""
@@ -233,7 +238,10 @@ class Scheduler:
         unknown = [c for c in task.chips if c not in self.ready]
         if unknown or len(set(task.chips)) != len(task.chips):
             served = sorted(c for c in self.ready if c != HOST)
-            what = f"unknown chip {unknown[0]}" if unknown else f"repeated chips {task.chips}"
+            if unknown == [HOST]:
+                what = "no host workers for host sub-tasks (start the broker with --host-workers)"
+            else:
+                what = f"unknown chip {unknown[0]}" if unknown else f"repeated chips {task.chips}"
             self._fail(task, None, f"{what} (broker serves {served})")
             return
         if (task.client, task.kernel) not in self.kernel_names:

@@ -67,6 +67,7 @@ class WorkerPeer:
     kernels: set[tuple[int, int]] = field(default_factory=set)  # kernels it has been sent
     frees: list[P.TensorRef] = field(default_factory=list)  # to send with the next batch
     gone: list[int] = field(default_factory=list)
+    cancels: list[int] = field(default_factory=list)
     status: str = ""  # the worker's status segment (see worker.loop)
     done: int = 0
     failed: int = 0
@@ -108,7 +109,7 @@ class Broker:
         self.parent_pid = parent_pid
         self.log_dir = log_dir
         self.started = time.monotonic()
-        self.sched = Scheduler(devices)
+        self.sched = Scheduler([*devices, HOST] if spawn_workers and host_workers else devices)
         self.clients: dict[bytes, ClientPeer] = {}
         self.clients_by_index: dict[int, ClientPeer] = {}
         self.kernels: dict[tuple[int, int], P.KernelDef] = {}
@@ -249,7 +250,10 @@ class Broker:
         if isinstance(msg, P.Submit):
             self.sched.submit(client.index, msg.tasks)
         elif isinstance(msg, P.Cancel):
-            self.sched.cancel(client.index, msg.tasks)
+            for task in self.sched.cancel(client.index, msg.tasks):
+                for worker in self.workers.values():
+                    if task.gid in worker.inflight:
+                        worker.cancels.append(task.gid)
         elif isinstance(msg, P.RegisterKernel):
             key = (client.index, msg.kernel)
             self.kernels[key] = P.KernelDef(client.index, msg.kernel, msg.name, msg.kind, msg.blob)
@@ -398,8 +402,7 @@ class Broker:
         worker = WorkerPeer(identity, msg.device, msg.pid, time.monotonic(), status=msg.status)
         self.workers[identity] = worker
         self.worker_by_device[msg.device] = worker
-        if msg.device >= 0:
-            self.sched.add_chip(msg.device)
+        self.sched.add_chip(worker.queue)
         log.info("worker for device %d connected (pid %d)", msg.device, msg.pid)
         self._announce_devices()
 
@@ -417,7 +420,7 @@ class Broker:
             batches.setdefault(worker.device, []).append(self._work(worker, task, rank))
         for worker in self.workers.values():
             work = batches.get(worker.device, [])
-            if not work and not worker.frees and not worker.gone:
+            if not work and not worker.frees and not worker.gone and not worker.cancels:
                 continue
             clients, kernels = [], []
             for item in work:
@@ -429,8 +432,8 @@ class Broker:
                 if key not in worker.kernels:
                     worker.kernels.add(key)
                     kernels.append(self.kernels[key])
-            msg = P.Dispatch(clients, kernels, worker.frees, worker.gone, work)
-            worker.frees, worker.gone = [], []
+            msg = P.Dispatch(clients, kernels, worker.frees, worker.gone, work, worker.cancels)
+            worker.frees, worker.gone, worker.cancels = [], [], []
             self._send(self.backend, worker.identity, msg)
             worker.last_sent = time.monotonic()
 

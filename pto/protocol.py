@@ -202,6 +202,7 @@ class Dispatch(Struct, tag=21):
     frees: list[TensorRef]
     gone: list[int]  # client indexes whose tensors and kernels to drop
     tasks: list[WorkTask]
+    cancel: list[int] = []  # queued tasks to drop (reported failed: "cancelled")
 
 
 class Report(Struct, tag=22):

@@ -209,6 +209,10 @@ class Runtime:
                     blob = _pickle_by_value(fn)
                 except Exception as exc:
                     raise TypeError(f"kernel {kname!r} cannot be sent to workers: {exc}") from exc
+            if len(blob) > P.MAX_FRAME_BYTES // 2:
+                raise ValueError(f"kernel {kname!r} pickles to {len(blob)} bytes (limit "
+                                 f"{P.MAX_FRAME_BYTES // 2}): it captures large data; pass data "
+                                 "as tensor arguments instead")
             kid = next(self._kernel_ids)
             kernel_ids[kname] = kid
             messages.append(P.RegisterKernel(kid, kname, kind, blob))
@@ -252,16 +256,25 @@ class Runtime:
         future.add_done_callback(lambda f: f.cancelled() and self._cancel(run))
         return run
 
-    def run(self, name: str, args: Any = None, progress: bool = False) -> Any:
+    def run(self, name: str, args: Any = None, progress: bool = False,
+            timeout: float | None = None) -> Any:
         """Run an orchestration and wait for all its tasks; return its return value.
 
         Raises ``pto.TaskError`` naming the first failed task (kernel, chip, reason).
-        With ``progress=True``, a bar of tasks done/total is drawn on stderr.
+        With ``progress=True``, a bar of tasks done/total is drawn on stderr. After
+        ``timeout`` seconds the run is cancelled and ``TimeoutError`` raised.
         """
         run = self._start(name, args)
         if progress:
             _show_progress(run)
-        return run.future.result()
+        try:
+            return run.future.result(timeout)
+        except TimeoutError:
+            if not run.future.done():
+                run.future.cancel()
+                raise TimeoutError(f"run of {name!r} did not finish within {timeout:g}s; "
+                                   "its tasks not yet started were cancelled") from None
+            raise
 
     def _orch_finished(self, run: _Run, value: Any = None, error: BaseException | None = None):
         keep = {id(h._seg) for h in _handles_in(value)} if error is None else set()

@@ -144,6 +144,8 @@ class Worker:
         for client in msg.gone:
             self._forget_client(client)
         self.queue.extend(msg.tasks)
+        if msg.cancel:
+            self._drop_queued(set(msg.cancel), "cancelled")
 
     def _report(self) -> bool:
         """Send what finished since the last report; True if there was anything."""
@@ -249,10 +251,15 @@ class Worker:
             del self.kernels[key]
             self.kernel_names.pop(key, None)
         self.owners.pop(client, None)
-        kept = deque()
+        self._drop_queued({t.task for t in self.queue if t.client == client}, "client gone")
+
+    def _drop_queued(self, gids: set[int], reason: str) -> None:
+        """Report queued (not started) tasks as failed without running them."""
+        kept: deque[P.WorkTask] = deque()
         for task in self.queue:
-            if task.client == client:
-                self.failed.append(P.Failure(task.task, "", self.device, "client gone", task.task))
+            if task.task in gids:
+                name = self.kernel_names.get((task.client, task.kernel), "")
+                self.failed.append(P.Failure(task.task, name, self.device, reason, task.task))
             else:
                 kept.append(task)
         self.queue = kept
