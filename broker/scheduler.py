@@ -61,10 +61,27 @@ class Task:
 
 
 class _Access:
-    __slots__ = ("start", "end", "task")
+    """A task's read or write of bytes [start, end) of a tensor.
 
-    def __init__(self, start: int, end: int, task: Task):
-        self.start, self.end, self.task = start, end, task
+    A write that covers earlier accesses takes them into its ``shadow``: later tasks are
+    ordered after them through the write, so they need not be scanned again. Only if the
+    write fails (and so orders nothing) do later writers look into its shadow.
+    """
+
+    __slots__ = ("start", "end", "task", "shadow")
+
+    def __init__(self, start: int, end: int, task: Task, shadow: list[_Access] | None = None):
+        self.start, self.end, self.task, self.shadow = start, end, task, shadow
+
+    def live_behind(self) -> list[Task]:
+        """Unfinished tasks this failed write had been ordered after."""
+        out: list[Task] = []
+        for acc in self.shadow or ():
+            if acc.task.state < State.DONE:
+                out.append(acc.task)
+            elif acc.task.state == State.FAILED:
+                out.extend(acc.live_behind())
+        return out
 
 
 class _TensorUses:
@@ -263,16 +280,27 @@ class Scheduler:
                     if acc.task.state == State.FAILED:
                         if reads and poison is None:
                             poison = acc.task.root
+                        if writes:
+                            deps.update(acc.live_behind())
                     elif acc.task.state < State.DONE:
                         deps.add(acc.task)
             if writes:
                 for acc in uses.reads:
                     if acc.start < end and start < acc.end and acc.task.state < State.DONE:
                         deps.add(acc.task)
-                # A new write covering a failed one replaces the poisoned bytes.
-                uses.writes = [a for a in uses.writes if not (
-                    a.task.state == State.FAILED and start <= a.start and a.end <= end)]
-                uses.writes.append(_Access(start, end, task))
+                # Accesses this write covers go into its shadow (a covered failed write's
+                # poisoned bytes are replaced by this write).
+                shadow: list[_Access] = []
+                for kind in ("reads", "writes"):
+                    kept = []
+                    for acc in getattr(uses, kind):
+                        if start <= acc.start and acc.end <= end:
+                            if acc.task.state < State.DONE:
+                                shadow.append(acc)
+                        else:
+                            kept.append(acc)
+                    setattr(uses, kind, kept)
+                uses.writes.append(_Access(start, end, task, shadow or None))
             else:
                 uses.reads.append(_Access(start, end, task))
             if len(uses.reads) + len(uses.writes) >= uses.compact_at:

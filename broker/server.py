@@ -36,7 +36,7 @@ log = logging.getLogger("pto.broker")
 _OWNER = re.compile(r"^[0-9]+x[0-9a-f]{1,32}$")
 # Messages per socket per round: bounds a round's work (timers stay on time) and keeps one
 # busy socket from starving the other.
-_MAX_DRAIN = 256
+_MAX_DRAIN = 32
 
 
 @dataclass
@@ -284,7 +284,7 @@ class Broker:
         log.info("client %d connected (pid %d, owner %s)", client.index, msg.pid, msg.owner)
         self._send(self.frontend, identity, P.Welcome(
             client.index, self.devices(), self.ready_devices(), self.heartbeat,
-            self.liveness))
+            self.liveness, os.getpid()))
         client.last_sent = now
 
     def _on_attach(self, identity: bytes, msg: P.Attach) -> None:

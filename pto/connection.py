@@ -22,6 +22,7 @@ import zmq
 from . import protocol as P
 from .errors import BrokerLost, ProtocolError
 from .security import secure_client
+from .shm import pid_alive
 
 log = logging.getLogger("pto.client")
 
@@ -51,6 +52,8 @@ class Connection:
             raise
         self.heartbeat = self.welcome.heartbeat
         self.liveness = self.welcome.liveness
+        # On this host a busy broker may be silent for a while: watch its process instead.
+        self._broker_pid = self.welcome.pid if address.startswith("ipc://") else 0
         self._last_recv = self._last_sent = time.monotonic()
 
     def _socket(self, curve: str | None) -> zmq.Socket:
@@ -194,9 +197,13 @@ class Connection:
         why = self._watch() if self._watch else None
         if why:
             raise BrokerLost(f"broker at {self.address} is gone: {why}")
-        silent = now - self._last_recv
-        if silent > self.heartbeat * self.liveness:
-            raise BrokerLost(f"broker at {self.address} silent for {silent:.1f}s")
+        if self._broker_pid:
+            if not pid_alive(self._broker_pid):
+                raise BrokerLost(f"broker at {self.address} (pid {self._broker_pid}) is gone")
+        else:
+            silent = now - self._last_recv
+            if silent > self.heartbeat * self.liveness:
+                raise BrokerLost(f"broker at {self.address} silent for {silent:.1f}s")
         if now - self._last_sent > self.heartbeat:
             self.rx.send_multipart(P.encode(P.Heartbeat()))
             self._last_sent = now

@@ -166,6 +166,7 @@ class Welcome(Struct, tag=10):
     ready: list[int]  # those with a live worker now
     heartbeat: float  # seconds between heartbeats; silence for `liveness` of them = dead
     liveness: int
+    pid: int = 0  # the broker's pid: over ipc, clients watch it instead of its silence
 
 
 class Results(Struct, tag=11):

@@ -61,9 +61,28 @@ def _ours(p: psutil.Process) -> bool:
         return False
 
 
+def _owner_pid(segment: str) -> int | None:
+    head = segment[len("pto_"):].split("x", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _segment_is_ours(segment: str) -> bool:
+    """Made by this session: by us, a process of ours, or a process now gone.
+
+    Segments of other live pto users on a shared machine are not ours to judge."""
+    pid = _owner_pid(segment)
+    if pid is None or pid == os.getpid():
+        return True
+    try:
+        return _ours(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _leaks(segments_before: set[str]) -> tuple[list[psutil.Process], list[str]]:
     procs = [p for p in _pto_processes() if _ours(p)]
-    return procs, sorted(_pto_segments() - segments_before)
+    segments = [s for s in _pto_segments() - segments_before if _segment_is_ours(s)]
+    return procs, sorted(segments)
 
 
 @pytest.fixture(autouse=True)

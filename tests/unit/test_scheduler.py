@@ -213,3 +213,27 @@ def test_cancel_fails_queued_tasks_but_not_dispatched_ones():
     g.s.cancel(1, [a, b])
     assert [f.reason for f in g.s.take_results()[1][1]] == ["cancelled"]
     assert g.s.tasks[g.gids[a]].state == State.DISPATCHED
+
+
+def test_a_covering_write_keeps_access_lists_short():
+    g = Graph(chips=(0,))
+    for _ in range(200):
+        readers = [g.task(arg(IN, 1)) for _ in range(20)]
+        g.task(arg(OUT, 1))  # waits for all 20 readers, then stands for them
+    uses = g.s._tensors[(1, 1)]
+    assert len(uses.reads) == 0 and len(uses.writes) == 1
+    assert len(g.s.ready[0]) == 20 and set(readers) <= set(g.gids)
+
+
+def test_a_writer_after_a_failed_covering_write_still_waits_for_running_readers():
+    g = Graph()
+    a = g.task(arg(OUT, 2))  # will fail
+    reader = g.task(arg(IN, 1))  # reads tensor 1, keeps running
+    w = g.task(arg(IN, 2), arg(OUT, 1))  # waits for a and reader; covers reader's access
+    g.run(reader)
+    g.fail(a)  # w fails by propagation while reader still runs
+    assert g.s.take_results()[1][1][-1].task == w
+    x = g.task(arg(OUT, 1), chip=1)
+    assert x not in g.ready()  # must not overwrite what reader is reading
+    g.s.done(g.gids[reader])
+    assert x in g.ready()

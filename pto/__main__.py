@@ -1,0 +1,7 @@
+"""python -m pto: the ``pto`` command (status, trace summarize, keygen)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
