@@ -208,13 +208,15 @@ class Scheduler:
 
     # ---- output ----------------------------------------------------------------------
 
-    def schedule(self, credit: dict[int, int]) -> list[tuple[int, Task, int]]:
+    def schedule(self, credit: dict[int, int],
+                 idle: set[int] | None = None) -> list[tuple[int, Task, int]]:
         """Take ready work within each queue's ``credit``: (queue, task, rank) triples.
 
         Queues are FIFO. A group at the head of a queue reserves it: nothing behind it
-        goes until the group heads the queue of every one of its chips, and then all its
-        members go at once. Groups thus reach every worker in one global order, so two
-        groups sharing chips can never wait on each other.
+        goes until the group heads the queue of every one of its chips and every one of
+        those chips is ``idle`` (its worker holds no task), and then all its members go at
+        once, so they start together. Groups thus reach every worker in one global order,
+        so two groups sharing chips can never wait on each other.
         """
         out: list[tuple[int, Task, int]] = []
         progress = True
@@ -228,15 +230,19 @@ class Scheduler:
                     if len(task.chips) == 1:
                         queue.popleft()
                         credit[chip] -= 1
+                        if idle is not None:
+                            idle.discard(chip)
                         task.state, task.left = State.DISPATCHED, 1
                         out.append((chip, task, 0))
                         continue
                     if not all(self.ready[c] and self.ready[c][0] is task and credit.get(c, 0) > 0
-                               for c in task.chips):
+                               and (idle is None or c in idle) for c in task.chips):
                         break
                     for rank, c in enumerate(task.chips):
                         self.ready[c].popleft()
                         credit[c] -= 1
+                        if idle is not None:
+                            idle.discard(c)
                         out.append((c, task, rank))
                     task.state, task.left = State.DISPATCHED, len(task.chips)
                     progress = True

@@ -408,11 +408,14 @@ class Broker:
 
     def _dispatch(self) -> None:
         credit: dict[int, int] = {}
+        idle = set()
         for worker in self.workers.values():
             credit[worker.queue] = credit.get(worker.queue, 0) + self._credit(worker)
+            if not worker.inflight:
+                idle.add(worker.queue)
         batches: dict[int, list[P.WorkTask]] = {}
         host_workers = [w for w in self.workers.values() if w.queue == HOST]
-        for queue, task, rank in self.sched.schedule(credit):
+        for queue, task, rank in self.sched.schedule(credit, idle):
             if queue == HOST:  # any host worker with room, the least loaded first
                 worker = min(host_workers, key=lambda w: len(w.inflight))
             else:

@@ -364,7 +364,11 @@ class Runtime:
                 return
             self._runs.discard(run)
         if not run.future.set_running_or_notify_cancel():
-            return  # cancelled: nobody waits for a result
+            # Cancelled: nobody gets the value, so its tensors must not outlive the run.
+            run.value = None
+            run.copy_back.clear()
+            run.array_handles.clear()
+            return
         if run.error is not None:
             run.future.set_exception(run.error)
         elif run.failures:
