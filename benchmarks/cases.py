@@ -19,6 +19,10 @@ def _row(system, case: str, **values) -> dict:
     return {"system": system.key, "label": label, "kind": kind, **values}
 
 
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def noop(system, cfg) -> list[dict]:
     """``noop_tasks`` independent no-op tasks, one submission each; wall time to all done."""
     n = cfg.noop_tasks
@@ -75,12 +79,16 @@ def handoff(system, cfg) -> list[dict]:
     for mib in cfg.handoff_mib:
         nbytes = mib * MiB
         times = []
-        for _ in range(cfg.repeats):
-            t0 = time.perf_counter()
-            value = system.handoff(nbytes)
-            times.append(time.perf_counter() - t0)
-            if value != nbytes // 8:
-                raise AssertionError(f"{system.key} handoff of {mib} MiB summed to {value}")
+        try:
+            for _ in range(cfg.repeats):
+                t0 = time.perf_counter()
+                value = system.handoff(nbytes)
+                times.append(time.perf_counter() - t0)
+                if value != nbytes // 8:
+                    raise AssertionError(f"{system.key} handoff of {mib} MiB summed to {value}")
+        except Exception as exc:  # noqa: BLE001 - a failed size is a result; try the others
+            rows.append(_row(system, "handoff", size_mib=mib, error=_error(exc)))
+            continue
         copied, basis = system.handoff_copied(nbytes)
         rows.append(_row(system, "handoff", size_mib=mib, ms=median(times) * 1e3,
                          bytes_copied=copied, copied_basis=basis))
@@ -93,4 +101,10 @@ def scaling(system, cfg) -> list[dict]:
     """Random DAGs of growing size (only systems with a ``scaling`` method: pto)."""
     if not hasattr(system, "scaling"):
         return []
-    return [_row(system, "scaling", **system.scaling(n)) for n in cfg.scaling_tasks]
+    rows = []
+    for n in cfg.scaling_tasks:
+        try:
+            rows.append(_row(system, "scaling", **system.scaling(n)))
+        except Exception as exc:  # noqa: BLE001 - a failed size is a result; try the others
+            rows.append(_row(system, "scaling", tasks=n, error=_error(exc)))
+    return rows

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 
 import numpy as np
 import psutil
 
 import pto
 
-from .common import median, timed
+from .common import median
 from .noop import many_noops, noop, one_noop
 
 # ---- kernels and orchestrations ------------------------------------------------------
@@ -57,6 +58,8 @@ def handoff(ctx, args):
 
 POOL = 64  # tensors the random tasks name
 POOL_ELEMS = 8
+RUN_LIMIT_S = 300.0  # one random DAG run; longer is reported as an error
+LONG_S = 60.0  # stop repeating a size once its runs took this long in all
 
 
 def bump(acc, *inputs):
@@ -76,6 +79,10 @@ def random_dag(ctx, args):
         progress[0] = i + 1
 
 
+def _finished(views: list[np.ndarray]) -> int:
+    return sum(int(v[0]) for v in views)
+
+
 def make_ops(n: int, seed: int, chips: int) -> list[tuple[int, int, list[int]]]:
     rng = random.Random(seed)
     ops = []
@@ -92,9 +99,15 @@ class RssSampler:
         self.proc, self.live, self.interval = proc, live, interval
         self.samples: list[tuple[int, int]] = []
 
+    def _sample(self) -> None:
+        try:
+            self.samples.append((self.proc.memory_info().rss, self.live()))
+        except psutil.Error:
+            pass  # the broker is gone: the run reports why
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            self.samples.append((self.proc.memory_info().rss, self.live()))
+            self._sample()
 
     def __enter__(self) -> RssSampler:
         self._stop = threading.Event()
@@ -105,7 +118,7 @@ class RssSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.samples.append((self.proc.memory_info().rss, self.live()))
+        self._sample()
 
 
 def broker_process(address: str) -> psutil.Process:
@@ -183,25 +196,36 @@ class PtoSystem:
             views = [h.numpy() for h in pool]
             broker = broker_process(rt.address)
             base = broker.memory_info().rss
-            times, samples = [], []
-            for _ in range(self.cfg.repeats):
-                for v in views:
-                    v[:] = 0
-                progress[0] = 0
-                sampler = RssSampler(broker, lambda: progress[0] - sum(int(v[0]) for v in views))
-                with sampler:
-                    times.append(timed(rt.run, "dag", args))
-                samples += sampler.samples
-                done = sum(int(v[0]) for v in views)
-                if done != n:
-                    raise AssertionError(f"random DAG: {done} of {n} tasks counted")
-            del views
+            try:
+                times, samples = [], []
+                for _ in range(self.cfg.repeats):
+                    for v in views:
+                        v[:] = 0
+                    progress[0] = 0
+                    sampler = RssSampler(broker, lambda: progress[0] - _finished(views))
+                    with sampler:
+                        t0 = time.perf_counter()
+                        future = rt.submit("dag", args)
+                        try:
+                            future.result(timeout=RUN_LIMIT_S)
+                        except TimeoutError:
+                            raise TimeoutError(f"a {n:,}-task DAG did not finish within "
+                                               f"{RUN_LIMIT_S:.0f}s") from None
+                        times.append(time.perf_counter() - t0)
+                    samples += sampler.samples
+                    done = _finished(views)
+                    if done != n:
+                        raise AssertionError(f"random DAG: {done} of {n} tasks counted")
+                    if sum(times) > LONG_S:
+                        break  # enough for a big DAG on a slow path: fewer repeats
+            finally:
+                views.clear()  # no view may outlive its segment
             for h in pool:
                 h.free()
         peak_rss = max(rss for rss, _ in samples)
         peak_live = max(1, max(live for _, live in samples))
         t = median(times)
-        return {"tasks": n, "seconds": t, "tasks_per_s": n / t,
+        return {"tasks": n, "repeats": len(times), "seconds": t, "tasks_per_s": n / t,
                 "broker_base_rss_mib": base / 2**20, "broker_peak_rss_mib": peak_rss / 2**20,
                 "peak_live_tasks": peak_live,
                 "bytes_per_live_task": max(0, peak_rss - base) / peak_live,

@@ -1,0 +1,272 @@
+"""Ratios to pto, the targets of issue 7, printed tables, the JSON file and the PNG chart."""
+
+from __future__ import annotations
+
+import json
+import os
+
+# ---- ratios and targets --------------------------------------------------------------
+
+# case -> the time-like metric the ratio compares (system / pto; > 1 means pto is faster)
+RATIO_METRIC = {"noop": "us_per_task", "roundtrip": "median_us", "chain": "us_per_task",
+                "handoff": "ms"}
+
+
+def _pto(rows: list[dict], **match) -> dict | None:
+    for r in rows:
+        if r["system"] == "pto" and all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def _floor(rows: list[dict], **match) -> dict | None:
+    for r in rows:
+        if r["system"] == "floor" and all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def add_ratios(cases: dict) -> None:
+    for case, metric in RATIO_METRIC.items():
+        rows = cases.get(case, {}).get("rows", [])
+        for r in rows:
+            match = {"size_mib": r["size_mib"]} if case == "handoff" else {}
+            ref = _pto(rows, **match)
+            if ref and metric in r and ref.get(metric, 0) > 0:
+                r["ratio_to_pto"] = r[metric] / ref[metric]
+            if case == "handoff" and r["system"] != "memcpy" and "ms" in r:
+                floor = _floor(rows, size_mib=r["size_mib"])
+                if floor and "ms" in floor:
+                    r["over_floor_ms"] = r["ms"] - floor["ms"]
+    rows = [r for r in cases.get("scaling", {}).get("rows", []) if "error" not in r]
+    for r in rows:
+        r["ratio_to_smallest"] = r["tasks_per_s"] / rows[0]["tasks_per_s"]
+
+
+def _target(text: str, met: bool, detail: str) -> dict:
+    return {"target": text, "met": bool(met), "detail": detail}
+
+
+def targets(cases: dict) -> list[dict]:
+    """Issue 7's targets that this run's rows can decide."""
+    out = []
+    rows = cases.get("noop", {}).get("rows", [])
+    ours = _pto(rows)
+    if ours:
+        peers = [r for r in rows if r["kind"] == "runtime" and r["system"] != "pto"]
+        best = max(peers, key=lambda r: r["tasks_per_s"], default=None)
+        if best:
+            out.append(_target("noop throughput ahead of every peer (one submission per task)",
+                               ours["tasks_per_s"] > best["tasks_per_s"],
+                               f"pto {ours['tasks_per_s']:,.0f}/s vs best peer {best['label']} "
+                               f"{best['tasks_per_s']:,.0f}/s"))
+        out.append(_target("noop throughput >= 100k tasks/s", ours["tasks_per_s"] >= 100_000,
+                           f"pto {ours['tasks_per_s']:,.0f} tasks/s "
+                           f"({ours['us_per_task']:.1f} us/task)"))
+    rows = cases.get("roundtrip", {}).get("rows", [])
+    ours, floor = _pto(rows), _floor(rows)
+    if ours and floor:
+        x = ours["median_us"] / floor["median_us"]
+        out.append(_target("round trip <= 2.5x bare zmq round trip", x <= 2.5,
+                           f"pto {ours['median_us']:.0f} us = {x:.2f}x zmq "
+                           f"{floor['median_us']:.0f} us"))
+    ex = next((r for r in rows if r["system"] == "executor"), None)
+    if ours and ex:
+        out.append(_target("round trip below ProcessPoolExecutor's",
+                           ours["median_us"] < ex["median_us"],
+                           f"pto {ours['median_us']:.0f} us vs executor {ex['median_us']:.0f} us"))
+    ours = _pto(cases.get("chain", {}).get("rows", []))
+    if ours:
+        out.append(_target("dependent chain <= 100 us/task", ours["us_per_task"] <= 100,
+                           f"pto {ours['us_per_task']:.0f} us/task"))
+    rows = cases.get("handoff", {}).get("rows", [])
+    failed = [r for r in rows if r["system"] == "pto" and "error" in r]
+    if failed:
+        out.append(_target("every tensor handoff size runs", False,
+                           "; ".join(f"{r['size_mib']} MiB: {r['error']}" for r in failed)))
+    mine = [r for r in rows if r["system"] == "pto" and "over_floor_ms" in r]
+    if mine:
+        big = max(mine, key=lambda r: r["size_mib"])
+        floor = _floor(rows, size_mib=big["size_mib"])
+        frac = big["over_floor_ms"] / floor["ms"]
+        per_s = ", ".join(f"{r['size_mib']} MiB: {r['over_floor_ms']:+.1f} ms" for r in mine)
+        out.append(_target(f"handoff overhead over floor flat in S and <= 10% at "
+                           f"{big['size_mib']} MiB", frac <= 0.10,
+                           f"overhead {per_s}; {frac:.0%} of the floor at {big['size_mib']} MiB"))
+        out.append(_target("handoff: zero bytes copied by the runtime",
+                           all(r["bytes_copied"] == 0 for r in mine), mine[0]["copied_basis"]))
+    rows = [r for r in cases.get("scaling", {}).get("rows", []) if r["system"] == "pto"]
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        out.append(_target("every random DAG size runs", False,
+                           "; ".join(f"{r['tasks']:,} tasks: {r['error']}" for r in failed)))
+    rows = [r for r in rows if "error" not in r]
+    if len(rows) > 1:
+        small, big = rows[0], rows[-1]
+        out.append(_target(f"{big['tasks']:,}-task DAG throughput within 20% of "
+                           f"{small['tasks']:,}-task", big["ratio_to_smallest"] >= 0.8,
+                           f"{big['tasks_per_s']:,.0f} vs {small['tasks_per_s']:,.0f} tasks/s "
+                           f"({big['ratio_to_smallest']:.2f}x)"))
+    if rows:
+        big = rows[-1]
+        out.append(_target("broker memory <= 1 KiB per live task",
+                           big["bytes_per_live_task"] <= 1024,
+                           f"{big['bytes_per_live_task']:,.0f} B/live task at "
+                           f"{big['peak_live_tasks']:,} live tasks ({big['tasks']:,}-task DAG)"))
+    return out
+
+
+# ---- printing ------------------------------------------------------------------------
+
+# case -> (title, [(header, key, format)])
+TABLES = {
+    "noop": ("1. no-op throughput: independent tasks, one submission per task", [
+        ("tasks/s", "tasks_per_s", "{:,.0f}"), ("us/task", "us_per_task", "{:.2f}"),
+        ("vs pto", "ratio_to_pto", "{:.2f}x")]),
+    "roundtrip": ("2. single-task round trip", [
+        ("median us", "median_us", "{:.1f}"), ("p99 us", "p99_us", "{:.1f}"),
+        ("vs pto", "ratio_to_pto", "{:.2f}x")]),
+    "chain": ("3. dependent chain", [
+        ("us/task", "us_per_task", "{:.1f}"), ("vs pto", "ratio_to_pto", "{:.2f}x")]),
+    "handoff": ("4. tensor handoff: producer writes S, consumer elsewhere sums, driver gets it", [
+        ("S MiB", "size_mib", "{}"), ("ms", "ms", "{:.2f}"), ("over floor ms", "over_floor_ms",
+                                                          "{:+.2f}"),
+        ("vs pto", "ratio_to_pto", "{:.2f}x"), ("bytes copied", "bytes_copied", "{:,}"),
+        ("GB/s", "gb_per_s", "{:.1f}")]),
+    "scaling": ("5. scaling: seeded random DAGs on 4 chips (pto)", [
+        ("tasks", "tasks", "{:,}"), ("tasks/s", "tasks_per_s", "{:,.0f}"),
+        ("vs smallest", "ratio_to_smallest", "{:.2f}x"),
+        ("broker MiB idle", "broker_base_rss_mib", "{:.1f}"),
+        ("broker MiB peak", "broker_peak_rss_mib", "{:.1f}"),
+        ("peak live", "peak_live_tasks", "{:,}"), ("B/live task", "bytes_per_live_task",
+                                                   "{:,.0f}")]),
+}
+
+NOTES = {
+    "noop": "vs pto = system time / pto time (>1: pto is faster). Batched rows use map() with "
+            "a chunksize: many tasks per message, shown for reference only.",
+    "roundtrip": "median over repeats of each repeat's median and p99.",
+    "chain": "pools have no dependencies: each task is submitted after the previous returned.",
+    "handoff": "floor = np.ones(S) + sum in one process. pto bytes copied = 0 by construction: "
+               "tensors are POSIX shared memory mapped by every process, messages carry handles. "
+               "Pools: counted pickled bytes. Ray/Dask: by design (not measured).",
+    "scaling": "B/live task = (broker peak RSS - idle RSS) / peak live tasks (submitted - "
+               "finished, sampled every 5 ms with the RSS).",
+}
+
+
+def _fmt(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    return "" if value is None else fmt.format(value)
+
+
+def print_tables(result: dict) -> None:
+    for case, data in result["cases"].items():
+        if case == "launch":
+            print("\n6. L2 launch overhead (benchmarks/launch.py)")
+            print("   " + (data.get("skipped") or data.get("output", "").strip()
+                          .replace("\n", "\n   ")))
+            continue
+        title, cols = TABLES[case]
+        rows = _ordered(case, data["rows"])
+        print(f"\n{title}")
+        if not rows:
+            print("   (no results)")
+            continue
+        width = max(len(r["label"]) for r in rows) + 2
+        print(" " * width + "".join(f"{h:>16}" for h, _, _ in cols))
+        for r in rows:
+            if "error" in r:
+                what = f"{r['size_mib']} MiB" if "size_mib" in r else f"{r.get('tasks', 0):,} tasks"
+                print(f"{r['label']:<{width}}  {what}: ERROR {r['error']}")
+                continue
+            print(f"{r['label']:<{width}}" + "".join(f"{_fmt(r, k, f):>16}" for _, k, f in cols))
+        if case in NOTES:
+            print(f"   note: {NOTES[case]}")
+    for key, reason in result["skipped"].items():
+        print(f"\nskipped {key}: {reason}")
+    for key, errs in result["errors"].items():
+        for case, msg in errs.items():
+            print(f"\nERROR {key} {case}: {msg}")
+    if result["targets"]:
+        print("\nissue 7 targets (this run):")
+        for t in result["targets"]:
+            print(f"  [{'met' if t['met'] else 'MISSED':>6}] {t['target']}: {t['detail']}")
+
+
+# ---- files ---------------------------------------------------------------------------
+
+
+def write_json(result: dict, out_dir: str) -> str:
+    path = os.path.join(out_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    return path
+
+
+SHORT = {"floor": "floor", "pool": "mp.Pool", "executor": "PPExecutor", "pto": "pto",
+         "ray": "Ray", "dask": "Dask", "memcpy": "memcpy"}
+
+
+FLOOR_SHORT = {"noop": "zmq floor", "roundtrip": "zmq floor", "handoff": "in-process floor"}
+
+
+def _short(row: dict, case: str) -> str:
+    if row["system"] == "floor":
+        return FLOOR_SHORT.get(case, "floor")
+    base, _, batched = row["system"].partition("-")
+    return SHORT.get(base, base) + (" (batched)" if batched else "")
+
+
+def _ordered(case: str, rows: list[dict]) -> list[dict]:
+    """Handoff rows grouped by size (memcpy last); other cases as run."""
+    if case != "handoff":
+        return rows
+    return sorted(rows, key=lambda r: (r["system"] == "memcpy", r["size_mib"]))
+
+
+def write_chart(result: dict, out_dir: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("noop", "tasks_per_s", "no-op tasks/s (higher is better)"),
+              ("roundtrip", "median_us", "round trip, median us"),
+              ("chain", "us_per_task", "dependent chain, us/task"),
+              ("handoff", "ms", "tensor handoff, ms"),
+              ("scaling", "tasks_per_s", "pto random DAG, tasks/s")]
+    panels = [(case, metric, title,
+               [r for r in _ordered(case, result["cases"][case]["rows"]) if metric in r])
+              for case, metric, title in panels if case in result["cases"]]
+    panels = [p for p in panels if p[3]]
+    heights = [len(p[3]) + 1.5 for p in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1 + 0.3 * sum(heights)),
+                             squeeze=False, gridspec_kw={"height_ratios": heights})
+    for ax, (case, metric, title, rows) in zip(axes[:, 0], panels, strict=True):
+        if case == "handoff":
+            labels = [f"{_short(r, case)} {r['size_mib']} MiB" for r in rows]
+        elif case == "scaling":
+            labels = [f"{r['tasks']:,} tasks" for r in rows]
+        else:
+            labels = [_short(r, case) for r in rows]
+        colors = ["tab:red" if r["system"] == "pto" else
+                  "tab:gray" if r["kind"] == "floor" or r["system"] == "memcpy" else "tab:blue"
+                  for r in rows]
+        ax.barh(labels, [r[metric] for r in rows], color=colors)
+        ax.invert_yaxis()
+        if case != "scaling":
+            ax.set_xscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+        for i, r in enumerate(rows):
+            v = r[metric]
+            ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.3g}", (v, i), fontsize=7,
+                        va="center", xytext=(3, 0), textcoords="offset points")
+    fig.suptitle("pto vs peers (red: pto, gray: floors); log scale but the last panel",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    path = os.path.join(out_dir, "results.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,64 @@
+"""Smoke test of the benchmark suite: ``python -m benchmarks --quick`` runs and writes
+results of the expected shape. No timing thresholds: figures on a shared machine vary.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEADLINE_S = 240
+
+pytestmark = pytest.mark.timeout(DEADLINE_S + 60)
+
+# every row of these cases carries these numbers
+METRICS = {"noop": ("tasks", "tasks_per_s", "us_per_task"),
+           "roundtrip": ("trips", "median_us", "p99_us")}
+
+
+def _importable_systems() -> list[str]:
+    systems = ["floor", "pool", "executor", "pto"]
+    return systems + [key for key, module in (("ray", "ray"), ("dask", "distributed"))
+                      if importlib.util.find_spec(module) is not None]
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_quick_noop_and_roundtrip(tmp_path):
+    systems = _importable_systems()
+    env = {k: v for k, v in os.environ.items() if k != "PTO_BROKER"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--cases", "noop,roundtrip",
+         "--repeats", "1", "--systems", ",".join(systems), "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "1. no-op throughput" in proc.stdout and "2. single-task round trip" in proc.stdout
+
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert {"meta", "config", "cases", "skipped", "errors", "targets"} <= set(result)
+    assert result["errors"] == {} and result["skipped"] == {}
+    assert set(result["cases"]) == {"noop", "roundtrip"}
+    for case, metrics in METRICS.items():
+        rows = result["cases"][case]["rows"]
+        assert {r["system"] for r in rows} >= set(systems), case
+        for row in rows:
+            assert isinstance(row["label"], str) and row["label"]
+            assert row["kind"] in ("runtime", "batched", "floor")
+            for key in (*metrics, "ratio_to_pto"):
+                assert _is_number(row[key]), (case, row["system"], key, row.get(key))
+            assert row["ratio_to_pto"] > 0
+        pto_row = next(r for r in rows if r["system"] == "pto")
+        assert pto_row["ratio_to_pto"] == pytest.approx(1.0)
+    for target in result["targets"]:
+        assert isinstance(target["met"], bool) and target["target"] and target["detail"]
+    assert (tmp_path / "results.png").stat().st_size > 0
