@@ -40,8 +40,12 @@ def segment_name(owner: str, tensor: int) -> str:
     return f"/{PREFIX}{owner}_{tensor}"
 
 
-def create(name: str, nbytes: int) -> mmap.mmap:
-    """Create a new segment of ``nbytes`` (at least one page is mapped) and map it."""
+def create(name: str, nbytes: int, populate: bool = False) -> mmap.mmap:
+    """Create a new segment of ``nbytes`` (at least one page is mapped) and map it.
+
+    The pages are reserved (so ENOSPC is an ``OutOfMemory`` now), but only mapped in on
+    touch unless ``populate``: a client often never touches the tensors it allocates.
+    """
     size = max(nbytes, 1)
     shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
     try:
@@ -54,7 +58,8 @@ def create(name: str, nbytes: int) -> mmap.mmap:
                     f"no room in {SHM_DIR} for a tensor of {nbytes} bytes ({exc.strerror})"
                 ) from None
             raise
-        return mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+        flags = mmap.MAP_SHARED | (_POPULATE if populate else 0)
+        return mmap.mmap(shm.fd, size, flags=flags)
     except BaseException:
         unlink(name)
         raise
@@ -63,7 +68,9 @@ def create(name: str, nbytes: int) -> mmap.mmap:
 
 
 def open_existing(name: str) -> mmap.mmap:
-    """Map an existing segment (its whole size). Raises posix_ipc.ExistentialError if gone."""
+    """Map an existing segment (its whole size), page tables filled at once: a worker maps
+    a tensor to run kernels on it, and one populate beats a fault per page.
+    Raises posix_ipc.ExistentialError if gone."""
     shm = posix_ipc.SharedMemory(name)
     try:
         size = os.fstat(shm.fd).st_size
