@@ -2,7 +2,7 @@
 
 The life of a run: ``submit`` calls the orchestration function in the calling thread; each
 ``ctx.submit`` checks its arguments at once and queues a task record; records go to the
-broker in batches (``_FLUSH_EVERY``, and when the orchestration returns). The broker
+broker in batches (pto/orchestration.py, and when the orchestration returns). The broker
 resolves dependencies and dispatches; the I/O thread receives results and, when the last
 task of a run ends, completes the run's ``Future`` with the orchestration's return value,
 or with ``TaskError`` naming the first failure.
@@ -11,43 +11,35 @@ or with ``TaskError`` naming the first failure.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import itertools
 import logging
-import math
 import os
 import sys
-import sysconfig
 import threading
-import time
-import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import cloudpickle
 import numpy as np
 
 from . import protocol as P
 from . import shm
-from .args import Arg, ParamType
 from .connection import Connection
-from .dtypes import dtype_code
 from .embedded import EmbeddedBroker
-from .errors import BrokerLost, PtoError, TaskError, TensorFreed, WorkerLost
+from .errors import BrokerLost, PtoError, TaskError, WorkerLost
+from .orchestration import OrchContext
+from .pickling import pickle_by_value
 from .security import curve_dir
-from .tensor import Segment, TensorHandle, TensorStore, normalize_shape
+from .tensor import Segment, TensorHandle, TensorStore
 from .trace import TraceRecorder
 
 log = logging.getLogger("pto.runtime")
 
-_FLUSH_EVERY = 256  # task records per Submit message while an orchestration runs
 # Unfinished tasks per runtime before submitting waits: bounds client and broker memory
 # when an orchestration submits faster than the chips run.
 MAX_OUTSTANDING = int(os.environ.get("PTO_MAX_OUTSTANDING_TASKS", 100_000))
-_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass
@@ -206,7 +198,7 @@ class Runtime:
             else:
                 kind = "py"
                 try:
-                    blob = _pickle_by_value(fn)
+                    blob = pickle_by_value(fn)
                 except Exception as exc:
                     raise TypeError(f"kernel {kname!r} cannot be sent to workers: {exc}") from exc
             if len(blob) > P.MAX_FRAME_BYTES // 2:
@@ -315,7 +307,7 @@ class Runtime:
         if not callable(fn):
             raise TypeError(f"submit_host needs a callable, not {type(fn).__name__}")
         try:
-            blob = _pickle_by_value(fn)
+            blob = pickle_by_value(fn)
         except Exception as exc:
             raise TypeError(f"host function {fn!r} cannot be sent to workers: {exc}") from exc
         kid = next(self._kernel_ids)
@@ -431,195 +423,6 @@ class Runtime:
         return f"<pto.Runtime host {self.address} {state}>"
 
 
-class OrchContext:
-    """What an orchestration function receives as ``ctx``: it builds the run's task graph.
-
-    >>> def pipeline(ctx, args):
-    ...     x = ctx.tensor(args["input"])
-    ...     y = ctx.alloc(x.shape, x.dtype)
-    ...     ctx.submit(ctx.peers()[0], "scale", [pto.Arg.input(x), pto.Arg.output(y),
-    ...                                          pto.Arg.scalar(2.0)])
-    ...     return y
-    """
-
-    def __init__(self, rt: Runtime, run: _Run, reg: _Registration):
-        self._rt = rt
-        self._run = run
-        self._reg = reg
-        self._pending: list[tuple[P.TaskSpec, str, list[Segment]]] = []
-        self._scopes = 0
-
-    def peers(self) -> list[int]:
-        """The chips (device ids) this runtime can submit to."""
-        return list(self._rt.devices)
-
-    # ---- tensors -----------------------------------------------------------------------
-
-    def alloc(self, shape: Any, dtype: Any = np.float32) -> TensorHandle:
-        """A new zero-filled tensor in shared memory.
-
-        Waits while too many released tensors still wait for their tasks, so a loop that
-        allocates faster than the chips compute keeps a bounded footprint.
-        """
-        dims = normalize_shape(shape)
-        dt = np.dtype(dtype)
-        dtype_code(dt)
-        store = self._rt._store
-        if store.backlog > 0:
-            self._flush()  # the tasks that will shrink the backlog must be on their way
-            store.wait_for_room(lambda: self._rt._conn.lost)
-        handle = TensorHandle(store.create(math.prod(dims) * dt.itemsize), dims, dt)
-        if self._scopes:
-            self._run.scoped.append(weakref.ref(handle._seg))
-        return handle
-
-    def tensor(self, array: Any) -> TensorHandle:
-        """A new tensor holding a copy of ``array`` (the only copy pto makes)."""
-        arr = np.asarray(array)
-        handle = self.alloc(arr.shape, arr.dtype)
-        handle.numpy()[...] = arr
-        return handle
-
-    @contextlib.contextmanager
-    def scope(self) -> Iterator[None]:
-        """Tensors allocated inside are intermediates: each is freed once its tasks finish
-        and no handle to it remains, and at the latest when the run ends, unless the
-        orchestration returns it.
-
-        >>> for step in range(10_000):
-        ...     with ctx.scope():
-        ...         tmp = ctx.alloc(x.shape, x.dtype)
-        ...         ctx.submit(0, "f", [pto.Arg.input(x), pto.Arg.output(tmp)])
-        ...         ctx.submit(1, "g", [pto.Arg.input(tmp), pto.Arg.inout(acc)])
-        """
-        self.scope_begin()
-        try:
-            yield
-        finally:
-            self.scope_end()
-
-    def scope_begin(self) -> None:
-        self._scopes += 1
-
-    def scope_end(self) -> None:
-        if self._scopes == 0:
-            raise RuntimeError("scope_end() without a matching scope_begin()")
-        self._scopes -= 1
-
-    # ---- tasks -------------------------------------------------------------------------
-
-    def submit(self, chip: int, kernel: str, args: list[Arg], retries: int = 1) -> None:
-        """Add a task running ``kernel`` on ``chip``; it waits for the tasks it depends on.
-
-        If the chip's worker dies under the task, it reruns up to ``retries`` times, unless
-        it has INOUT/OUTPUT_EXISTING/NO_DEP arguments (then ``pto.WorkerLost``).
-        """
-        self._check_chip(chip)
-        self._add(int(chip), [], self._kernel_id(kernel), kernel, args, retries)
-
-    def submit_group(self, chips: list[int], kernel: str, args: list[Arg]) -> None:
-        """Run ``kernel`` on every chip of ``chips`` at once, as ranks 0..len(chips)-1.
-
-        The members start together (the broker reserves all the chips first), share
-        ``args``, and see ``pto.task().rank/.world``; ``pto.task().barrier()`` waits for
-        all of them. The group depends on (and is depended on through) all its arguments.
-        """
-        try:
-            group = list(chips)
-        except TypeError:
-            raise TypeError(f"chips must be a list of chip ids, not {chips!r}") from None
-        if not group:
-            raise ValueError("a group needs at least one chip")
-        for chip in group:
-            self._check_chip(chip)
-        if len(set(group)) != len(group):
-            raise ValueError(f"a group names each chip once: {group}")
-        group = [int(c) for c in group]
-        self._add(group[0], group, self._kernel_id(kernel), kernel, args)
-
-    def submit_host(self, fn: Callable[..., Any], args: list[Arg], retries: int = 1) -> None:
-        """Run the Python callable ``fn`` on the host as a task of the graph.
-
-        It runs in a host worker process of the broker (not in this process), with the
-        same arguments, dependencies and failure rules as a kernel on a chip.
-        """
-        kid = self._rt._host_kernel(fn)
-        self._add(-1, [], kid, getattr(fn, "__qualname__", repr(fn)), args, retries)
-
-    def _check_chip(self, chip: Any) -> None:
-        devices = self._rt.devices
-        if not isinstance(chip, (int, np.integer)) or isinstance(chip, bool) or chip not in devices:
-            raise ValueError(f"unknown chip {chip!r}; this runtime has chips {devices}")
-
-    def _kernel_id(self, kernel: str) -> int:
-        kid = self._reg.kernel_ids.get(kernel)
-        if kid is None:
-            raise KeyError(f"unknown kernel {kernel!r} in {self._reg.name!r}; "
-                           f"registered kernels: {sorted(self._reg.kernel_ids)}")
-        return kid
-
-    def _add(self, chip: int, group: list[int], kid: int, kernel: str, args: list[Arg],
-             retries: int = 0) -> None:
-        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, not {retries!r}")
-        if not isinstance(args, (list, tuple)):
-            raise TypeError(f"args of {kernel!r} must be a list of pto.Arg, "
-                            f"not {type(args).__name__}")
-        specs: list[P.ArgSpec] = []
-        handles: list[TensorHandle] = []
-        for i, arg in enumerate(args):
-            if not isinstance(arg, Arg):
-                raise TypeError(f"argument {i} of {kernel!r} is a {type(arg).__name__}, "
-                                "not a pto.Arg (use pto.Arg.input/output/inout/scalar)")
-            if arg.kind == ParamType.SCALAR:
-                specs.append(P.ArgSpec(int(ParamType.SCALAR), scalar=_scalar(arg.value, i, kernel)))
-                continue
-            handle = self._as_handle(arg, i, kernel)
-            handles.append(handle)
-            specs.append(P.ArgSpec(int(arg.kind), handle._seg.tid, handle._offset,
-                                   handle.nbytes, handle.dtype_code, list(handle.shape)))
-        segments = [h._seg for h in handles]
-        with self._rt._lock:
-            for seg in segments:  # from now on the task keeps the segment alive
-                seg.users += 1
-        spec = P.TaskSpec(next(self._rt._task_ids), chip, kid, specs, group, retries)
-        if self._rt._trace is not None:
-            self._rt._trace.submitted(spec.task, kernel, group or [chip],
-                                      sum(h.nbytes for h in handles), time.monotonic())
-        self._pending.append((spec, kernel, segments))
-        if len(self._pending) >= _FLUSH_EVERY:
-            self._flush()
-
-    def _as_handle(self, arg: Arg, i: int, kernel: str) -> TensorHandle:
-        value = arg.value
-        if isinstance(value, TensorHandle):
-            if value._seg.store is not self._rt._store:
-                raise ValueError(f"argument {i} of {kernel!r}: tensor {value.name} belongs to "
-                                 "another runtime")
-            value._check()
-            return value
-        if isinstance(value, np.ndarray):
-            known = self._run.array_handles.get(id(value))
-            if known is not None:
-                return known[1]
-            if arg.kind != ParamType.INPUT and not value.flags.writeable:
-                raise ValueError(f"argument {i} of {kernel!r}: a read-only array cannot be "
-                                 f"an {arg.kind.name.lower()}")
-            handle = self.tensor(value) if arg.kind != ParamType.OUTPUT else self.alloc(
-                value.shape, value.dtype)
-            self._run.array_handles[id(value)] = (value, handle)  # also keeps id() unique
-            if arg.kind != ParamType.INPUT:
-                self._run.copy_back.append((value, handle))
-            return handle
-        raise TypeError(f"argument {i} of {kernel!r}: a tensor argument takes a TensorHandle "
-                        f"or a numpy array, not {type(value).__name__}")
-
-    def _flush(self) -> None:
-        if self._pending:
-            batch, self._pending = self._pending, []
-            self._rt._send_tasks(self._run, batch)
-
-
 def _show_progress(run: _Run, width: int = 30) -> None:
     """Draw ``[#####.....] done/total tasks`` on stderr until the run ends."""
     while True:
@@ -635,19 +438,6 @@ def _show_progress(run: _Run, width: int = 30) -> None:
             run.future.exception(timeout=0.1)
         except (TimeoutError, CancelledError):
             pass
-
-
-def _scalar(value: Any, i: int, kernel: str) -> int | float | bool:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        if not _INT_MIN <= int(value) <= _UINT_MAX:
-            raise OverflowError(f"scalar argument {i} of {kernel!r} does not fit in 64 bits")
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value)
-    raise TypeError(f"scalar argument {i} of {kernel!r} must be a bool, int or float, "
-                    f"not {type(value).__name__}")
 
 
 def _check_devices(devices: Any) -> list[int]:
@@ -679,35 +469,7 @@ def _task_error(failures: list[P.Failure]) -> TaskError:
     roots = [f for f in failures if f.root == f.task] or failures
     first = min(roots, key=lambda f: f.task)
     cls = WorkerLost if first.lost else TaskError
-    reason = first.reason if first.root == first.task else first.reason
-    return cls(first.kernel, first.chip, reason, failed=len(failures))
-
-
-def _pickle_by_value(fn: Callable[..., Any]) -> bytes:
-    """cloudpickle ``fn`` with its defining module by value unless workers can import it.
-
-    cloudpickle sends functions of importable modules by reference; a test module or a
-    user's script next to it is importable here but not from a worker's working directory.
-    """
-    module = sys.modules.get(getattr(fn, "__module__", None) or "")
-    by_value = module is not None and _is_user_module(module)
-    if by_value:
-        cloudpickle.register_pickle_by_value(module)
-    try:
-        return cloudpickle.dumps(fn)
-    finally:
-        if by_value:
-            cloudpickle.unregister_pickle_by_value(module)
-
-
-def _is_user_module(module: types.ModuleType) -> bool:
-    path = getattr(module, "__file__", None)
-    if module.__name__ == "__main__" or not path:
-        return False
-    path = os.path.realpath(path)
-    installed = {os.path.realpath(p) for p in sysconfig.get_paths().values()}
-    ours = os.path.dirname(os.path.realpath(__file__))
-    return not path.startswith(ours) and not any(path.startswith(p + os.sep) for p in installed)
+    return cls(first.kernel, first.chip, first.reason, failed=len(failures))
 
 
 def _close_at_exit(ref: weakref.ref) -> None:
@@ -716,4 +478,4 @@ def _close_at_exit(ref: weakref.ref) -> None:
         rt.close()
 
 
-__all__ = ["Runtime", "OrchContext", "TensorFreed"]
+__all__ = ["Runtime", "OrchContext"]
