@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("a tcp broker needs --curve DIR (keys from `pto keygen DIR`) so that only key "
                      "holders can submit code; --insecure allows it without")
 
+    if args.log_dir:
+        os.makedirs(args.log_dir, mode=0o700, exist_ok=True)
     log_file = os.path.join(args.log_dir, "broker.log") if args.log_dir else None
     setup_logging("broker", log_file=log_file)
     if parent_gone(args.parent_pid):

@@ -167,6 +167,8 @@ class Broker:
         removed = shm.reap_dead_owners()
         if removed:
             log.info("startup janitor removed %d segment(s)", removed)
+        _remove_stale_endpoints(os.path.dirname(self.address[6:]) if self.address.startswith(
+            "ipc://") else None)
         tick = min(self.heartbeat, 0.25)
         next_tick = 0.0
         busy = False
@@ -632,6 +634,22 @@ def _read_status(name: str) -> tuple[int, int]:
     status = _peek_status(name)
     shm.unlink(name)
     return status
+
+
+def _remove_stale_endpoints(directory: str | None) -> None:
+    """Remove ipc endpoints that brokers killed before they could clean up left behind
+    (named broker-<pid>.sock or <pid>x<hex>.sock, with a .w twin for workers)."""
+    if not directory or not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if not name.endswith((".sock", ".sock.w")):
+            continue
+        head = name.removeprefix("broker-").split(".", 1)[0].split("x", 1)[0]
+        if head.isdigit() and not shm.pid_alive(int(head)):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
 
 
 def _exit_text(returncode: int | None) -> str:

@@ -174,6 +174,7 @@ def summarize_trace(events: list[dict[str, Any]], top: int = 10) -> dict[str, An
     the dependency that finished last (the one the task waited for): a chain of task
     durations and the waits between them that accounts for the end of the run.
     """
+    events = [e for e in events if isinstance(e, dict)]
     names: dict[int, str] = {}
     for e in events:
         if e.get("ph") == "M" and e.get("name") == "thread_name":

@@ -22,7 +22,7 @@ import zmq
 from . import protocol as P
 from .errors import BrokerLost, ProtocolError
 from .security import secure_client
-from .shm import pid_alive
+from .shm import pid_alive, pid_state
 
 log = logging.getLogger("pto.client")
 
@@ -197,13 +197,15 @@ class Connection:
         why = self._watch() if self._watch else None
         if why:
             raise BrokerLost(f"broker at {self.address} is gone: {why}")
-        if self._broker_pid:
-            if not pid_alive(self._broker_pid):
-                raise BrokerLost(f"broker at {self.address} (pid {self._broker_pid}) is gone")
-        else:
-            silent = now - self._last_recv
-            if silent > self.heartbeat * self.liveness:
-                raise BrokerLost(f"broker at {self.address} silent for {silent:.1f}s")
+        if self._broker_pid and not pid_alive(self._broker_pid):
+            raise BrokerLost(f"broker at {self.address} (pid {self._broker_pid}) is gone")
+        silent = now - self._last_recv
+        limit = self.heartbeat * self.liveness
+        # A silent local broker that is running (state R) is busy, not lost: give it longer.
+        if self._broker_pid and pid_state(self._broker_pid) == "R":
+            limit *= 20
+        if silent > limit:
+            raise BrokerLost(f"broker at {self.address} silent for {silent:.1f}s")
         if now - self._last_sent > self.heartbeat:
             self.rx.send_multipart(P.encode(P.Heartbeat()))
             self._last_sent = now

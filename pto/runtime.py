@@ -424,15 +424,19 @@ class Runtime:
 
 
 def _show_progress(run: _Run, width: int = 30) -> None:
-    """Draw ``[#####.....] done/total tasks`` on stderr until the run ends."""
+    """Draw ``[#####.....] done/total tasks`` on stderr until the run ends (only the final
+    line when stderr is not a terminal)."""
+    live = sys.stderr.isatty()
     while True:
         total = run.submitted
         done = total - run.outstanding
-        filled = width * done // total if total else width
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks")
-        sys.stderr.flush()
-        if run.future.done():
-            sys.stderr.write("\n")
+        finished = run.future.done()
+        if live or finished:
+            filled = width * done // total if total else width
+            bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks"
+            sys.stderr.write(("\r" if live else "") + bar + ("\n" if finished else ""))
+            sys.stderr.flush()
+        if finished:
             return
         try:
             run.future.exception(timeout=0.1)

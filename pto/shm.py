@@ -128,10 +128,20 @@ def reap_dead_owners() -> int:
 
 
 def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    return pid_state(pid) != "Z"
+
+
+def pid_state(pid: int) -> str | None:
+    """The process state letter from /proc (R running, S sleeping, T stopped, Z zombie...)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None

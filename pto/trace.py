@@ -106,4 +106,5 @@ def _us(seconds: float) -> float:
 
 
 def _track(chip: int) -> int:
-    return chip if chip >= 0 else 1000 - chip  # host workers after the chips
+    # Track ids from 1 (some Perfetto versions merge track 0 into 1); host workers last.
+    return chip + 1 if chip >= 0 else 1000 - chip

@@ -13,6 +13,7 @@ import logging
 import mmap
 import os
 import signal
+import threading
 import time
 import traceback
 from collections import deque
@@ -76,14 +77,18 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self._send(P.WorkerHello(self.device, os.getpid(), self.status_name))
+        if self.parent_pid is not None:
+            threading.Thread(target=self._watch_parent, name="pto-watchdog", daemon=True).start()
         log.info("worker for %s started", self._what())
         try:
             while not self.stopping:
                 if not self.queue:
                     spin = self._report()
                     poll_with_spin(self.sock.poll, int(self.heartbeat * 1000), spin)
+                    self._drain()  # heartbeats that came while a kernel ran count too
                     self._check_timers()
-                self._drain()
+                else:
+                    self._drain()
                 if self.queue:
                     self._execute(self.queue.popleft())
                     if (len(self.done) + len(self.failed) >= _REPORT_EVERY
@@ -95,6 +100,15 @@ class Worker:
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.info("signal %d: stopping", signum)
         self.stopping = True
+
+    def _watch_parent(self) -> None:
+        """Exit when our broker is dead or stopped, even in the middle of a kernel that
+        never returns (the main loop only looks between tasks)."""
+        while not self.stopping:
+            time.sleep(self.heartbeat)
+            if parent_gone(self.parent_pid) or shm.pid_state(self.parent_pid) in ("T", "Z"):
+                log.warning("broker (pid %s) is gone or stopped: exiting", self.parent_pid)
+                os._exit(1)
 
     def _check_timers(self) -> None:
         now = time.monotonic()

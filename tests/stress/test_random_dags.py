@@ -1,109 +1,113 @@
-"""Stress: 4 client processes run random task DAGs through one long-lived broker + 4 workers.
+"""Stress: client processes run random task DAGs through one long-lived broker + 4 workers.
 
-Each client (``dag_client.py``, a separate Python process) runs 10 orchestrations of 100
-tasks over 16 shared tensors and compares every tensor, after every run, with a sequential
-numpy reference. The whole test has a hard deadline, so it can fail but never hang.
+Each client (``dag_client.py``, a separate Python process) runs orchestrations of random
+tasks over 16 shared tensors (inputs, outputs, inouts, numpy arrays, and with options
+group tasks meeting in a barrier and scoped intermediates) and compares every tensor,
+after every run, with a sequential numpy reference. After the load: no client segment is
+left while the broker runs, its RSS is back within 10% of what it was after a warm-up, and
+once it stops, no pto segment or process of it remains. Each test has a hard deadline, so
+it can fail but never hang.
+
+``test_chaos.py`` runs the same load while workers and a client are killed.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-CLIENT = Path(__file__).with_name("dag_client.py")
-DEADLINE_S = 240
-N_CLIENTS = 4
+from ._harness import Client, StressBroker, pto_segments, settle_rss, tail, wait_for
+
+DEADLINE_S = 150
+RSS_SLACK = 1.10
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(DEADLINE_S + 60)]
 
-
-def _first_line(path: Path, proc: subprocess.Popen, timeout: float) -> str:
-    """The first line ``proc`` writes to its stdout file ``path``, within ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = path.read_text(errors="replace")
-        if "\n" in text:
-            return text.split("\n", 1)[0].strip()
-        if proc.poll() is not None:
-            raise EOFError(f"broker exited (rc={proc.returncode}) before its address: {text!r}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"broker printed no address within {timeout}s (got {text!r})")
-        time.sleep(0.05)
+GRAPH = ["--groups", "0.03", "--scopes", "0.05"]
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:
-    """SIGTERM and wait; on timeout SIGKILL its whole process group and return None."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout)
-            return None
-    return proc.returncode
+def warm_up(broker: StressBroker, tmp_path, deadline: float) -> None:
+    """Two short clients, so the broker's first-use allocations are behind us."""
+    warm = [Client(tmp_path, 100 + i, broker.address, "--seed", str(77 + i), "--runs", "3",
+                   "--tasks-per-run", "200", *GRAPH) for i in range(2)]
+    for c in warm:
+        if not c.wait(deadline):
+            c.kill()
+            pytest.fail(f"warm-up client did not finish:\n{c.describe()}")
+        assert c.proc.returncode == 0, c.describe()
 
 
-def _tail(path: Path, n: int = 3000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else ""
+def client_segments(before: set[str]) -> list[str]:
+    """pto objects that are not there before the test and not a live worker's status."""
+    return [s for s in pto_segments() if s not in before and not s.endswith("_status")]
 
 
-def test_four_clients_random_dags_through_one_broker(tmp_path):
+def run_load(tmp_path, n_clients: int, client_args: list[str], expect_tasks: int,
+             expect_checks: int) -> dict:
     deadline = time.monotonic() + DEADLINE_S
-    env = {k: v for k, v in os.environ.items() if k != "PTO_BROKER"}
-    out, err = tmp_path / "broker.out", tmp_path / "broker.err"
-    # Output goes to files, not pipes: nobody can block on a full pipe.
-    with open(out, "wb") as fo, open(err, "wb") as fe:
-        broker = subprocess.Popen(
-            ["bash", str(REPO / "scripts" / "start_broker.sh"), "--workers", "4"],
-            cwd=REPO, env=env, stdout=fo, stderr=fe,
-            start_new_session=True,  # so a clean-up SIGKILL reaches its workers too
-        )
-    clients: list[subprocess.Popen] = []
+    before = set(pto_segments())
+    broker = StressBroker(tmp_path, workers=4)
+    clients: list[Client] = []
+    figures: dict = {}
     try:
-        addr = _first_line(out, broker, timeout=30)
-        assert addr.startswith(("ipc://", "tcp://")), addr
+        assert broker.wait_workers(30), f"workers did not start:\n{tail(broker.err)}"
+        warm_up(broker, tmp_path, deadline)
+        time.sleep(0.5)
+        rss0 = broker.rss()
+        t0 = time.monotonic()
 
-        for i in range(N_CLIENTS):
-            with open(tmp_path / f"c{i}.out", "wb") as fo, open(tmp_path / f"c{i}.err", "wb") as fe:
-                clients.append(subprocess.Popen(
-                    [sys.executable, str(CLIENT), "--broker", addr, "--seed", str(1000 + i),
-                     "--runs", "10", "--tasks-per-run", "100", "--pool", "16"],
-                    cwd=REPO, env=env, stdout=fo, stderr=fe,
-                ))
+        clients = [Client(tmp_path, i, broker.address, "--seed", str(1000 + i), *client_args)
+                   for i in range(n_clients)]
         reports, failures = [], []
-        for i, c in enumerate(clients):
-            try:
-                c.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"client {i} still running at the {DEADLINE_S}s deadline:\n"
-                            f"{_tail(tmp_path / f'c{i}.err')}")
-            if c.returncode != 0:
-                failures.append(f"client {i} rc={c.returncode}\n{_tail(tmp_path / f'c{i}.err')}")
+        for c in clients:
+            if not c.wait(deadline):
+                pytest.fail(f"client {c.index} still running at the {DEADLINE_S}s deadline:\n"
+                            f"{c.describe()}")
+            if c.proc.returncode != 0:
+                failures.append(c.describe())
                 continue
-            reports.append(json.loads((tmp_path / f"c{i}.out").read_text().splitlines()[-1]))
-        assert broker.poll() is None, f"the broker died during the test:\n{_tail(err)}"
+            reports.append(c.report())
+        figures["seconds"] = round(time.monotonic() - t0, 1)
+        assert broker.alive(), f"the broker died during the test:\n{tail(broker.err)}"
         assert not failures, "\n\n".join(failures)
 
         for r in reports:
-            assert r["tasks"] == 1000 and r["checks"] == 10 * 16, r
+            assert r["tasks"] >= expect_tasks and r["checks"] == expect_checks, r
+            assert r["runs_ok"] == r["runs"] and r["hung"] is None, r
         wrong = {r["seed"]: (r["wrong"], r["first_wrong"]) for r in reports if r["wrong"]}
         assert not wrong, f"wrong results (seed: (count, first)): {wrong}"
+        figures["tasks"] = sum(r["tasks"] for r in reports)
+        figures["checks"] = sum(r["checks"] for r in reports)
+
+        # Every client has exited: the broker holds nothing of theirs any more.
+        assert wait_for(lambda: not client_segments(before), 5), client_segments(before)
+        rss = settle_rss(broker, int(rss0 * RSS_SLACK))
+        figures["broker_rss_mb"] = (round(rss0 / 2**20, 1), round(rss / 2**20, 1))
+        assert rss <= rss0 * RSS_SLACK, (
+            f"broker RSS {rss / 2**20:.1f} MiB after the load vs {rss0 / 2**20:.1f} MiB "
+            f"after the warm-up (> {RSS_SLACK - 1:.0%} growth)")
     finally:
         for c in clients:
-            if c.poll() is None:
-                c.kill()
-                c.wait()
-        rc = _stop(broker)
-    assert rc is not None, f"broker ignored SIGTERM for 15s; stderr tail:\n{_tail(err)}"
-    assert rc in (0, -signal.SIGTERM, 128 + signal.SIGTERM), (
-        f"broker exited rc={rc} on SIGTERM; stderr tail:\n{_tail(err)}"
-    )
+            c.kill()
+        rc = broker.stop()
+    stray = broker.stragglers()
+    assert not stray, f"processes left after the broker stopped: {stray}"
+    assert rc is not None, f"broker ignored SIGTERM for 15s; stderr tail:\n{tail(broker.err)}"
+    assert broker.clean_exit(rc), f"broker exited rc={rc} on SIGTERM:\n{tail(broker.err)}"
+    left = lambda: sorted(set(pto_segments()) - before)  # noqa: E731
+    assert wait_for(lambda: not left(), 5), f"pto segments left: {left()}"
+    print(f"\nstress figures: {figures}")
+    return figures
+
+
+def test_four_clients_random_dags_through_one_broker(tmp_path):
+    """4 clients x 10 runs x 100 tasks (single tasks and numpy-array arguments only)."""
+    run_load(tmp_path, 4, ["--runs", "10", "--tasks-per-run", "100", "--pool", "16"],
+             expect_tasks=1000, expect_checks=10 * 16)
+
+
+def test_eight_clients_2000_tasks_each_with_groups_and_scopes(tmp_path):
+    """8 clients x 10 runs x 200 ops (groups with a barrier and scoped temporaries too)."""
+    run_load(tmp_path, 8, ["--runs", "10", "--tasks-per-run", "200", "--pool", "16", *GRAPH],
+             expect_tasks=2000, expect_checks=10 * 16)
