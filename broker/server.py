@@ -83,9 +83,10 @@ class WorkerProcess:
 
     device: int
     popen: subprocess.Popen | None = None
-    restarts: int = 0  # quick successive deaths, for back-off
+    restarts: int = 0  # deaths in a row before connecting, for back-off
     start_at: float = 0.0
     started: float = 0.0
+    connected: bool = False  # it said WorkerHello
 
 
 class Broker:
@@ -404,6 +405,9 @@ class Broker:
         worker = WorkerPeer(identity, msg.device, msg.pid, time.monotonic(), status=msg.status)
         self.workers[identity] = worker
         self.worker_by_device[msg.device] = worker
+        proc = self.spawned.get(msg.device)
+        if proc is not None and proc.popen is not None and proc.popen.pid == msg.pid:
+            proc.connected = True
         self.sched.add_chip(worker.queue)
         log.info("worker for device %d connected (pid %d)", msg.device, msg.pid)
         self._announce_devices()
@@ -541,13 +545,17 @@ class Broker:
             if proc.device in self.worker_by_device:
                 self._worker_lost(self.worker_by_device[proc.device],
                                   _exit_text(proc.popen.returncode))
+            # A worker that keeps dying before it even connects (a broken environment) is
+            # restarted ever more slowly; one that served is replaced at once.
+            connected = any(w.pid == proc.popen.pid for w in self.workers.values()) or \
+                proc.connected
             proc.popen = None
-            # A worker that keeps dying at start-up is restarted ever more slowly.
-            proc.restarts = proc.restarts + 1 if now - proc.started < 2.0 else 0
+            proc.restarts = 0 if connected else proc.restarts + 1
             proc.start_at = now + (min(5.0, 0.1 * 2 ** proc.restarts) if proc.restarts else 0)
         if now >= proc.start_at and not self._stop:
             proc.popen = self._spawn_worker(proc.device)
             proc.started = now
+            proc.connected = False
 
     def _log_file(self, device: int) -> str | None:
         if not self.log_dir:
