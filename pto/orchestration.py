@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 _FLUSH_EVERY = 256  # task records per Submit message while an orchestration runs
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
+_MAX_TENSOR_BYTES = 2**62
 
 
 class OrchContext:
@@ -45,6 +46,7 @@ class OrchContext:
         self._reg = reg
         self._pending: list[tuple[P.TaskSpec, str, list[Segment]]] = []
         self._scopes = 0
+        self._ended = False  # set when the orchestration returns: the run takes no more tasks
 
     def peers(self) -> list[int]:
         """The chips (device ids) this runtime can submit to."""
@@ -61,11 +63,15 @@ class OrchContext:
         dims = normalize_shape(shape)
         dt = np.dtype(dtype)
         dtype_code(dt)
+        nbytes = math.prod(dims) * dt.itemsize
+        if nbytes > _MAX_TENSOR_BYTES:
+            raise ValueError(f"a tensor of shape {dims} and dtype {dt} needs {nbytes} bytes, more "
+                             f"than the {_MAX_TENSOR_BYTES} a tensor may have")
         store = self._rt._store
         if store.backlog > 0:
             self._flush()  # the tasks that will shrink the backlog must be on their way
             store.wait_for_room(lambda: self._rt._conn.lost)
-        handle = TensorHandle(store.create(math.prod(dims) * dt.itemsize), dims, dt)
+        handle = TensorHandle(store.create(nbytes), dims, dt)
         if self._scopes:
             self._run.scoped.append(weakref.ref(handle._seg))
         return handle
@@ -157,6 +163,9 @@ class OrchContext:
 
     def _add(self, chip: int, group: list[int], kid: int, kernel: str, args: list[Arg],
              retries: int = 0) -> None:
+        if self._ended:
+            raise RuntimeError(f"cannot submit {kernel!r}: this ctx belongs to a run whose "
+                               "orchestration has returned")
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ValueError(f"retries must be an int >= 0, not {retries!r}")
         if not isinstance(args, (list, tuple)):
@@ -168,6 +177,13 @@ class OrchContext:
             if not isinstance(arg, Arg):
                 raise TypeError(f"argument {i} of {kernel!r} is a {type(arg).__name__}, "
                                 "not a pto.Arg (use pto.Arg.input/output/inout/scalar)")
+            if not isinstance(arg.kind, ParamType):
+                try:
+                    arg = Arg(ParamType(arg.kind), arg.value)
+                except ValueError:
+                    raise ValueError(f"argument {i} of {kernel!r} has kind {arg.kind!r}, not a "
+                                     f"pto.ParamType ({', '.join(p.name for p in ParamType)})"
+                                     ) from None
             if arg.kind == ParamType.SCALAR:
                 specs.append(P.ArgSpec(int(ParamType.SCALAR), scalar=_scalar(arg.value, i, kernel)))
                 continue

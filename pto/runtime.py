@@ -110,12 +110,16 @@ class Runtime:
             devices = [device]
         if devices is not None:
             devices = _check_devices(devices)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self._closed = True  # until fully started, close() has nothing to do
         self._lock = threading.RLock()
         self._owner = shm.new_owner()
         self._embedded: EmbeddedBroker | None = None
         address = broker or os.environ.get("PTO_BROKER")
-        if not address:
+        if address:
+            _check_address(address)
+        else:
             self._embedded = EmbeddedBroker(devices or [0], self._owner)
             address = self._embedded.address
         trace = trace or os.environ.get("PTO_TRACE") or None
@@ -234,8 +238,10 @@ class Runtime:
         ctx = OrchContext(self, run, reg)
         try:
             value = reg.orch(ctx, args)
+            ctx._ended = True
             ctx._flush()
         except BaseException as exc:
+            ctx._ended = True
             # Tasks submitted before the error still run (as if each submit were sent at
             # once); the run then raises the orchestration's error once they have ended.
             try:
@@ -442,6 +448,15 @@ def _show_progress(run: _Run, width: int = 30) -> None:
             run.future.exception(timeout=0.1)
         except (TimeoutError, CancelledError):
             pass
+
+
+def _check_address(address: str) -> None:
+    ok = (isinstance(address, str)
+          and (address.startswith("ipc://") and len(address) > len("ipc://")
+               or address.startswith("tcp://") and address.rpartition(":")[2].isdigit()
+               and address.count(":") >= 2))
+    if not ok:
+        raise ValueError(f"broker address must be ipc://PATH or tcp://HOST:PORT, not {address!r}")
 
 
 def _check_devices(devices: Any) -> list[int]:

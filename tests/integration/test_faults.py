@@ -9,6 +9,7 @@ attempts with files in a per-test directory, so a rerun finishes at once.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -182,6 +183,7 @@ def test_worker_killed_mid_task_reruns_an_idempotent_task(rt4, marks):
     np.testing.assert_array_equal(y.numpy(), np.arange(16.0) * 2)
     second = int(attempts(marks)[1].split("-")[1])
     assert len(attempts(marks)) == 2 and second != first, attempts(marks)
+    print(f"\nrerun after kill -9: run done {took:.2f}s after the kill")
     assert took < 10, f"the rerun finished {took:.1f}s after the kill"
     assert worker_pid(rt4, 2) == second  # the chip's new worker
     assert_usable(rt4)
@@ -243,6 +245,7 @@ def test_worker_killed_under_an_overwriting_task_raises_worker_lost(rt4, marks, 
     assert err.chip == 2 and err.kernel == "overwrite", (err.chip, err.kernel)
     assert "chip 2" in str(err) and "'overwrite'" in str(err), str(err)
     assert "died" in err.reason and "SIGKILL" in err.reason, err.reason
+    print(f"\nWorkerLost ({kind}) {took:.2f}s after the kill")
     assert took < 5, f"WorkerLost came {took:.1f}s after the kill"
     assert len(attempts(marks)) == 1, f"the overwriting task was rerun: {attempts(marks)}"
     np.testing.assert_array_equal(handles["indep"].numpy(), np.full(8, 7.0))
@@ -327,12 +330,49 @@ def test_host_worker_killed_mid_task_reruns_it(rt1, marks):
 
 def test_idle_worker_killed_is_restarted_and_serves_again(rt4):
     pids = {chip: worker_pid(rt4, chip) for chip in rt4.devices}
+    victims = [our_process(pids[0]), our_process(pids[3])]
     for chip in (0, 3):
         kill9(pids[chip])
-    assert wait_dead([psutil.Process(pids[0]), psutil.Process(pids[3])], timeout=5) == []
+    assert wait_dead(victims, timeout=5) == []
     assert_usable(rt4)
     assert worker_pid(rt4, 0) != pids[0] and worker_pid(rt4, 3) != pids[3]
     assert worker_pid(rt4, 1) == pids[1]  # the others were left alone
+
+
+def exit_now(out):
+    os._exit(1)
+
+
+def sys_exit(out):
+    sys.exit(3)
+
+
+def interrupt(out):
+    raise KeyboardInterrupt("a kernel interrupted itself")
+
+
+@pytest.mark.parametrize("kernel", [exit_now, sys_exit, interrupt],
+                         ids=["os._exit", "sys.exit", "KeyboardInterrupt"])
+def test_kernel_that_ends_its_process_fails_its_task_in_bounded_time(rt4, kernel):
+    """A kernel that exits its worker (os._exit, sys.exit) or raises a BaseException:
+    the task fails with a TaskError naming kernel and chip (WorkerLost if the worker
+    died); it never reruns forever, and the chip serves the next run."""
+
+    def orch(ctx, args):
+        out = ctx.alloc(2, np.float64)
+        ctx.submit(3, "quits", [Out(out)])
+        return out
+
+    rt4.register("faults_quits", orch=orch, kernels={"quits": kernel})
+    future = rt4.submit("faults_quits")
+    try:
+        with pytest.raises(pto.TaskError) as ei:
+            future.result(timeout=15)
+    except concurrent.futures.TimeoutError:
+        pytest.fail(f"a kernel calling {kernel.__name__} left its run unfinished after 15 s "
+                    f"(broker status: {pto.status(rt4.address)})")
+    assert ei.value.kernel == "quits" and ei.value.chip == 3, str(ei.value)
+    assert_usable(rt4)
 
 
 # ---- client death --------------------------------------------------------------------
@@ -393,6 +433,7 @@ def test_killed_client_loses_its_segments_within_2s_and_others_are_unaffected(br
             gone = wait_until(lambda: not segments_of(owner), timeout=10, interval=0.02)
             took = time.monotonic() - t0
             assert gone, f"segments of the killed client left: {segments_of(owner)}"
+            print(f"\nkilled client's segments gone {took:.2f}s after kill -9")
             assert took < 2.0, f"the killed client's segments went only after {took:.2f}s"
 
             # The other client is unaffected; chip 0 serves it once the running task ends.
@@ -499,6 +540,7 @@ def test_broker_lost_under_a_blocked_run_raises_broker_lost(tmp_path, marks, how
             blocked.join(10)
             assert not blocked.is_alive(), f"rt.run still blocked 10 s after the broker ({how})"
             took = outcome["at"] - lost_at
+            print(f"\nBrokerLost ({how}) {took:.2f}s after the broker was lost")
             assert isinstance(outcome.get("error"), pto.BrokerLost), outcome
             assert took < 3.0, f"BrokerLost came {took:.1f}s after the broker was lost"
             # every later call fails at once, and the workers are gone with their broker

@@ -27,6 +27,17 @@ def pto_segments() -> list[str]:
     return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(("pto_", "sem.pto_")))
 
 
+def owner_pid(segment: str) -> int | None:
+    """The pid in ``pto_<pid>x<random>_<id>`` (or ``sem.pto_...``): the creating process."""
+    head = segment.split("pto_", 1)[1].split("x", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def segments_of(pids: set[int]) -> list[str]:
+    """The pto objects created by these processes (others may share this machine)."""
+    return [s for s in pto_segments() if owner_pid(s) in pids]
+
+
 def tail(path: Path, n: int = 3000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else ""
 

@@ -1,10 +1,11 @@
 """Stress under faults: the random-DAG load of ``test_random_dags.py`` while a chaos thread
 SIGKILLs a random chip worker every ~0.5 s and another SIGKILLs one random client once.
 
-Two variants: the chaos thread kills any live chip worker (also one that has just been
-restarted), or only workers that have served for a while (so the broker's back-off for
-workers that die right after their start never comes into play, and what is measured is
-the rerun/``WorkerLost`` logic under a steady stream of kills).
+Two variants: the chaos thread kills any live chip worker (also one just restarted and
+not yet connected, which the broker restarts with a back-off), or only workers that have
+served for 2.5 s (every kill hits a connected worker mid-load: what is measured is the
+rerun/``WorkerLost`` logic under a steady stream of kills). The clients keep starting runs
+for 30 s, so the chaos is sustained, not a handful of kills.
 
 What must hold: the broker survives and restarts every worker; every surviving client's
 runs end (done, or a ``pto.TaskError``/``pto.WorkerLost`` for a run that lost a task: the
@@ -24,7 +25,7 @@ import time
 import pytest
 
 from ._harness import Client, StressBroker, pto_segments, settle_rss, tail, wait_for
-from .test_random_dags import GRAPH, RSS_SLACK, client_segments, warm_up
+from .test_random_dags import GRAPH, RSS_SLACK, client_segments, leftovers, warm_up
 
 DEADLINE_S = 180
 N_CLIENTS = 8
@@ -119,14 +120,14 @@ def test_chaos_workers_and_a_client_killed_under_load(tmp_path, min_age):
     """Kill a random chip worker (alive for at least ``min_age`` s) every ~0.5 s."""
     deadline = time.monotonic() + DEADLINE_S
     rng = random.Random(int(os.environ.get("PTO_CHAOS_SEED", "5")))
-    before = set(pto_segments())
     broker = StressBroker(tmp_path, workers=4)
     clients: list[Client] = []
+    warm: list[Client] = []
     chaos = client_chaos = None
     figures: dict = {}
     try:
         assert broker.wait_workers(30), f"workers did not start:\n{tail(broker.err)}"
-        warm_up(broker, tmp_path, deadline)
+        warm = warm_up(broker, tmp_path, deadline, N_CLIENTS, kills=3)
         time.sleep(0.5)
         rss0 = broker.rss()
         t0 = time.monotonic()
@@ -214,7 +215,9 @@ def test_chaos_workers_and_a_client_killed_under_load(tmp_path, min_age):
 
         # The broker recovers: every chip has a worker, nothing of the clients is left.
         assert broker.wait_workers(30), f"workers did not come back:\n{tail(broker.err)}"
-        assert wait_for(lambda: not client_segments(before), 5), client_segments(before)
+        everyone = warm + clients
+        assert wait_for(lambda: not client_segments(broker, everyone), 5), (
+            client_segments(broker, everyone))
         rss = settle_rss(broker, int(rss0 * RSS_SLACK))
         figures["broker_rss_mb"] = (round(rss0 / 2**20, 1), round(rss / 2**20, 1))
         assert rss <= rss0 * RSS_SLACK, (
@@ -231,6 +234,7 @@ def test_chaos_workers_and_a_client_killed_under_load(tmp_path, min_age):
     assert not stray, f"processes left after the broker stopped: {stray}"
     assert rc is not None, f"broker ignored SIGTERM for 15s; stderr tail:\n{tail(broker.err)}"
     assert broker.clean_exit(rc), f"broker exited rc={rc} on SIGTERM:\n{tail(broker.err)}"
-    left = lambda: sorted(set(pto_segments()) - before)  # noqa: E731
-    assert wait_for(lambda: not left(), 5), f"pto segments left: {left()}"
+    everyone = warm + clients
+    assert wait_for(lambda: not leftovers(broker, everyone), 5), (
+        f"pto segments left: {leftovers(broker, everyone)}")
     print(f"\nchaos figures: {figures}")

@@ -13,11 +13,14 @@ it can fail but never hang.
 
 from __future__ import annotations
 
+import os
+import random
+import signal
 import time
 
 import pytest
 
-from ._harness import Client, StressBroker, pto_segments, settle_rss, tail, wait_for
+from ._harness import Client, StressBroker, segments_of, settle_rss, tail, wait_for
 
 DEADLINE_S = 150
 RSS_SLACK = 1.10
@@ -27,32 +30,58 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(DEADLINE_S + 60)]
 GRAPH = ["--groups", "0.03", "--scopes", "0.05"]
 
 
-def warm_up(broker: StressBroker, tmp_path, deadline: float) -> None:
-    """Two short clients, so the broker's first-use allocations are behind us."""
+def warm_up(broker: StressBroker, tmp_path, deadline: float, n_clients: int,
+            kills: int = 0) -> list[Client]:
+    """The load in short (``n_clients`` clients x 3 runs, and ``kills`` worker kills under
+    them), so that the broker's first-use allocations and the high-water marks of its
+    tables are behind us when its RSS is taken as the baseline."""
+    extra = ["--tolerate-failures"] if kills else []
     warm = [Client(tmp_path, 100 + i, broker.address, "--seed", str(77 + i), "--runs", "3",
-                   "--tasks-per-run", "200", *GRAPH) for i in range(2)]
+                   "--tasks-per-run", "200", *GRAPH, *extra) for i in range(n_clients)]
+    if kills:
+        assert wait_for(lambda: all(c.connected() or c.proc.poll() is not None for c in warm),
+                        60), [c.describe() for c in warm]
+        for _ in range(kills):
+            time.sleep(0.3)
+            workers = broker.chip_workers()
+            if workers:
+                os.kill(random.choice(workers).pid, signal.SIGKILL)  # a worker of our broker
     for c in warm:
         if not c.wait(deadline):
             c.kill()
             pytest.fail(f"warm-up client did not finish:\n{c.describe()}")
         assert c.proc.returncode == 0, c.describe()
+    if kills:
+        assert broker.wait_workers(30), f"workers did not come back:\n{tail(broker.err)}"
+    return warm
 
 
-def client_segments(before: set[str]) -> list[str]:
-    """pto objects that are not there before the test and not a live worker's status."""
-    return [s for s in pto_segments() if s not in before and not s.endswith("_status")]
+def our_pids(broker: StressBroker, clients: list[Client]) -> set[int]:
+    """Every process the test started: the broker, the workers it had, the clients."""
+    broker.descendants()
+    return set(broker.seen) | {c.proc.pid for c in clients}
+
+
+def client_segments(broker: StressBroker, clients: list[Client]) -> list[str]:
+    """pto objects of our processes, but for the status segments of live workers."""
+    return [s for s in segments_of(our_pids(broker, clients)) if not s.endswith("_status")]
+
+
+def leftovers(broker: StressBroker, clients: list[Client]) -> list[str]:
+    """After the broker stopped: every pto object any of our processes made and left."""
+    return segments_of(our_pids(broker, clients))
 
 
 def run_load(tmp_path, n_clients: int, client_args: list[str], expect_tasks: int,
              expect_checks: int) -> dict:
     deadline = time.monotonic() + DEADLINE_S
-    before = set(pto_segments())
     broker = StressBroker(tmp_path, workers=4)
     clients: list[Client] = []
+    warm: list[Client] = []
     figures: dict = {}
     try:
         assert broker.wait_workers(30), f"workers did not start:\n{tail(broker.err)}"
-        warm_up(broker, tmp_path, deadline)
+        warm = warm_up(broker, tmp_path, deadline, n_clients)
         time.sleep(0.5)
         rss0 = broker.rss()
         t0 = time.monotonic()
@@ -81,7 +110,9 @@ def run_load(tmp_path, n_clients: int, client_args: list[str], expect_tasks: int
         figures["checks"] = sum(r["checks"] for r in reports)
 
         # Every client has exited: the broker holds nothing of theirs any more.
-        assert wait_for(lambda: not client_segments(before), 5), client_segments(before)
+        everyone = warm + clients
+        assert wait_for(lambda: not client_segments(broker, everyone), 5), (
+            client_segments(broker, everyone))
         rss = settle_rss(broker, int(rss0 * RSS_SLACK))
         figures["broker_rss_mb"] = (round(rss0 / 2**20, 1), round(rss / 2**20, 1))
         assert rss <= rss0 * RSS_SLACK, (
@@ -95,8 +126,9 @@ def run_load(tmp_path, n_clients: int, client_args: list[str], expect_tasks: int
     assert not stray, f"processes left after the broker stopped: {stray}"
     assert rc is not None, f"broker ignored SIGTERM for 15s; stderr tail:\n{tail(broker.err)}"
     assert broker.clean_exit(rc), f"broker exited rc={rc} on SIGTERM:\n{tail(broker.err)}"
-    left = lambda: sorted(set(pto_segments()) - before)  # noqa: E731
-    assert wait_for(lambda: not left(), 5), f"pto segments left: {left()}"
+    everyone = warm + clients
+    assert wait_for(lambda: not leftovers(broker, everyone), 5), (
+        f"pto segments left: {leftovers(broker, everyone)}")
     print(f"\nstress figures: {figures}")
     return figures
 
