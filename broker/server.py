@@ -53,6 +53,34 @@ class ClientPeer:
         self.identities.append(self.identity)
 
 
+class WorkerStatus:
+    """A worker's status block ([running task, last finished task], see worker.loop),
+    mapped when the worker connects: a janitor that unlinks the name after the worker died
+    cannot hide what it was doing."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._mm = None
+        if name:
+            try:
+                self._mm = shm.open_existing(name)
+            except Exception:  # noqa: BLE001 - not there: we know nothing
+                self._mm = None
+
+    def read(self) -> tuple[int, int] | None:
+        if self._mm is None:
+            return None
+        running, finished = np.frombuffer(self._mm, dtype=np.int64, count=2).tolist()
+        return running, finished
+
+    def release(self) -> None:
+        if self.name:
+            shm.unlink(self.name)
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+
+
 @dataclass
 class WorkerPeer:
     """A connected worker: a chip's (device >= 0), or a host worker's (device -1 - index)."""
@@ -68,7 +96,7 @@ class WorkerPeer:
     frees: list[P.TensorRef] = field(default_factory=list)  # to send with the next batch
     gone: list[int] = field(default_factory=list)
     cancels: list[int] = field(default_factory=list)
-    status: str = ""  # the worker's status segment (see worker.loop)
+    status: WorkerStatus = field(default_factory=lambda: WorkerStatus(""))
     done: int = 0
     failed: int = 0
 
@@ -316,7 +344,7 @@ class Broker:
             unfinished[task.client] = unfinished.get(task.client, 0) + 1
         workers = []
         for w in sorted(self.workers.values(), key=lambda w: w.device):
-            running, _ = _peek_status(w.status)
+            running = (w.status.read() or (0, 0))[0]
             task = w.inflight.get(running)
             workers.append({
                 "chip": w.device if w.device >= 0 else "host", "pid": w.pid,
@@ -402,7 +430,8 @@ class Broker:
             self._send(self.backend, identity, P.Error(f"device {msg.device} is already served"))
             self._send(self.backend, identity, P.Shutdown("device already served"))
             return
-        worker = WorkerPeer(identity, msg.device, msg.pid, time.monotonic(), status=msg.status)
+        worker = WorkerPeer(identity, msg.device, msg.pid, time.monotonic(),
+                            status=WorkerStatus(msg.status))
         self.workers[identity] = worker
         self.worker_by_device[msg.device] = worker
         proc = self.spawned.get(msg.device)
@@ -484,13 +513,15 @@ class Broker:
         self.workers.pop(worker.identity, None)
         if self.worker_by_device.get(worker.device) is worker:
             del self.worker_by_device[worker.device]
-        running, finished = _read_status(worker.status)
+        status = worker.status.read()
+        worker.status.release()
+        running, finished = status or (0, 0)
         order = list(worker.inflight)
         done_upto = order.index(finished) if finished in order else -1
         what = f"chip {worker.device}" if worker.device >= 0 else "host"
         requeue = []
         for i, (gid, task) in enumerate(worker.inflight.items()):
-            started = i <= done_upto or gid == running or not worker.status
+            started = i <= done_upto or gid == running or status is None
             name = self.sched.kernel_name(task)
             reason = (f"worker of {what} (pid {worker.pid}) died ({how}) while running kernel "
                       f"{name!r}{self._log_hint(worker.device)}")
@@ -599,9 +630,8 @@ class Broker:
             barrier.close()
             barrier.unlink()
         shm.unlink_owner(self.owner)
-        for worker in self.workers.values():  # status segments of workers that were killed
-            if worker.status and not shm.pid_alive(worker.pid):
-                shm.unlink(worker.status)
+        for worker in self.workers.values():  # workers killed on the way out leave theirs
+            worker.status.release()
         self.frontend.close(0)
         self.backend.close(0)
         if self._auth is not None:
@@ -615,33 +645,11 @@ class Broker:
         log.info("broker stopped")
 
 
-def _peek_status(name: str) -> tuple[int, int]:
-    """(running task, last finished task) of a live worker, or (0, 0)."""
-    try:
-        mm = shm.open_existing(name)
-    except Exception:  # noqa: BLE001 - not there (yet): know nothing
-        return 0, 0
-    try:
-        running, finished = np.frombuffer(mm, dtype=np.int64, count=2).tolist()
-        return running, finished
-    finally:
-        mm.close()
-
-
 def _size(name: str) -> int:
     try:
         return os.stat(shm.SHM_DIR + name).st_size
     except OSError:
         return 0
-
-
-def _read_status(name: str) -> tuple[int, int]:
-    """(running task, last finished task) from a dead worker's status segment, then unlink it."""
-    if not name:
-        return 0, 0
-    status = _peek_status(name)
-    shm.unlink(name)
-    return status
 
 
 def _remove_stale_endpoints(directory: str | None) -> None:

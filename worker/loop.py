@@ -108,6 +108,7 @@ class Worker:
             time.sleep(self.heartbeat)
             if parent_gone(self.parent_pid) or shm.pid_state(self.parent_pid) in ("T", "Z"):
                 log.warning("broker (pid %s) is gone or stopped: exiting", self.parent_pid)
+                shm.unlink(self.status_name)
                 os._exit(1)
 
     def _check_timers(self) -> None:
@@ -210,7 +211,7 @@ class Worker:
                 del args
                 if barrier is not None:
                     barrier.close()
-        except Exception as exc:  # noqa: BLE001 - a kernel's error is the task's result
+        except BaseException as exc:  # noqa: BLE001 - even sys.exit() in a kernel is its result
             reason = "".join(traceback.format_exception_only(exc)).strip()
             if task.world > 1:
                 reason = f"rank {task.rank} of {task.world}: {reason}"

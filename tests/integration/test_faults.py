@@ -259,6 +259,50 @@ def test_worker_killed_under_an_overwriting_task_raises_worker_lost(rt4, marks, 
     assert worker_pid(rt4, 2) not in (pid, None)
 
 
+def test_started_inout_task_is_not_rerun_when_a_janitor_took_the_dead_workers_status(
+        rt4, marks):
+    """Between a worker's death and the broker noticing it (its next tick), any other pto
+    process may run its janitor (every broker start and embedded-runtime close reaps the
+    segments of dead pids), and the dead worker's status segment is one of them. The
+    broker must then still not rerun a started INOUT task: a second run of ``acc += 1``
+    would report done with a wrong result. The broker is paused (SIGSTOP) for that window
+    so the interleaving is certain."""
+
+    def bump_then_hang(acc):
+        n = len(attempts(marks))
+        acc += 1  # the partial run's write is visible ...
+        open(os.path.join(marks, f"{n}-{os.getpid()}"), "w").close()
+        if n == 0:
+            time.sleep(HANG_S)  # ... and then the worker dies
+
+    def orch(ctx, args):
+        acc = ctx.tensor(np.zeros(4))
+        ctx.submit(1, "bump_then_hang", [InOut(acc)])
+        return acc
+
+    rt4.register("faults_janitor", orch=orch, kernels={"bump_then_hang": bump_then_hang})
+    broker = next(p for p in children() if "broker" in " ".join(p.cmdline()))
+    future = rt4.submit("faults_janitor")
+    worker = our_process(wait_attempt(marks, 0))
+    broker.suspend()
+    try:
+        kill9(worker.pid)
+        assert wait_until(lambda: worker.status() == psutil.STATUS_ZOMBIE, 5, 0.005)
+        pto.shm.reap_dead_owners()  # what another pto process does when it starts or closes
+    finally:
+        broker.resume()
+    try:
+        acc = future.result(timeout=20)
+    except pto.WorkerLost:
+        pass  # right: a started overwriting task is not rerun
+    else:
+        pytest.fail(f"a started INOUT task was rerun after its worker died; the run reported "
+                    f"done with acc = {acc.numpy().tolist()} (a single run gives [1, 1, 1, 1]);"
+                    f" attempts: {attempts(marks)}")
+    assert len(attempts(marks)) == 1, attempts(marks)
+    assert_usable(rt4)
+
+
 @pytest.mark.parametrize(("retries", "kills", "ok"), [(0, 1, False), (1, 2, False), (2, 2, True)])
 def test_retries_bound_the_reruns_of_a_killed_task(rt1, marks, retries, kills, ok):
     def orch(ctx, x):
