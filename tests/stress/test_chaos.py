@@ -25,7 +25,14 @@ import time
 import pytest
 
 from ._harness import Client, StressBroker, pto_segments, settle_rss, tail, wait_for
-from .test_random_dags import GRAPH, RSS_SLACK, client_segments, leftovers, warm_up
+from .test_random_dags import (
+    GRAPH,
+    RSS_SLACK,
+    check_clean,
+    client_segments,
+    stop_all,
+    warm_up,
+)
 
 DEADLINE_S = 180
 N_CLIENTS = 8
@@ -227,14 +234,6 @@ def test_chaos_workers_and_a_client_killed_under_load(tmp_path, min_age):
         for t in (chaos, client_chaos):
             if t is not None:
                 t.stop.set()
-        for c in clients:
-            c.kill()
-        rc = broker.stop()
-    stray = broker.stragglers()
-    assert not stray, f"processes left after the broker stopped: {stray}"
-    assert rc is not None, f"broker ignored SIGTERM for 15s; stderr tail:\n{tail(broker.err)}"
-    assert broker.clean_exit(rc), f"broker exited rc={rc} on SIGTERM:\n{tail(broker.err)}"
-    everyone = warm + clients
-    assert wait_for(lambda: not leftovers(broker, everyone), 5), (
-        f"pto segments left: {leftovers(broker, everyone)}")
+        rc = stop_all(broker, clients)
+    check_clean(broker, rc, clients, warm)
     print(f"\nchaos figures: {figures}")

@@ -72,6 +72,25 @@ def leftovers(broker: StressBroker, clients: list[Client]) -> list[str]:
     return segments_of(our_pids(broker, clients))
 
 
+def stop_all(broker: StressBroker, clients: list[Client]) -> int | None:
+    """Clean-up: kill the clients, SIGTERM the broker; its exit code (None: it hung)."""
+    for c in clients:
+        c.kill()
+    return broker.stop()
+
+
+def check_clean(broker: StressBroker, rc: int | None, clients: list[Client],
+                warm: list[Client]) -> None:
+    """After stop_all: the broker exited cleanly and nothing of anyone's remains."""
+    stray = broker.stragglers()
+    assert not stray, f"processes left after the broker stopped: {stray}"
+    assert rc is not None, f"broker ignored SIGTERM for 15s; stderr tail:\n{tail(broker.err)}"
+    assert broker.clean_exit(rc), f"broker exited rc={rc} on SIGTERM:\n{tail(broker.err)}"
+    everyone = warm + clients
+    assert wait_for(lambda: not leftovers(broker, everyone), 5), (
+        f"pto segments left: {leftovers(broker, everyone)}")
+
+
 def run_load(tmp_path, n_clients: int, client_args: list[str], expect_tasks: int,
              expect_checks: int) -> dict:
     deadline = time.monotonic() + DEADLINE_S
@@ -119,16 +138,8 @@ def run_load(tmp_path, n_clients: int, client_args: list[str], expect_tasks: int
             f"broker RSS {rss / 2**20:.1f} MiB after the load vs {rss0 / 2**20:.1f} MiB "
             f"after the warm-up (> {RSS_SLACK - 1:.0%} growth)")
     finally:
-        for c in clients:
-            c.kill()
-        rc = broker.stop()
-    stray = broker.stragglers()
-    assert not stray, f"processes left after the broker stopped: {stray}"
-    assert rc is not None, f"broker ignored SIGTERM for 15s; stderr tail:\n{tail(broker.err)}"
-    assert broker.clean_exit(rc), f"broker exited rc={rc} on SIGTERM:\n{tail(broker.err)}"
-    everyone = warm + clients
-    assert wait_for(lambda: not leftovers(broker, everyone), 5), (
-        f"pto segments left: {leftovers(broker, everyone)}")
+        rc = stop_all(broker, clients)
+    check_clean(broker, rc, clients, warm)
     print(f"\nstress figures: {figures}")
     return figures
 
