@@ -168,7 +168,8 @@ class Scheduler:
 
     @staticmethod
     def overwrites(task: Task) -> bool:
-        """Rerunning it after a partial run could give wrong data (INOUT, OUTPUT_EXISTING)."""
+        """Rerunning it after a partial run could give wrong data (INOUT, OUTPUT_EXISTING,
+        NO_DEP)."""
         return any(a.kind in _OVERWRITES for a in task.args)
 
     def cancel(self, client: int, tids: Iterable[int]) -> list[Task]:

@@ -113,7 +113,6 @@ class WorkerProcess:
     popen: subprocess.Popen | None = None
     restarts: int = 0  # deaths in a row before connecting, for back-off
     start_at: float = 0.0
-    started: float = 0.0
     connected: bool = False  # it said WorkerHello
 
 
@@ -353,7 +352,7 @@ class Broker:
                 "inflight": len(w.inflight), "done": w.done, "failed": w.failed,
             })
         owners = {c.owner for c in self.clients_by_index.values()}
-        shm_bytes = sum(_size(n) for n in shm.list_names() if n[5:].rsplit("_", 1)[0] in owners)
+        shm_bytes = sum(_size(n) for n in shm.list_names() if shm.owner_of(n) in owners)
         return {
             "address": self.address, "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 3),
@@ -557,7 +556,8 @@ class Broker:
                 client.last_sent = now
         for worker in list(self.workers.values()):
             proc = self.spawned.get(worker.device)
-            if proc is not None and proc.popen is not None and proc.popen.poll() is not None:
+            if (proc is not None and proc.popen is not None and proc.popen.pid == worker.pid
+                    and proc.popen.poll() is not None):
                 self._worker_lost(worker, _exit_text(proc.popen.returncode))
             elif not shm.pid_alive(worker.pid):
                 self._worker_lost(worker, "process gone")
@@ -572,20 +572,14 @@ class Broker:
     def _supervise(self, proc: WorkerProcess, now: float) -> None:
         if proc.popen is not None:
             if proc.popen.poll() is None:
-                return
-            if proc.device in self.worker_by_device:
-                self._worker_lost(self.worker_by_device[proc.device],
-                                  _exit_text(proc.popen.returncode))
+                return  # (the worker loop of _on_tick already failed what a dead one held)
             # A worker that keeps dying before it even connects (a broken environment) is
             # restarted ever more slowly; one that served is replaced at once.
-            connected = any(w.pid == proc.popen.pid for w in self.workers.values()) or \
-                proc.connected
             proc.popen = None
-            proc.restarts = 0 if connected else proc.restarts + 1
+            proc.restarts = 0 if proc.connected else proc.restarts + 1
             proc.start_at = now + (min(5.0, 0.1 * 2 ** proc.restarts) if proc.restarts else 0)
         if now >= proc.start_at and not self._stop:
             proc.popen = self._spawn_worker(proc.device)
-            proc.started = now
             proc.connected = False
 
     def _log_file(self, device: int) -> str | None:

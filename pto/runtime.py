@@ -200,15 +200,7 @@ class Runtime:
 
                 kind, blob = kernel_registration(kname, fn)
             else:
-                kind = "py"
-                try:
-                    blob = pickle_by_value(fn)
-                except Exception as exc:
-                    raise TypeError(f"kernel {kname!r} cannot be sent to workers: {exc}") from exc
-            if len(blob) > P.MAX_FRAME_BYTES // 2:
-                raise ValueError(f"kernel {kname!r} pickles to {len(blob)} bytes (limit "
-                                 f"{P.MAX_FRAME_BYTES // 2}): it captures large data; pass data "
-                                 "as tensor arguments instead")
+                kind, blob = "py", _python_kernel(f"kernel {kname!r}", fn)
             kid = next(self._kernel_ids)
             kernel_ids[kname] = kid
             messages.append(P.RegisterKernel(kid, kname, kind, blob))
@@ -312,10 +304,7 @@ class Runtime:
             return known[1]
         if not callable(fn):
             raise TypeError(f"submit_host needs a callable, not {type(fn).__name__}")
-        try:
-            blob = pickle_by_value(fn)
-        except Exception as exc:
-            raise TypeError(f"host function {fn!r} cannot be sent to workers: {exc}") from exc
+        blob = _python_kernel(f"host function {fn!r}", fn)
         kid = next(self._kernel_ids)
         self._conn.send(P.RegisterKernel(kid, getattr(fn, "__qualname__", repr(fn)), "py", blob))
         self._host_kernels[id(fn)] = (fn, kid)  # keeps fn alive, so id(fn) stays unique
@@ -448,6 +437,18 @@ def _show_progress(run: _Run, width: int = 30) -> None:
             run.future.exception(timeout=0.1)
         except (TimeoutError, CancelledError):
             pass
+
+
+def _python_kernel(what: str, fn: Callable[..., Any]) -> bytes:
+    """``fn`` pickled by value for the workers, or a TypeError/ValueError saying why not."""
+    try:
+        blob = pickle_by_value(fn)
+    except Exception as exc:
+        raise TypeError(f"{what} cannot be sent to workers: {exc}") from exc
+    if len(blob) > P.MAX_FRAME_BYTES // 2:
+        raise ValueError(f"{what} pickles to {len(blob)} bytes (limit {P.MAX_FRAME_BYTES // 2}):"
+                         " it captures large data; pass data as tensor arguments instead")
+    return blob
 
 
 def _check_address(address: str) -> None:

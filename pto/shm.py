@@ -36,6 +36,11 @@ def owner_pid(owner: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+def owner_of(name: str) -> str:
+    """The owner part of one of our names: ``/pto_<owner>_<id>`` -> ``<owner>``."""
+    return name[len(PREFIX) + 1 :].rsplit("_", 1)[0]
+
+
 def segment_name(owner: str, tensor: int) -> str:
     return f"/{PREFIX}{owner}_{tensor}"
 
@@ -116,8 +121,7 @@ def unlink_owner(owner: str) -> int:
 def reap_dead_owners() -> int:
     """Unlink segments whose owning process no longer exists (a janitor's sweep)."""
     removed = 0
-    owners = {name[len(PREFIX) + 1 :].rsplit("_", 1)[0]
-              for sem in (False, True) for name in list_names(semaphores=sem)}
+    owners = {owner_of(name) for sem in (False, True) for name in list_names(semaphores=sem)}
     for owner in owners:
         pid = owner_pid(owner)
         if pid is not None and not pid_alive(pid):

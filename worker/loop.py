@@ -82,13 +82,12 @@ class Worker:
         log.info("worker for %s started", self._what())
         try:
             while not self.stopping:
-                if not self.queue:
-                    spin = self._report()
-                    poll_with_spin(self.sock.poll, int(self.heartbeat * 1000), spin)
-                    self._drain()  # heartbeats that came while a kernel ran count too
-                    self._check_timers()
-                else:
-                    self._drain()
+                idle = not self.queue
+                if idle:
+                    poll_with_spin(self.sock.poll, int(self.heartbeat * 1000), self._report())
+                self._drain()
+                if idle:
+                    self._check_timers()  # after the drain: heartbeats that came count
                 if self.queue:
                     self._execute(self.queue.popleft())
                     if (len(self.done) + len(self.failed) >= _REPORT_EVERY

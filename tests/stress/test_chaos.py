@@ -24,12 +24,11 @@ import time
 
 import pytest
 
-from ._harness import Client, StressBroker, pto_segments, settle_rss, tail, wait_for
+from ._harness import Client, StressBroker, pto_segments, tail, wait_for
 from .test_random_dags import (
     GRAPH,
-    RSS_SLACK,
+    check_broker_settled,
     check_clean,
-    client_segments,
     stop_all,
     warm_up,
 )
@@ -222,14 +221,7 @@ def test_chaos_workers_and_a_client_killed_under_load(tmp_path, min_age):
 
         # The broker recovers: every chip has a worker, nothing of the clients is left.
         assert broker.wait_workers(30), f"workers did not come back:\n{tail(broker.err)}"
-        everyone = warm + clients
-        assert wait_for(lambda: not client_segments(broker, everyone), 5), (
-            client_segments(broker, everyone))
-        rss = settle_rss(broker, int(rss0 * RSS_SLACK))
-        figures["broker_rss_mb"] = (round(rss0 / 2**20, 1), round(rss / 2**20, 1))
-        assert rss <= rss0 * RSS_SLACK, (
-            f"broker RSS {rss / 2**20:.1f} MiB after the load vs {rss0 / 2**20:.1f} MiB "
-            f"after the warm-up (> {RSS_SLACK - 1:.0%} growth)")
+        check_broker_settled(broker, warm + clients, rss0, figures)
     finally:
         for t in (chaos, client_chaos):
             if t is not None:

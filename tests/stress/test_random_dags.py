@@ -72,6 +72,18 @@ def leftovers(broker: StressBroker, clients: list[Client]) -> list[str]:
     return segments_of(our_pids(broker, clients))
 
 
+def check_broker_settled(broker: StressBroker, everyone: list[Client], rss0: int,
+                         figures: dict) -> None:
+    """After the load: the broker holds no client's segment and its RSS is back near rss0."""
+    assert wait_for(lambda: not client_segments(broker, everyone), 5), (
+        client_segments(broker, everyone))
+    rss = settle_rss(broker, int(rss0 * RSS_SLACK))
+    figures["broker_rss_mb"] = (round(rss0 / 2**20, 1), round(rss / 2**20, 1))
+    assert rss <= rss0 * RSS_SLACK, (
+        f"broker RSS {rss / 2**20:.1f} MiB after the load vs {rss0 / 2**20:.1f} MiB "
+        f"after the warm-up (> {RSS_SLACK - 1:.0%} growth)")
+
+
 def stop_all(broker: StressBroker, clients: list[Client]) -> int | None:
     """Clean-up: kill the clients, SIGTERM the broker; its exit code (None: it hung)."""
     for c in clients:
@@ -129,14 +141,7 @@ def run_load(tmp_path, n_clients: int, client_args: list[str], expect_tasks: int
         figures["checks"] = sum(r["checks"] for r in reports)
 
         # Every client has exited: the broker holds nothing of theirs any more.
-        everyone = warm + clients
-        assert wait_for(lambda: not client_segments(broker, everyone), 5), (
-            client_segments(broker, everyone))
-        rss = settle_rss(broker, int(rss0 * RSS_SLACK))
-        figures["broker_rss_mb"] = (round(rss0 / 2**20, 1), round(rss / 2**20, 1))
-        assert rss <= rss0 * RSS_SLACK, (
-            f"broker RSS {rss / 2**20:.1f} MiB after the load vs {rss0 / 2**20:.1f} MiB "
-            f"after the warm-up (> {RSS_SLACK - 1:.0%} growth)")
+        check_broker_settled(broker, warm + clients, rss0, figures)
     finally:
         rc = stop_all(broker, clients)
     check_clean(broker, rc, clients, warm)
