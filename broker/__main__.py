@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from pto import protocol as P
 from pto.procs import parent_gone, runtime_dir, setup_logging
 
 from .server import Broker
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--insecure", action="store_true",
                         help="allow tcp:// without CURVE: any local user could run code on workers")
     args = parser.parse_args(argv)
+    if not 1 <= args.credit <= P.MAX_CREDIT:
+        parser.error(f"--credit must be in 1..{P.MAX_CREDIT}")
     if args.workers < 0 or args.host_workers < 0:
         parser.error("--workers and --host-workers must be >= 0")
     if args.workers and args.devices:

@@ -4,7 +4,11 @@ A task moves PENDING -> READY -> DISPATCHED -> DONE, or to FAILED from any state
 DONE; ``_ready`` and ``_fail`` are the only places a state changes besides dispatch and
 completion. Dependencies come from the byte ranges a task reads and writes in each tensor
 (read-after-write, write-after-read, write-after-write; INOUT is both), so disjoint views
-of one tensor never wait on each other. Only unfinished accesses are kept per tensor, so
+of one tensor never wait on each other. A worker runs its tasks one by one in the order it
+got them, so a task need not wait in the broker for a predecessor that is queued ahead of
+it on the same chip: it is queued right behind it and names it in ``after``; the worker
+skips it if that predecessor failed. A chain of tasks on one chip thus costs no broker
+round trip per task. Only unfinished accesses are kept per tensor, so
 memory is O(live tasks). A failed write poisons the bytes it covers: later readers fail
 with the same root cause until a new write covers them.
 """
@@ -40,7 +44,7 @@ class Task:
     """A task, or a group task: one member per chip in ``chips``, started together."""
 
     __slots__ = ("gid", "client", "tid", "chip", "chips", "kernel", "args", "state", "waiting",
-                 "dependents", "root", "left", "failure", "retries", "trace")
+                 "dependents", "after", "root", "left", "failure", "retries", "trace")
 
     def __init__(self, gid: int, client: int, spec: TaskSpec):
         self.gid = gid
@@ -55,8 +59,9 @@ class Task:
         self.kernel = spec.kernel
         self.args: list[ArgSpec] = spec.args
         self.state = State.PENDING
-        self.waiting = 0
+        self.waiting = 0  # predecessors not yet done, nor queued ahead of it on its chip
         self.dependents: list[Task] = []
+        self.after: list[int] | None = None  # gids of predecessors queued ahead on its chip
         self.root: Failure | None = None  # set when FAILED
 
 
@@ -140,6 +145,8 @@ class Scheduler:
         task.state = State.DONE
         self._result(task.client)[0].append(task.tid)
         for dep in task.dependents:
+            if _queued_behind(dep, task):
+                continue  # it stopped waiting for this task when queued behind it
             dep.waiting -= 1
             if dep.waiting == 0 and dep.state == State.PENDING:
                 self._ready(dep)
@@ -171,6 +178,18 @@ class Scheduler:
         """Rerunning it after a partial run could give wrong data (INOUT, OUTPUT_EXISTING,
         NO_DEP)."""
         return any(a.kind in _OVERWRITES for a in task.args)
+
+    @staticmethod
+    def inputs_overwritten(task: Task, later: Iterable[Task]) -> bool:
+        """Whether a task that ran after ``task`` on its worker wrote bytes ``task`` reads,
+        so rerunning ``task`` would read the wrong data (possible only for tasks queued
+        behind it: independent tasks never write what it reads)."""
+        reads = [a for a in task.args if a.kind in _READS]
+        return any(w.tensor == r.tensor and w.offset < r.offset + r.nbytes
+                   and r.offset < w.offset + w.nbytes
+                   for t in later if t.client == task.client
+                   for w in t.args if w.kind in _WRITES or w.kind == ParamType.NO_DEP
+                   for r in reads)
 
     def cancel(self, client: int, tids: Iterable[int]) -> list[Task]:
         """Fail the named tasks not dispatched yet; return the dispatched single ones (a
@@ -320,16 +339,31 @@ class Scheduler:
             return
         for dep in deps:
             dep.dependents.append(task)
-        task.waiting = len(deps)
-        if not deps:
+            if _queued_behind(task, dep) and dep.state in (State.READY, State.DISPATCHED):
+                task.after = task.after or []
+                task.after.append(dep.gid)
+            else:
+                task.waiting += 1
+        if not task.waiting:
             self._ready(task)
 
     def _ready(self, task: Task) -> None:
-        if task.trace is not None:
-            task.trace[0] = time.monotonic()
-        task.state = State.READY
-        for chip in task.chips:
-            self.ready[chip].append(task)
+        todo = deque([task])
+        while todo:
+            task = todo.popleft()
+            if task.trace is not None:
+                task.trace[0] = time.monotonic()
+            task.state = State.READY
+            for chip in task.chips:
+                self.ready[chip].append(task)
+            # Successors on the same chip may now queue right behind it.
+            for dep in task.dependents:
+                if dep.state == State.PENDING and _queued_behind(dep, task):
+                    dep.after = dep.after or []
+                    dep.after.append(task.gid)
+                    dep.waiting -= 1
+                    if dep.waiting == 0:
+                        todo.append(dep)
 
     def _unqueue(self, task: Task) -> None:
         for chip in task.chips:
@@ -368,3 +402,10 @@ class Scheduler:
         if res is None:
             res = self.results[client] = ([], [])
         return res
+
+
+def _queued_behind(task: Task, dep: Task) -> bool:
+    """Whether ``task`` may wait for its predecessor ``dep`` on its worker instead of in the
+    broker: both are single tasks of one chip (FIFO there), not host sub-tasks (which any
+    host worker may take)."""
+    return len(task.chips) == 1 and task.chips == dep.chips and task.chip != HOST

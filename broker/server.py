@@ -130,6 +130,8 @@ class Broker:
         host_workers: int = 1,
         curve: str | None = None,
     ):
+        if not 1 <= credit <= P.MAX_CREDIT:
+            raise ValueError(f"credit must be in 1..{P.MAX_CREDIT}, not {credit}")
         self.address = address
         self.heartbeat = heartbeat
         self.liveness = liveness
@@ -233,10 +235,10 @@ class Broker:
 
     def _drain(self, sock: zmq.Socket, handle) -> None:
         for _ in range(_MAX_DRAIN):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            # Asking first is cheaper than the zmq.Again exception of an empty socket.
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
+            frames = sock.recv_multipart(zmq.NOBLOCK)
             if len(frames) < 2:
                 continue
             handle(frames[0], frames[1:])
@@ -489,7 +491,7 @@ class Broker:
                 self.barriers[task.gid] = GroupBarrier.create(name, world)
             barrier = self.barriers[task.gid].name
         return P.WorkTask(task.gid, task.client, task.kernel, task.args, rank, world, barrier,
-                          task.trace is not None)
+                          task.trace is not None, task.after or [])
 
     def _member_failed(self, gid: int, reason: str, lost: bool = False) -> None:
         task = self.sched.failed(gid, reason, lost)
@@ -519,16 +521,21 @@ class Broker:
         done_upto = order.index(finished) if finished in order else -1
         what = f"chip {worker.device}" if worker.device >= 0 else "host"
         requeue = []
-        for i, (gid, task) in enumerate(worker.inflight.items()):
-            started = i <= done_upto or gid == running or status is None
+        tasks = list(worker.inflight.values())
+        started = [i <= done_upto or gid == running or status is None
+                   for i, gid in enumerate(order)]
+        for i, task in enumerate(tasks):
+            gid = task.gid
             name = self.sched.kernel_name(task)
             reason = (f"worker of {what} (pid {worker.pid}) died ({how}) while running kernel "
                       f"{name!r}{self._log_hint(worker.device)}")
             if task.client not in self.clients_by_index or len(task.chips) > 1:
                 self._member_failed(gid, reason, lost=True)
-            elif not started:
+            elif not started[i]:
                 requeue.append(task)
-            elif task.retries > 0 and not self.sched.overwrites(task):
+            elif (task.retries > 0 and not self.sched.overwrites(task)
+                  and not self.sched.inputs_overwritten(  # by a task queued behind it
+                      task, [t for t, s in zip(tasks[i + 1:], started[i + 1:], strict=True) if s])):
                 task.retries -= 1
                 log.info("rerunning task %d (kernel %r) after its worker died", gid, name)
                 requeue.append(task)

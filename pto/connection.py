@@ -1,11 +1,14 @@
 """The client's link to the broker: two DEALER sockets and one I/O thread.
 
 Requests (registrations, task batches, frees, cancels) leave on ``tx`` straight from the
-thread that makes them, under a lock, so a run costs no thread hop on the way out. The
-I/O thread owns ``rx``: it receives results, heartbeats, and declares the broker lost
-when it stays silent for ``heartbeat * liveness`` seconds or its process is gone, so no
-wait on a result can hang on a dead broker. The broker knows ``tx`` as the same client
-from its first message, ``Attach``.
+thread that makes them, under a lock, so a run costs no thread hop on the way out.
+Results arrive on ``rx``, which one thread at a time drives (polls, decodes, hands to
+``on_message``): normally the I/O thread, but a caller blocked in ``wait_until`` (as
+``rt.run`` is) takes ``rx`` over, so its result wakes it directly instead of waking the
+I/O thread that then wakes it. Whoever drives also sends heartbeats and declares the
+broker lost when it stays silent for ``heartbeat * liveness`` seconds or its process is
+gone, so no wait on a result can hang on a dead broker. The broker knows ``tx`` as the
+same client from its first message, ``Attach``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from .shm import pid_alive, pid_state
 
 log = logging.getLogger("pto.client")
 
+# After a caller stops driving rx, the I/O thread waits this long before taking it back.
+_LINGER = 0.005
+
 
 class Connection:
     def __init__(self, address: str, owner: str, timeout: float,
@@ -41,6 +47,11 @@ class Connection:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._rx_lock = threading.Lock()  # held by the thread driving rx
+        self._callers = 0  # callers in wait_until: the I/O thread leaves rx to them
+        self._callers_changed = threading.Condition()
+        self._caller_left = 0.0
+        self._io_polling = False  # the I/O thread is (about to be) in its poll on rx
         self.lost: BrokerLost | None = None
         self.on_message: Callable[[P.Message], None] = lambda msg: None
         self.on_lost: Callable[[BrokerLost], None] = lambda exc: None
@@ -55,6 +66,8 @@ class Connection:
         # On this host a busy broker may be silent for a while: watch its process instead.
         self._broker_pid = self.welcome.pid if address.startswith("ipc://") else 0
         self._last_recv = self._last_sent = time.monotonic()
+        self._tick = min(self.heartbeat, 0.25)
+        self._next_check = 0.0  # liveness is checked once per tick, not per message
 
     def _socket(self, curve: str | None) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -92,15 +105,51 @@ class Connection:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            if self.rx.poll(int(min(left, 0.1) * 1000)):
-                self._last_recv = time.monotonic()
-                self.on_message(P.decode(self.rx.recv_multipart()))
-            self._check_liveness()
+            self._pump(min(left, 0.1))
         return True
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._io_loop, name="pto-io", daemon=True)
         self._thread.start()
+
+    def wait_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Drive ``rx`` on the calling thread until ``done()`` (True) or timeout (False).
+
+        Callers that block on a result use this rather than an Event the I/O thread sets:
+        the answer then wakes one thread, not two. A broker declared lost here is reported
+        through ``on_lost`` as from the I/O thread.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._callers_changed:
+            self._callers += 1
+        if self._io_polling:  # after our increment (see _io_loop): it lets go of rx
+            os.eventfd_write(self._wake_fd, 1)
+        try:
+            while not done():
+                if self.lost is not None or self._stop:
+                    return done()
+                left = self._tick if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                # Another caller, or the I/O thread finishing its poll, may hold rx.
+                if not self._rx_lock.acquire(timeout=min(left, 0.01)):
+                    continue
+                try:
+                    while not done() and self.lost is None and not self._stop:
+                        left = self._tick if deadline is None else deadline - time.monotonic()
+                        if left <= 0:
+                            return False
+                        self._pump(min(left, self._tick))
+                finally:
+                    self._rx_lock.release()
+            return True
+        except BrokerLost as exc:
+            self._declare_lost(exc)
+            return done()
+        finally:
+            with self._callers_changed:
+                self._callers -= 1
+                self._caller_left = time.monotonic()
 
     # ---- called from any thread --------------------------------------------------------
 
@@ -134,6 +183,8 @@ class Connection:
         self._stop = True
         if self._thread is not None:
             os.eventfd_write(self._wake_fd, 1)
+            with self._callers_changed:
+                self._callers_changed.notify_all()
             self._thread.join(timeout=5)
         if bye and self.lost is None:
             with self._tx_lock:
@@ -154,28 +205,50 @@ class Connection:
         poller = zmq.Poller()
         poller.register(self.rx, zmq.POLLIN)
         poller.register(self._wake_fd, zmq.POLLIN)
-        tick = min(self.heartbeat, 0.25)
         try:
             while not self._stop:
-                ready = dict(poller.poll(int(tick * 1000)))
-                if self._wake_fd in ready:
-                    try:
-                        os.eventfd_read(self._wake_fd)
-                    except BlockingIOError:
-                        pass
-                if self._frees and self._tx_lock.acquire(blocking=False):
-                    try:
-                        self._send_frees()
-                    finally:
-                        self._tx_lock.release()
-                if self.rx in ready:
-                    self._drain()
-                self._check_liveness()
+                # Set before looking at _callers, which callers bump before looking at
+                # this: either we see them, or they see us polling and wake us.
+                self._io_polling = True
+                if self._callers or time.monotonic() - self._caller_left < _LINGER:
+                    # A caller drives rx. Lingering a little after it leaves spares a
+                    # wake-up per call when calls come back to back.
+                    self._io_polling = False
+                    with self._callers_changed:
+                        self._callers_changed.wait(_LINGER)
+                    self._send_frees_if_free()
+                    continue
+                with self._rx_lock:
+                    wait = max(0.0, self._next_check - time.monotonic())
+                    ready = dict(poller.poll(int(wait * 1000) + 1))
+                    self._io_polling = False
+                    if self._wake_fd in ready:
+                        try:
+                            os.eventfd_read(self._wake_fd)
+                        except BlockingIOError:
+                            pass
+                    self._send_frees_if_free()
+                    if self.rx in ready:
+                        self._drain()
+                    self._check_liveness_when_due()
         except BrokerLost as exc:
             self._declare_lost(exc)
         except Exception as exc:  # noqa: BLE001 - never die silently with waiters blocked
             log.exception("client I/O thread failed")
             self._declare_lost(BrokerLost(f"client I/O failed: {exc!r}"))
+
+    def _send_frees_if_free(self) -> None:
+        if self._frees and self._tx_lock.acquire(blocking=False):
+            try:
+                self._send_frees()
+            finally:
+                self._tx_lock.release()
+
+    def _pump(self, timeout: float) -> None:
+        """Poll rx once (up to ``timeout`` s), handle what came, check liveness if due."""
+        if self.rx.poll(int(max(0.0, timeout) * 1000)):
+            self._drain()
+        self._check_liveness_when_due()
 
     def _drain(self) -> None:
         while self.rx.getsockopt(zmq.EVENTS) & zmq.POLLIN:
@@ -192,8 +265,11 @@ class Connection:
                 log.error("broker error: %s", msg.message)
             self.on_message(msg)
 
-    def _check_liveness(self) -> None:
+    def _check_liveness_when_due(self) -> None:
         now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self._tick
         why = self._watch() if self._watch else None
         if why:
             raise BrokerLost(f"broker at {self.address} is gone: {why}")

@@ -21,6 +21,9 @@ from .errors import ProtocolError
 
 VERSION = b"PTO\x01"
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # larger frames are refused (socket option MAXMSGSIZE)
+# Tasks in flight per worker at most; a worker remembers this many of its failures, enough
+# to skip any task dispatched behind a failed one (WorkTask.after).
+MAX_CREDIT = 65536
 
 
 class Struct(msgspec.Struct, array_like=True, omit_defaults=False):
@@ -93,6 +96,9 @@ class WorkTask(Struct):
     world: int = 1
     barrier: str = ""  # a group's barrier (see pto.barrier), when world > 1
     trace: bool = False  # report start/end times
+    # Predecessors dispatched ahead of it to the same worker: if one of them failed (or
+    # was dropped), this task is not run and fails too.
+    after: list[int] = []
 
 
 class TaskTime(Struct):

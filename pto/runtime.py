@@ -18,7 +18,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,15 +256,13 @@ class Runtime:
         """
         run = self._start(name, args)
         if progress:
-            _show_progress(run)
-        try:
-            return run.future.result(timeout)
-        except TimeoutError:
-            if not run.future.done():
-                run.future.cancel()
-                raise TimeoutError(f"run of {name!r} did not finish within {timeout:g}s; "
-                                   "its tasks not yet started were cancelled") from None
-            raise
+            _show_progress(run, self._conn.wait_until)
+        # This thread receives the results itself while it waits: one wake-up less.
+        if not self._conn.wait_until(run.future.done, timeout) and not run.future.done():
+            run.future.cancel()
+            raise TimeoutError(f"run of {name!r} did not finish within {timeout:g}s; "
+                               "its tasks not yet started were cancelled")
+        return run.future.result()
 
     def _orch_finished(self, run: _Run, value: Any = None, error: BaseException | None = None):
         keep = {id(h._seg) for h in _handles_in(value)} if error is None else set()
@@ -418,7 +416,8 @@ class Runtime:
         return f"<pto.Runtime host {self.address} {state}>"
 
 
-def _show_progress(run: _Run, width: int = 30) -> None:
+def _show_progress(run: _Run, wait_until: Callable[[Callable[[], bool], float], bool],
+                   width: int = 30) -> None:
     """Draw ``[#####.....] done/total tasks`` on stderr until the run ends (only the final
     line when stderr is not a terminal)."""
     live = sys.stderr.isatty()
@@ -433,10 +432,7 @@ def _show_progress(run: _Run, width: int = 30) -> None:
             sys.stderr.flush()
         if finished:
             return
-        try:
-            run.future.exception(timeout=0.1)
-        except (TimeoutError, CancelledError):
-            pass
+        wait_until(run.future.done, 0.1)
 
 
 def _python_kernel(what: str, fn: Callable[..., Any]) -> bytes:

@@ -58,6 +58,9 @@ class Worker:
         self.kernel_names: dict[tuple[int, int], str] = {}
         self.segments: dict[tuple[int, int], tuple[mmap.mmap, np.ndarray]] = {}
         self.queue: deque[P.WorkTask] = deque()
+        # Recent failures, for tasks queued behind them (WorkTask.after): the oldest go
+        # first, once more than the most tasks a worker can hold have failed since.
+        self.recent_failures: dict[int, None] = {}
         self.done: list[int] = []
         self.failed: list[P.Failure] = []
         self.times: list[tuple[int, int, float, float]] = []
@@ -190,6 +193,10 @@ class Worker:
     def _run_kernel(self, task: P.WorkTask) -> None:
         key = (task.client, task.kernel)
         name = self.kernel_names.get(key, f"#{task.kernel}")
+        if task.after and any(gid in self.recent_failures for gid in task.after):
+            # The broker has already failed it, naming the root cause; we just skip it.
+            self._failed(task, name, "not run: a task it depends on failed")
+            return
         try:
             fn = self.kernels.get(key)
             if fn is None:
@@ -217,9 +224,15 @@ class Worker:
             frames = traceback.format_tb(exc.__traceback__)[1:]  # drop this frame
             if frames:
                 reason += "\nkernel traceback (most recent call last):\n" + "".join(frames[-5:])
-            self.failed.append(P.Failure(task.task, name, self.device, reason, task.task))
+            self._failed(task, name, reason)
         else:
             self.done.append(task.task)
+
+    def _failed(self, task: P.WorkTask, name: str, reason: str) -> None:
+        self.failed.append(P.Failure(task.task, name, self.device, reason, task.task))
+        self.recent_failures[task.task] = None
+        if len(self.recent_failures) > P.MAX_CREDIT:
+            del self.recent_failures[next(iter(self.recent_failures))]
 
     def _arg(self, client: int, a: P.ArgSpec) -> object:
         if a.kind == ParamType.SCALAR:
@@ -272,8 +285,7 @@ class Worker:
         kept: deque[P.WorkTask] = deque()
         for task in self.queue:
             if task.task in gids:
-                name = self.kernel_names.get((task.client, task.kernel), "")
-                self.failed.append(P.Failure(task.task, name, self.device, reason, task.task))
+                self._failed(task, self.kernel_names.get((task.client, task.kernel), ""), reason)
             else:
                 kept.append(task)
         self.queue = kept

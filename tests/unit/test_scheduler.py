@@ -216,13 +216,13 @@ def test_cancel_fails_queued_tasks_but_not_dispatched_ones():
 
 
 def test_a_covering_write_keeps_access_lists_short():
-    g = Graph(chips=(0,))
+    g = Graph()
     for _ in range(200):
-        readers = [g.task(arg(IN, 1)) for _ in range(20)]
+        readers = [g.task(arg(IN, 1), chip=1) for _ in range(20)]
         g.task(arg(OUT, 1))  # waits for all 20 readers, then stands for them
     uses = g.s._tensors[(1, 1)]
     assert len(uses.reads) == 0 and len(uses.writes) == 1
-    assert len(g.s.ready[0]) == 20 and set(readers) <= set(g.gids)
+    assert len(g.s.ready[1]) == 20 and not g.s.ready[0] and set(readers) <= set(g.gids)
 
 
 def test_a_writer_after_a_failed_covering_write_still_waits_for_running_readers():
@@ -237,3 +237,119 @@ def test_a_writer_after_a_failed_covering_write_still_waits_for_running_readers(
     assert x not in g.ready()  # must not overwrite what reader is reading
     g.s.done(g.gids[reader])
     assert x in g.ready()
+
+
+# ---- successors queued behind their predecessors on the same chip ------------------------
+
+
+def queued(g: Graph, chip: int) -> list[int]:
+    return [t.tid for t in g.s.ready[chip]]
+
+
+def test_a_chain_on_one_chip_is_queued_at_once_in_order_naming_its_predecessors():
+    g = Graph()
+    chain = [g.task(arg(INOUT, 1)) for _ in range(5)]
+    assert queued(g, 0) == chain
+    tasks = list(g.s.ready[0])
+    assert tasks[0].after is None
+    assert [t.after for t in tasks[1:]] == [[p.gid] for p in tasks[:-1]]
+    assert all(t.state == State.READY for t in tasks)
+
+
+def test_a_successor_on_another_chip_waits_in_the_broker():
+    g = Graph()
+    a = g.task(arg(OUT, 1))
+    b = g.task(arg(IN, 1), chip=1)
+    c = g.task(arg(IN, 1), arg(OUT, 2), chip=1)
+    assert g.ready() == {a}
+    g.finish(a)
+    assert queued(g, 1) == [b, c] and g.s.tasks[g.gids[b]].after is None
+
+
+def test_a_successor_behind_a_dispatched_predecessor_is_queued_too():
+    g = Graph()
+    a = g.task(arg(OUT, 1))
+    g.run(a)
+    b = g.task(arg(IN, 1))
+    assert queued(g, 0) == [b] and g.s.tasks[g.gids[b]].after == [g.gids[a]]
+
+
+def test_a_successor_with_a_remote_predecessor_waits_only_for_that_one():
+    g = Graph()
+    local = g.task(arg(OUT, 1))
+    remote = g.task(arg(OUT, 2), chip=1)
+    both = g.task(arg(IN, 1), arg(IN, 2))
+    assert queued(g, 0) == [local]
+    g.finish(local)  # queued behind it already counted: not counted again
+    assert queued(g, 0) == []
+    g.finish(remote)
+    assert queued(g, 0) == [both] and g.s.tasks[g.gids[both]].after == [g.gids[local]]
+
+
+def test_a_pending_predecessor_brings_its_local_successors_along_when_ready():
+    g = Graph()
+    remote = g.task(arg(OUT, 1), chip=1)
+    a = g.task(arg(IN, 1), arg(OUT, 2))
+    b = g.task(arg(INOUT, 2))
+    c = g.task(arg(INOUT, 2))
+    assert queued(g, 0) == []
+    g.finish(remote)
+    assert queued(g, 0) == [a, b, c]
+
+
+def test_a_failed_predecessor_fails_successors_queued_behind_it():
+    g = Graph()
+    a, b, c = (g.task(arg(INOUT, 1)) for _ in range(3))
+    g.fail(a, "ValueError: bad")
+    failed = g.s.take_results()[1][1]
+    assert [f.task for f in failed] == [a, b, c] and all(f.root == a for f in failed)
+    assert queued(g, 0) == []
+
+
+def test_a_dispatched_successor_fails_with_the_root_cause_and_its_report_is_ignored():
+    g = Graph()
+    a, b = g.task(arg(INOUT, 1)), g.task(arg(INOUT, 1))
+    out = g.s.schedule({0: 2, 1: 0})
+    assert [t.tid for _, t, _ in out] == [a, b]
+    gid_a, gid_b = g.gids[a], g.gids[b]
+    g.s.failed(gid_a, "boom")
+    assert g.s.failed(gid_b, "not run: a task it depends on failed") is None
+    failed = g.s.take_results()[1][1]
+    assert [(f.task, f.root) for f in failed] == [(a, a), (b, a)]
+
+
+def test_requeued_tasks_keep_their_order_and_are_not_counted_twice():
+    g = Graph()
+    a, b = g.task(arg(INOUT, 1)), g.task(arg(INOUT, 1))
+    out = g.s.schedule({0: 2, 1: 0})
+    g.s.requeue([t for _, t, _ in out])  # their worker died before starting them
+    assert queued(g, 0) == [a, b]
+    g.s.schedule({0: 2, 1: 0})
+    g.s.done(g.gids[a])
+    g.s.done(g.gids[b])
+    assert g.s.take_results()[1][0] == [a, b] and not g.s.tasks
+
+
+def test_host_tasks_and_groups_never_queue_behind():
+    s = Scheduler([0, 1, -1])
+    s.kernel_names[(1, KERNEL)] = "k"
+    s.submit(1, [TaskSpec(1, -1, KERNEL, [arg(OUT, 1)]), TaskSpec(2, -1, KERNEL, [arg(IN, 1)])])
+    assert [t.tid for t in s.ready[-1]] == [1]
+    s.submit(1, [TaskSpec(3, 0, KERNEL, [arg(OUT, 2)]),
+                 TaskSpec(4, 0, KERNEL, [arg(IN, 2)], group=[0, 1])])
+    assert [t.tid for t in s.ready[0]] == [3] and not s.ready[1]
+
+
+def test_inputs_overwritten_by_a_later_task_only_on_overlapping_bytes_of_one_client():
+    s = Scheduler([0])
+    s.kernel_names[(1, KERNEL)] = "k"
+    s.kernel_names[(2, KERNEL)] = "k"
+    s.submit(1, [TaskSpec(1, 0, KERNEL, [arg(IN, 1, 0, 32), arg(OUT, 2)]),
+                 TaskSpec(2, 0, KERNEL, [arg(OUT, 1, 32, 32)]),
+                 TaskSpec(3, 0, KERNEL, [arg(INOUT, 1, 16, 32)]),
+                 TaskSpec(4, 0, KERNEL, [arg(IN, 1), arg(OUT, 3)])])
+    s.submit(2, [TaskSpec(1, 0, KERNEL, [arg(OUT, 1)])])
+    reader, disjoint, overlapping, other_reader = (s.tasks[g] for g in (1, 2, 3, 4))
+    other_client = s.tasks[5]
+    assert not Scheduler.inputs_overwritten(reader, [disjoint, other_reader, other_client])
+    assert Scheduler.inputs_overwritten(reader, [disjoint, overlapping])
