@@ -60,16 +60,26 @@ def chain(system, cfg) -> list[dict]:
     if not hasattr(system, "chain"):
         return []
     n = cfg.chain_tasks
-    system.chain(min(n, 20))
-    times = []
-    for _ in range(cfg.repeats):
-        t0 = time.perf_counter()
-        value = system.chain(n)
-        times.append(time.perf_counter() - t0)
-        if value != n:
-            raise AssertionError(f"{system.key} chain of {n} tasks ended at {value}")
-    t = median(times)
-    return [_row(system, "chain", tasks=n, us_per_task=t / n * 1e6)]
+    rows = []
+    # chain_across: a variant whose every dependency crosses chips (pto only)
+    for name in ("chain", "chain_across"):
+        run = getattr(system, name, None)
+        if run is None:
+            continue
+        run(min(n, 20))
+        times = []
+        for _ in range(cfg.repeats):
+            t0 = time.perf_counter()
+            value = run(n)
+            times.append(time.perf_counter() - t0)
+            if value != n:
+                raise AssertionError(f"{system.key} {name} of {n} tasks ended at {value}")
+        t = median(times)
+        row = _row(system, name, tasks=n, us_per_task=t / n * 1e6)
+        if name == "chain_across":
+            row["system"] = f"{system.key}-across"
+        rows.append(row)
+    return rows
 
 
 def handoff(system, cfg) -> list[dict]:
@@ -80,6 +90,7 @@ def handoff(system, cfg) -> list[dict]:
         nbytes = mib * MiB
         times = []
         try:
+            system.handoff(nbytes)  # warm-up at this size, as in every case
             for _ in range(cfg.repeats):
                 t0 = time.perf_counter()
                 value = system.handoff(nbytes)

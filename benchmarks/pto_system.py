@@ -36,11 +36,11 @@ def total(x, out):
 
 
 def chain(ctx, args):
-    """``n`` tasks, each INOUT on one small tensor, alternating between two chips."""
-    a, b = ctx.peers()[:2]
+    """``n`` tasks, each INOUT on one small tensor, on one chip or alternating between two."""
+    chips = ctx.peers()[: args["chips"]]
     x = ctx.alloc((1,), np.int64)
     for i in range(args["n"]):
-        ctx.submit(b if i & 1 else a, "inc", [pto.Arg.inout(x)])
+        ctx.submit(chips[i % len(chips)], "inc", [pto.Arg.inout(x)])
     return x
 
 
@@ -142,7 +142,8 @@ def _runtime(devices: int) -> pto.Runtime:
 class PtoSystem:
     key = "pto"
     labels = {
-        "chain": "pto: INOUT on one tensor, chips 0/1 alternating (deps in the broker)",
+        "chain": "pto: INOUT on one tensor, one chip (queued behind on the worker)",
+        "chain_across": "pto: INOUT on one tensor, chips 0/1 alternating (deps in the broker)",
         "handoff": "pto: chip 0 writes, chip 1 sums (shared memory)",
     }
 
@@ -167,11 +168,14 @@ class PtoSystem:
     def roundtrip(self) -> None:
         self.rt.run("one_noop")
 
-    def chain(self, n: int) -> int:
-        x = self.rt.run("chain", {"n": n})
+    def chain(self, n: int, chips: int = 1) -> int:
+        x = self.rt.run("chain", {"n": n, "chips": chips})
         value = int(x.numpy()[0])
         x.free()
         return value
+
+    def chain_across(self, n: int) -> int:
+        return self.chain(n, chips=2)
 
     def handoff(self, nbytes: int) -> float:
         out = self.rt.run("handoff", {"n": nbytes // 8})

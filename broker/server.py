@@ -292,6 +292,7 @@ class Broker:
             self.sched.kernel_names[key] = msg.name
         elif isinstance(msg, P.FreeTensors):
             self.sched.forget_tensors(client.index, msg.tensors)
+            self.sched.forget_tensors(client.index, msg.kept)
             for worker in self.workers.values():
                 if client.index in worker.clients:
                     worker.frees.extend(P.TensorRef(client.index, t) for t in msg.tensors)

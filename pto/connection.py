@@ -43,7 +43,8 @@ class Connection:
         self.rx = self._socket(curve)
         self.tx = self._socket(curve)
         self._tx_lock = threading.Lock()
-        self._frees: deque[int] = deque()  # appended by GC finalizers: sent with the next batch
+        # (tensor, kept) appended by GC finalizers too: sent with the next batch
+        self._frees: deque[tuple[int, bool]] = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -164,20 +165,22 @@ class Connection:
             self._send_frees()
             self.tx.send_multipart(frames)
 
-    def free(self, tensor: int) -> None:
-        """Tell the broker (and so the workers) a tensor is gone; batched, never blocks."""
+    def free(self, tensor: int, kept: bool = False) -> None:
+        """Tell the broker (and so the workers) a tensor is gone, or its segment ``kept``
+        for reuse; batched, never blocks."""
         if self.lost is None and not self._stop:
-            self._frees.append(tensor)
+            self._frees.append((tensor, kept))
             if len(self._frees) == 1:
                 os.eventfd_write(self._wake_fd, 1)  # the I/O thread sends it if nobody else
 
     def _send_frees(self) -> None:
         # Caller holds _tx_lock. GC finalizers only append to the deque, never send.
         if self._frees:
-            tensors = []
+            gone, kept = [], []
             while self._frees:
-                tensors.append(self._frees.popleft())
-            self.tx.send_multipart(P.encode(P.FreeTensors(tensors)))
+                tensor, keep = self._frees.popleft()
+                (kept if keep else gone).append(tensor)
+            self.tx.send_multipart(P.encode(P.FreeTensors(gone, kept)))
 
     def close(self, bye: bool = True) -> None:
         self._stop = True

@@ -60,6 +60,9 @@ class OrchContext:
         Waits while too many released tensors still wait for their tasks, so a loop that
         allocates faster than the chips compute keeps a bounded footprint.
         """
+        return self._alloc(shape, dtype)
+
+    def _alloc(self, shape: Any, dtype: Any, zero: bool = True) -> TensorHandle:
         dims = normalize_shape(shape)
         dt = np.dtype(dtype)
         dtype_code(dt)
@@ -71,7 +74,7 @@ class OrchContext:
         if store.backlog > 0:
             self._flush()  # the tasks that will shrink the backlog must be on their way
             store.wait_for_room(lambda: self._rt._conn.lost)
-        handle = TensorHandle(store.create(nbytes), dims, dt)
+        handle = TensorHandle(store.create(nbytes, zero), dims, dt)
         if self._scopes:
             self._run.scoped.append(weakref.ref(handle._seg))
         return handle
@@ -79,7 +82,7 @@ class OrchContext:
     def tensor(self, array: Any) -> TensorHandle:
         """A new tensor holding a copy of ``array`` (the only copy pto makes)."""
         arr = np.asarray(array)
-        handle = self.alloc(arr.shape, arr.dtype)
+        handle = self._alloc(arr.shape, arr.dtype, zero=False)  # every byte is copied in
         handle.numpy()[...] = arr
         return handle
 

@@ -136,7 +136,10 @@ class Submit(Struct, tag=3):
 
 
 class FreeTensors(Struct, tag=4):
-    tensors: list[int]
+    tensors: list[int]  # gone: the broker forgets them, workers unmap them
+    # Kept for reuse by a later tensor of the same id: the broker forgets their accesses
+    # (a failed write must not poison the next tensor), workers keep them mapped.
+    kept: list[int] = []
 
 
 class Heartbeat(Struct, tag=5):

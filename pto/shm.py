@@ -22,7 +22,8 @@ from .errors import OutOfMemory
 log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
-PREFIX = "pto_"
+PREFIX = "pto_"  # tensors: /pto_<owner>_<id>
+CACHE_PREFIX = "ptocache_"  # retired segments a runtime keeps for reuse (pto.tensor)
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
@@ -37,12 +38,19 @@ def owner_pid(owner: str) -> int | None:
 
 
 def owner_of(name: str) -> str:
-    """The owner part of one of our names: ``/pto_<owner>_<id>`` -> ``<owner>``."""
-    return name[len(PREFIX) + 1 :].rsplit("_", 1)[0]
+    """The owner part of one of our names: ``/pto_<owner>_<id>`` -> ``<owner>`` (also for
+    ``/ptocache_...`` and semaphore names)."""
+    base = name.lstrip("/")
+    prefix = CACHE_PREFIX if base.startswith(CACHE_PREFIX) else PREFIX
+    return base[len(prefix) :].rsplit("_", 1)[0]
 
 
 def segment_name(owner: str, tensor: int) -> str:
     return f"/{PREFIX}{owner}_{tensor}"
+
+
+def cache_name(owner: str, tensor: int) -> str:
+    return f"/{CACHE_PREFIX}{owner}_{tensor}"
 
 
 def create(name: str, nbytes: int, populate: bool = False) -> mmap.mmap:
@@ -84,6 +92,16 @@ def open_existing(name: str) -> mmap.mmap:
         shm.close_fd()
 
 
+def rename(name: str, new_name: str) -> bool:
+    """Give a segment another name (mappings and open fds are unaffected); False if it
+    is gone. Linux keeps POSIX shared memory as files in /dev/shm."""
+    try:
+        os.rename(SHM_DIR + name, SHM_DIR + new_name)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def unlink(name: str) -> bool:
     """Remove a segment's name; mappings stay valid until unmapped. False if already gone."""
     try:
@@ -94,14 +112,16 @@ def unlink(name: str) -> bool:
 
 
 def list_names(owner: str | None = None, semaphores: bool = False) -> list[str]:
-    """Names (with leading slash) of our segments in /dev/shm, optionally of one owner.
+    """Names (with leading slash) of our segments in /dev/shm (tensors and kept ones),
+    optionally of one owner.
 
     With ``semaphores``, our POSIX semaphores (files ``sem.pto_...``) instead.
     """
-    prefix = ("sem." if semaphores else "") + PREFIX + (f"{owner}_" if owner else "")
+    tail = f"{owner}_" if owner else ""
+    prefixes = (f"sem.{PREFIX}{tail}",) if semaphores else (PREFIX + tail, CACHE_PREFIX + tail)
     try:
         return ["/" + f[4 if semaphores else 0 :] for f in os.listdir(SHM_DIR)
-                if f.startswith(prefix)]
+                if f.startswith(prefixes)]
     except FileNotFoundError:
         return []
 

@@ -2,10 +2,19 @@
 
 A segment's release is requested by ``handle.free()``, by the garbage collection of its
 last handle, by the end of a run for tensors allocated in a scope and not returned, or by
-``Runtime.close()``; it is unlinked once that has happened *and* no submitted task uses
-it any more. Workers drop their cached mapping when the broker forwards the free.
-Bytes waiting only for tasks to finish are counted, so an orchestration that allocates
-faster than tasks run is held back (``wait_for_room``) instead of filling /dev/shm.
+``Runtime.close()``; it is retired once that has happened *and* no submitted task uses
+it any more. Bytes waiting only for tasks to finish are counted, so an orchestration
+that allocates faster than tasks run is held back (``wait_for_room``) instead of filling
+/dev/shm.
+
+Retiring a large segment (``POOL_MIN_BYTES`` and up) keeps it, up to ``POOL_BYTES`` in
+all, for the next ``alloc`` of the same size: on tmpfs, allocating, zeroing and mapping
+fresh pages in every process costs far more than the tasks' own work on them, and a
+kept segment stays mapped in every worker that used it. A kept segment is renamed
+``/ptocache_<owner>_<id>`` (its tensor name is gone, as after an unlink), zeroed when
+reused, never kept while a numpy view of it is alive here, and unlinked at the latest
+when the runtime closes (or by the broker's janitor if this process dies). Other
+segments are unlinked, and workers drop their mapping when the broker forwards the free.
 """
 
 from __future__ import annotations
@@ -13,8 +22,10 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+import sys
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from math import prod
 from typing import Any
@@ -23,62 +34,130 @@ import numpy as np
 
 from . import shm
 from .dtypes import dtype_code
-from .errors import TensorFreed
+from .errors import OutOfMemory, TensorFreed
 
 # Bytes of released tensors still waiting for their tasks before alloc() waits.
 RELEASE_BACKLOG = int(os.environ.get("PTO_RELEASE_BACKLOG_BYTES", 32 * 1024 * 1024))
+POOL_MIN_BYTES = 1024 * 1024  # the smallest retired segment kept for reuse
+
+
+def _default_pool_bytes() -> int:
+    """1 GiB, but at most 1/16 of /dev/shm (a container's 64 MiB one keeps 4 MiB)."""
+    try:
+        st = os.statvfs(shm.SHM_DIR)
+        return min(1 << 30, st.f_blocks * st.f_frsize // 16)
+    except OSError:
+        return 0
+
+
+# Bytes of retired segments a runtime keeps for reuse (0: none).
+POOL_BYTES = int(os.environ.get("PTO_SEGMENT_POOL_BYTES", _default_pool_bytes()))
+
+
+class _Mapping:
+    """A segment as this process maps it; outlives its tensor when kept for reuse."""
+
+    __slots__ = ("tid", "name", "nbytes", "mm", "buf")
+
+    def __init__(self, tid: int, name: str, nbytes: int, mm: mmap.mmap):
+        self.tid, self.name, self.nbytes, self.mm = tid, name, nbytes, mm
+        self.buf = np.frombuffer(mm, dtype=np.uint8, count=nbytes)
+
+    def viewed(self) -> bool:
+        # numpy views collapse their base to ``buf``: references beyond our attribute
+        # (and getrefcount's argument) are views somebody may still read.
+        return sys.getrefcount(self.buf) > 2
 
 
 class Segment:
-    """One shared-memory segment of a runtime and the bookkeeping of its release."""
+    """One tensor's shared-memory segment and the bookkeeping of its release."""
 
-    __slots__ = ("tid", "name", "nbytes", "mm", "buf", "users", "handles", "released",
+    __slots__ = ("tid", "name", "nbytes", "mapping", "gen", "users", "handles", "released",
                  "freed", "store", "__weakref__")
 
-    def __init__(self, store: TensorStore, tid: int, nbytes: int):
+    def __init__(self, store: TensorStore, mapping: _Mapping, gen: int):
         self.store = store
-        self.tid = tid
-        self.name = shm.segment_name(store.owner, tid)
-        self.nbytes = nbytes
-        self.mm: mmap.mmap = shm.create(self.name, nbytes)
-        self.buf = np.frombuffer(self.mm, dtype=np.uint8, count=nbytes)
+        self.mapping = mapping
+        self.tid = mapping.tid
+        self.name = mapping.name
+        self.nbytes = mapping.nbytes
+        self.gen = gen  # tells this tensor from later ones reusing its segment
         self.users = 0  # submitted tasks not yet finished
         self.handles = 0  # live TensorHandle objects
-        self.released = False  # release requested: unlink once users == 0
+        self.released = False  # release requested: retire once users == 0
         self.freed = False  # released by the user or a scope: handles are unusable
+
+    @property
+    def buf(self) -> np.ndarray:
+        return self.mapping.buf
 
 
 class TensorStore:
-    """Creates a runtime's segments and unlinks each exactly once."""
+    """Creates a runtime's segments, retires each exactly once, keeps some for reuse."""
 
-    def __init__(self, owner: str, lock: threading.RLock, notify_free: Callable[[int], None]):
+    def __init__(self, owner: str, lock: threading.RLock,
+                 notify_free: Callable[[int, bool], None]):
         self.owner = owner
         self.lock = lock
         self.room = threading.Condition(lock)
         self._ids = itertools.count(1)
-        self._live: dict[int, str] = {}  # tid -> name of every segment not yet unlinked
-        self._notify_free = notify_free
+        self._gens = itertools.count(1)
+        self._live: dict[int, tuple[_Mapping, int]] = {}  # tid -> (mapping, gen) in use
+        self._pool: OrderedDict[int, _Mapping] = OrderedDict()  # kept, oldest first
+        self.pooled = 0  # bytes in _pool
+        self._notify_free = notify_free  # (tid, kept): the broker and workers learn of it
         self.backlog = 0  # bytes released but still used by tasks
         self.closed = False
 
-    def create(self, nbytes: int) -> Segment:
+    def create(self, nbytes: int, zero: bool = True) -> Segment:
+        """A segment of ``nbytes``: a kept one of that size (zeroed unless not ``zero``),
+        or a new one (always zero)."""
         if self.closed:
             raise TensorFreed("the runtime is closed")
-        seg = Segment(self, next(self._ids), nbytes)
+        mapping = self._reuse(nbytes)
+        if mapping is not None:
+            if zero:
+                mapping.buf[:] = 0
+        else:
+            tid = next(self._ids)
+            name = shm.segment_name(self.owner, tid)
+            try:
+                mm = shm.create(name, nbytes)
+            except OutOfMemory:
+                if not self._drain_pool():
+                    raise
+                mm = shm.create(name, nbytes)  # kept segments made room
+            mapping = _Mapping(tid, name, nbytes, mm)
+        seg = Segment(self, mapping, next(self._gens))
         with self.lock:
-            self._live[seg.tid] = seg.name
-        weakref.finalize(seg, self._collect, seg.tid, seg.mm)
+            self._live[seg.tid] = (mapping, seg.gen)
+        weakref.finalize(seg, self._collect, seg.tid, seg.gen)
         return seg
 
+    def _reuse(self, nbytes: int) -> _Mapping | None:
+        with self.lock:
+            if nbytes < POOL_MIN_BYTES:
+                return None
+            tid = next((t for t, m in self._pool.items() if m.nbytes == nbytes), None)
+            if tid is None:
+                return None
+            mapping = self._pool.pop(tid)
+            self.pooled -= nbytes
+            name = shm.segment_name(self.owner, tid)
+            if not shm.rename(mapping.name, name):
+                return None  # removed behind our back: make a new one
+            mapping.name = name
+            return mapping
+
     def release(self, seg: Segment, freed: bool = True) -> None:
-        """Unlink ``seg`` now, or as soon as the tasks using it finish."""
+        """Retire ``seg`` now, or as soon as the tasks using it finish."""
         with self.lock:
             seg.freed = seg.freed or freed
             if seg.released:
                 return
             seg.released = True
             if seg.users == 0:
-                self._unlink(seg.tid)
+                self._retire(seg.tid)
             else:
                 self.backlog += seg.nbytes
 
@@ -93,7 +172,7 @@ class TensorStore:
         seg.users -= 1
         if seg.users == 0 and seg.released:
             self.backlog -= seg.nbytes
-            self._unlink(seg.tid)
+            self._retire(seg.tid)
             self.room.notify_all()
 
     def wait_for_room(self, lost: Callable[[], BaseException | None]) -> None:
@@ -105,33 +184,76 @@ class TensorStore:
                     raise error
                 self.room.wait(0.25)
 
-    def _collect(self, tid: int, mm: mmap.mmap) -> None:
-        # The segment object is gone, so no handle nor task refers to it any more.
+    def _collect(self, tid: int, gen: int) -> None:
+        # The segment object is gone, so no handle nor task refers to that tensor any more.
         with self.lock:
-            self._unlink(tid)
-        try:
-            mm.close()
-        except BufferError:
-            pass  # a numpy view from .numpy() still uses the mapping; it goes with the view
+            entry = self._live.get(tid)
+            if entry is not None and entry[1] == gen:
+                self._retire(tid)
 
-    def _unlink(self, tid: int) -> None:
-        name = self._live.pop(tid, None)
-        if name is not None:
-            shm.unlink(name)
-            if not self.closed:
-                self._notify_free(tid)
+    def _retire(self, tid: int) -> None:
+        entry = self._live.pop(tid, None)
+        if entry is None:
+            return
+        mapping = entry[0]
+        if (not self.closed and POOL_MIN_BYTES <= mapping.nbytes <= POOL_BYTES
+                and not mapping.viewed()):
+            kept = shm.cache_name(self.owner, tid)
+            if shm.rename(mapping.name, kept):
+                mapping.name = kept
+                self._pool[tid] = mapping
+                self.pooled += mapping.nbytes
+                self._notify_free(tid, True)
+                while self.pooled > POOL_BYTES:
+                    self._evict()
+                return
+        shm.unlink(mapping.name)
+        if not self.closed:
+            self._notify_free(tid, False)
+        _unmap(mapping)
+
+    def _evict(self) -> None:
+        tid, mapping = self._pool.popitem(last=False)
+        self.pooled -= mapping.nbytes
+        shm.unlink(mapping.name)
+        if not self.closed:
+            self._notify_free(tid, False)
+        _unmap(mapping)
+
+    def _drain_pool(self) -> bool:
+        """Unlink every kept segment (to make room); True if there was any."""
+        with self.lock:
+            had = bool(self._pool)
+            while self._pool:
+                self._evict()
+            return had
 
     def close(self) -> None:
         with self.lock:
             self.closed = True
-            for name in self._live.values():
-                shm.unlink(name)
+            for mapping, _ in self._live.values():
+                shm.unlink(mapping.name)
             self._live.clear()
+            while self._pool:
+                self._evict()
             self.room.notify_all()
 
     def live_names(self) -> list[str]:
         with self.lock:
-            return list(self._live.values())
+            return [mapping.name for mapping, _ in self._live.values()]
+
+
+_NO_BYTES = np.empty(0, np.uint8)
+
+
+def _unmap(mapping: _Mapping) -> None:
+    """Unmap now unless a numpy view still uses the mapping (then it goes with the view)."""
+    mm = mapping.mm
+    mapping.buf = _NO_BYTES  # our own export of the mapping must not keep it open
+    try:
+        mm.close()
+    except BufferError:
+        pass
 
 
 def normalize_shape(shape: Any) -> tuple[int, ...]:

@@ -32,7 +32,8 @@ _SESSION_START = time.time()
 
 
 def _pto_segments() -> set[str]:
-    return {n for n in os.listdir(SHM_DIR) if n.startswith("pto_")}
+    """Tensors (pto_*) and the retired segments runtimes keep for reuse (ptocache_*)."""
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(("pto_", "ptocache_"))}
 
 
 def _pto_processes() -> list[psutil.Process]:
@@ -62,7 +63,7 @@ def _ours(p: psutil.Process) -> bool:
 
 
 def _owner_pid(segment: str) -> int | None:
-    head = segment[len("pto_"):].split("x", 1)[0]
+    head = segment.split("_", 1)[1].split("x", 1)[0]
     return int(head) if head.isdigit() else None
 
 

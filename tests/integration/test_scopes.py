@@ -51,10 +51,12 @@ In, Out, InOut, S = pto.Arg.input, pto.Arg.output, pto.Arg.inout, pto.Arg.scalar
 
 
 class ShmSampler:
-    """Samples, in a thread, the total bytes of the /dev/shm files of one runtime."""
+    """Samples, in a thread, the total bytes of the /dev/shm files of one runtime (its
+    tensors and the retired segments it keeps for reuse)."""
 
     def __init__(self, owner: str, interval: float = 0.002):
-        self.prefix = owner + "_"
+        bare = owner.split("_", 1)[1]  # "pto_<owner>" -> "<owner>"
+        self.prefixes = (f"pto_{bare}_", f"ptocache_{bare}_")
         self.interval = interval
         self.peak = 0
         self.peak_files = 0
@@ -66,7 +68,7 @@ class ShmSampler:
         total = files = 0
         with os.scandir(SHM_DIR) as it:
             for entry in it:
-                if not entry.name.startswith(self.prefix):
+                if not entry.name.startswith(self.prefixes):
                     continue
                 try:
                     st = entry.stat()

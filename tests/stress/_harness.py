@@ -23,13 +23,16 @@ SHM_DIR = Path("/dev/shm")
 
 
 def pto_segments() -> list[str]:
-    """Every pto shared-memory object: segments and (``sem.pto_*``) semaphores."""
-    return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(("pto_", "sem.pto_")))
+    """Every pto shared-memory object: segments, kept segments (``ptocache_*``) and
+    (``sem.pto_*``) semaphores."""
+    return sorted(n for n in os.listdir(SHM_DIR)
+                  if n.startswith(("pto_", "ptocache_", "sem.pto_")))
 
 
 def owner_pid(segment: str) -> int | None:
-    """The pid in ``pto_<pid>x<random>_<id>`` (or ``sem.pto_...``): the creating process."""
-    head = segment.split("pto_", 1)[1].split("x", 1)[0]
+    """The pid in ``pto_<pid>x<random>_<id>`` (or ``ptocache_...``, ``sem.pto_...``): the
+    creating process."""
+    head = segment.split("_", 1)[1].split("x", 1)[0]
     return int(head) if head.isdigit() else None
 
 

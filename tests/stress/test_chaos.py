@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from ._harness import Client, StressBroker, pto_segments, tail, wait_for
+from ._harness import Client, StressBroker, owner_pid, pto_segments, tail, wait_for
 from .test_random_dags import (
     GRAPH,
     check_broker_settled,
@@ -110,8 +110,8 @@ class ClientChaos(threading.Thread):
                     break
             else:
                 return
-            prefix = f"pto_{self.victim.proc.pid}x"
-            mine = lambda: [s for s in pto_segments() if s.startswith(prefix)]  # noqa: E731
+            pid = self.victim.proc.pid
+            mine = lambda: [s for s in pto_segments() if owner_pid(s) == pid]  # noqa: E731
             self.victim.proc.kill()
             self.killed_at = time.monotonic()
             self.victim.proc.wait(10)
@@ -178,7 +178,7 @@ def test_chaos_workers_and_a_client_killed_under_load(tmp_path, min_age):
             round(client_chaos.reclaimed_s, 2) if client_chaos.reclaimed_s is not None else None)
         assert client_chaos.reclaimed_s is not None, (
             f"the killed client's segments were still there 10 s later: "
-            f"{[s for s in pto_segments() if s.startswith(f'pto_{victim.proc.pid}x')]}")
+            f"{[s for s in pto_segments() if owner_pid(s) == victim.proc.pid]}")
 
         # The survivors: every run ended, failed ones only with a TaskError, done ones right.
         failures, reports = [], []

@@ -1,0 +1,96 @@
+"""The client's segment store alone (real shared memory, no broker): retiring, keeping
+for reuse, and making room when /dev/shm is full."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from pto import shm
+from pto.errors import OutOfMemory
+from pto.tensor import TensorStore
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def store():
+    notes: list[tuple[int, bool]] = []
+    s = TensorStore(shm.new_owner(), threading.RLock(), lambda t, kept: notes.append((t, kept)))
+    s.notes = notes
+    yield s
+    s.close()
+
+
+def exists(name: str) -> bool:
+    return os.path.exists(shm.SHM_DIR + name)
+
+
+def test_small_segments_are_unlinked_and_large_ones_kept(store):
+    small, big = store.create(4096), store.create(2 * MIB)
+    store.release(small)
+    store.release(big)
+    assert not exists(small.name) and not exists(big.name)
+    assert exists(shm.cache_name(store.owner, big.tid)) and store.pooled == 2 * MIB
+    assert store.notes == [(small.tid, False), (big.tid, True)]
+    again = store.create(2 * MIB)
+    assert again.tid == big.tid and exists(again.name) and store.pooled == 0
+    assert store.create(3 * MIB).tid != big.tid  # another size: a new segment
+
+
+def test_reuse_zeroes_unless_told_the_bytes_will_all_be_written(store):
+    seg = store.create(MIB)
+    seg.buf[:] = 9
+    store.release(seg)
+    zeroed = store.create(MIB)
+    assert zeroed.tid == seg.tid and not zeroed.buf.any()
+    zeroed.buf[:] = 9
+    store.release(zeroed)
+    raw = store.create(MIB, zero=False)
+    assert raw.tid == seg.tid and raw.buf[0] == 9
+
+
+def test_a_segment_viewed_here_is_not_kept(store):
+    seg = store.create(MIB)
+    view = seg.buf[10:20]
+    store.release(seg)
+    assert store.pooled == 0 and store.notes == [(seg.tid, False)]
+    assert view.size == 10  # still readable: the mapping goes with the view
+
+
+def test_a_full_shm_drops_kept_segments_and_retries(store, monkeypatch):
+    seg = store.create(2 * MIB)
+    store.release(seg)
+    kept = shm.cache_name(store.owner, seg.tid)
+    real_create, calls = shm.create, []
+
+    def full_once(name, nbytes):
+        calls.append(name)
+        if len(calls) == 1:
+            raise OutOfMemory("no room")
+        return real_create(name, nbytes)
+
+    monkeypatch.setattr(shm, "create", full_once)
+    other = store.create(5 * MIB)
+    assert len(calls) == 2 and exists(other.name)
+    assert not exists(kept) and store.pooled == 0 and (seg.tid, False) in store.notes
+
+
+def test_out_of_memory_with_nothing_kept_is_raised(store, monkeypatch):
+    def full(name, nbytes):
+        raise OutOfMemory("no room")
+
+    monkeypatch.setattr(shm, "create", full)
+    with pytest.raises(OutOfMemory):
+        store.create(2 * MIB)
+
+
+def test_close_unlinks_live_and_kept_segments(store):
+    live, kept = store.create(2 * MIB), store.create(2 * MIB)
+    store.release(kept)
+    names = [live.name, shm.cache_name(store.owner, kept.tid)]
+    assert all(map(exists, names))
+    store.close()
+    assert not any(map(exists, names))
