@@ -22,7 +22,8 @@ from collections.abc import Iterable
 from enum import IntEnum
 
 from pto.args import ParamType
-from pto.protocol import ArgSpec, Failure, TaskSpec
+from pto.errors import ProtocolError
+from pto.protocol import Failure, PackedTaskSpec, TaskSpec, pack_args, unpack_args
 
 _READS = frozenset({ParamType.INPUT, ParamType.INOUT})
 _WRITES = frozenset({ParamType.OUTPUT, ParamType.INOUT, ParamType.OUTPUT_EXISTING})
@@ -46,7 +47,7 @@ class Task:
     __slots__ = ("gid", "client", "tid", "chip", "chips", "kernel", "args", "state", "waiting",
                  "dependents", "after", "root", "left", "failure", "retries", "trace")
 
-    def __init__(self, gid: int, client: int, spec: TaskSpec):
+    def __init__(self, gid: int, client: int, spec: TaskSpec | PackedTaskSpec):
         self.gid = gid
         self.client = client
         self.tid = spec.task
@@ -57,7 +58,7 @@ class Task:
         self.retries = spec.retries
         self.trace: list | None = None  # [ready, dispatch, dep task ids] of a traced client
         self.kernel = spec.kernel
-        self.args: list[ArgSpec] = spec.args
+        self.args = pack_args(spec.args)  # msgpack: unpacked only when needed
         self.state = State.PENDING
         self.waiting = 0  # predecessors not yet done, nor queued ahead of it on its chip
         self.dependents: list[Task] = []
@@ -124,7 +125,7 @@ class Scheduler:
     def add_chip(self, chip: int) -> None:
         self.ready.setdefault(chip, deque())
 
-    def submit(self, client: int, specs: list[TaskSpec]) -> None:
+    def submit(self, client: int, specs: list[TaskSpec] | list[PackedTaskSpec]) -> None:
         for spec in specs:
             task = Task(next(self._gids), client, spec)
             self.tasks[task.gid] = task
@@ -151,7 +152,6 @@ class Scheduler:
             if dep.waiting == 0 and dep.state == State.PENDING:
                 self._ready(dep)
         task.dependents = []
-        task.args = []
         return task
 
     def failed(self, gid: int, reason: str, lost: bool = False) -> Task | None:
@@ -177,18 +177,18 @@ class Scheduler:
     def overwrites(task: Task) -> bool:
         """Rerunning it after a partial run could give wrong data (INOUT, OUTPUT_EXISTING,
         NO_DEP)."""
-        return any(a.kind in _OVERWRITES for a in task.args)
+        return any(a.kind in _OVERWRITES for a in unpack_args(task.args))
 
     @staticmethod
     def inputs_overwritten(task: Task, later: Iterable[Task]) -> bool:
         """Whether a task that ran after ``task`` on its worker wrote bytes ``task`` reads,
         so rerunning ``task`` would read the wrong data (possible only for tasks queued
         behind it: independent tasks never write what it reads)."""
-        reads = [a for a in task.args if a.kind in _READS]
+        reads = [a for a in unpack_args(task.args) if a.kind in _READS]
         return any(w.tensor == r.tensor and w.offset < r.offset + r.nbytes
                    and r.offset < w.offset + w.nbytes
                    for t in later if t.client == task.client
-                   for w in t.args if w.kind in _WRITES or w.kind == ParamType.NO_DEP
+                   for w in unpack_args(t.args) if w.kind in _WRITES or w.kind == ParamType.NO_DEP
                    for r in reads)
 
     def cancel(self, client: int, tids: Iterable[int]) -> list[Task]:
@@ -290,9 +290,14 @@ class Scheduler:
         if (task.client, task.kernel) not in self.kernel_names:
             self._fail(task, None, f"unknown kernel id {task.kernel}")
             return
+        try:
+            args = unpack_args(task.args)
+        except ProtocolError as exc:
+            self._fail(task, None, str(exc))
+            return
         deps: set[Task] = set()
         poison: Failure | None = None
-        for arg in task.args:
+        for arg in args:
             if arg.tensor < 0 or arg.kind not in _READS and arg.kind not in _WRITES:
                 continue
             key = (task.client, arg.tensor)

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 import zmq
 
@@ -37,6 +38,7 @@ _OWNER = re.compile(r"^[0-9]+x[0-9a-f]{1,32}$")
 # Messages per socket per round: bounds a round's work (timers stay on time) and keeps one
 # busy socket from starving the other.
 _MAX_DRAIN = 32
+_NOTHING_BEFORE: list[int] = []  # WorkTask.after of most tasks (never mutated)
 
 
 @dataclass
@@ -254,7 +256,7 @@ class Broker:
     def _decode(self, sock: zmq.Socket, identity: bytes, frames: list[bytes]) -> P.Message | None:
         """The message in ``frames``, or None after answering the sender with an Error."""
         try:
-            return P.decode(frames)
+            return P.decode(frames, broker=True)
         except ProtocolError as exc:
             role = "client" if sock is self.frontend else "worker"
             log.warning("bad frame from %s %r: %s", role, identity, exc)
@@ -279,7 +281,7 @@ class Broker:
                 self._send(self.frontend, identity, P.Error("unknown client: send Hello first"))
             return
         client.last_seen = now
-        if isinstance(msg, P.Submit):
+        if isinstance(msg, P.PackedSubmit):
             self.sched.submit(client.index, msg.tasks)
         elif isinstance(msg, P.Cancel):
             for task in self.sched.cancel(client.index, msg.tasks):
@@ -491,8 +493,8 @@ class Broker:
                 name = shm.segment_name(self.owner, f"b{task.gid}")
                 self.barriers[task.gid] = GroupBarrier.create(name, world)
             barrier = self.barriers[task.gid].name
-        return P.WorkTask(task.gid, task.client, task.kernel, task.args, rank, world, barrier,
-                          task.trace is not None, task.after or [])
+        return P.WorkTask(task.gid, task.client, task.kernel, msgspec.Raw(task.args), rank, world,
+                          barrier, task.trace is not None, task.after or _NOTHING_BEFORE)
 
     def _member_failed(self, gid: int, reason: str, lost: bool = False) -> None:
         task = self.sched.failed(gid, reason, lost)

@@ -135,6 +135,24 @@ class Submit(Struct, tag=3):
     tasks: list[TaskSpec]
 
 
+class PackedTaskSpec(Struct):
+    """A ``TaskSpec`` as the broker decodes it: ``args`` left as their msgpack bytes (a
+    few dozen bytes per task instead of a few hundred in objects; see ``unpack_args``)."""
+
+    task: int
+    chip: int
+    kernel: int
+    args: msgspec.Raw
+    group: list[int] = []
+    retries: int = 1
+
+
+class PackedSubmit(Struct, tag=3):
+    """``Submit`` as the broker decodes it."""
+
+    tasks: list[PackedTaskSpec]
+
+
 class FreeTensors(Struct, tag=4):
     tensors: list[int]  # gone: the broker forgets them, workers unmap them
     # Kept for reuse by a later tensor of the same id: the broker forgets their accesses
@@ -232,8 +250,37 @@ Message = Union[  # noqa: UP007 - msgspec needs a real Union of tagged structs
     WorkerHello, Dispatch, Report, Shutdown,
 ]
 
+# What the broker receives: Submit's task arguments stay packed until it needs them.
+BrokerMessage = Union[  # noqa: UP007
+    Hello, RegisterKernel, PackedSubmit, FreeTensors, Heartbeat, Cancel, StatusRequest, Attach,
+    Bye,
+    Welcome,
+    Results, Error, DeviceStatus, StatusReply,
+    WorkerHello, Dispatch, Report, Shutdown,
+]
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
+_broker_decoder = msgspec.msgpack.Decoder(BrokerMessage)
+_args_decoder = msgspec.msgpack.Decoder(list[ArgSpec])
+NO_ARGS = _encoder.encode([])
+
+
+def pack_args(args: list[ArgSpec] | msgspec.Raw) -> bytes:
+    """A task's arguments as msgpack bytes (a copy: not a view of a whole frame)."""
+    if isinstance(args, msgspec.Raw):
+        return bytes(args)
+    return _encoder.encode(args) if args else NO_ARGS
+
+
+def unpack_args(packed: bytes) -> list[ArgSpec]:
+    """The arguments ``pack_args`` packed; ProtocolError if they are malformed."""
+    if packed == NO_ARGS:
+        return []
+    try:
+        return _args_decoder.decode(packed)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed task arguments: {exc}") from None
 
 
 def encode(msg: Message) -> list[bytes]:
@@ -241,8 +288,9 @@ def encode(msg: Message) -> list[bytes]:
     return [VERSION, _encoder.encode(msg)]
 
 
-def decode(frames: list[bytes]) -> Message:
-    """Decode ``[VERSION, body]``; raise ProtocolError on anything else."""
+def decode(frames: list[bytes], broker: bool = False) -> Message:
+    """Decode ``[VERSION, body]``; raise ProtocolError on anything else. With ``broker``,
+    only what peers send a broker, and a Submit as a ``PackedSubmit``."""
     if len(frames) != 2:
         raise ProtocolError(f"expected 2 frames, got {len(frames)}")
     version, body = frames
@@ -250,6 +298,6 @@ def decode(frames: list[bytes]) -> Message:
         got = bytes(version)[:16]
         raise ProtocolError(f"unsupported protocol version {got!r}, want {VERSION!r}")
     try:
-        return _decoder.decode(body)
+        return (_broker_decoder if broker else _decoder).decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"malformed message: {exc}") from None

@@ -104,6 +104,28 @@ def test_tasks_naming_unknown_kernels_or_chips_fail_cleanly(broker, raw):
     still_serves(broker.address)
 
 
+def test_a_task_with_malformed_arguments_fails_alone(broker, raw):
+    """The broker unpacks a task's arguments only when it links the task: bad ones fail
+    that task, not the Submit it came in."""
+    sock = raw(broker.address)
+    sock.send_multipart(P.encode(P.Hello(f"{os.getpid()}xac", os.getpid())))
+    assert isinstance(P.decode(sock.recv_multipart()), P.Welcome)
+    sock.send_multipart(P.encode(P.RegisterKernel(7, "k", "py", b"never loaded")))
+    bad = [1, 0, 7, ["not", "arguments"]]
+    good = [2, 0, 7, []]
+    sock.send_multipart([P.VERSION, msgspec.msgpack.encode([3, [bad, good]])])
+    failed, done = [], []
+    while len(failed) + len(done) < 2:
+        msg = P.decode(sock.recv_multipart())
+        if isinstance(msg, P.Results):
+            failed += msg.failed
+            done += msg.done
+    assert [f.task for f in failed][:1] == [1]
+    assert "malformed task arguments" in failed[0].reason
+    sock.send_multipart(P.encode(P.Bye()))
+    still_serves(broker.address)
+
+
 def test_oversized_frame_is_dropped_without_harm(broker, raw):
     sock = raw(broker.address)
     sock.send_multipart([P.VERSION, b"\0" * (P.MAX_FRAME_BYTES + 1)])
