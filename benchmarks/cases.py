@@ -40,19 +40,29 @@ def noop(system, cfg) -> list[dict]:
 
 def roundtrip(system, cfg) -> list[dict]:
     """One no-op task, submitted and waited for; ``trips`` per repeat."""
-    for _ in range(min(cfg.trips, 50)):
-        system.roundtrip()
-    medians, p99s = [], []
-    for _ in range(cfg.repeats):
-        us = []
-        for _ in range(cfg.trips):
-            t0 = time.perf_counter_ns()
-            system.roundtrip()
-            us.append((time.perf_counter_ns() - t0) / 1e3)
-        medians.append(median(us))
-        p99s.append(p99(us))
-    return [_row(system, "roundtrip", trips=cfg.trips, median_us=median(medians),
-                 p99_us=median(p99s))]
+    rows = []
+    # roundtrip_relay: the floors' four-hop relay (a second floor row)
+    for name in ("roundtrip", "roundtrip_relay"):
+        trip = getattr(system, name, None)
+        if trip is None:
+            continue
+        for _ in range(min(cfg.trips, 50)):
+            trip()
+        medians, p99s = [], []
+        for _ in range(cfg.repeats):
+            us = []
+            for _ in range(cfg.trips):
+                t0 = time.perf_counter_ns()
+                trip()
+                us.append((time.perf_counter_ns() - t0) / 1e3)
+            medians.append(median(us))
+            p99s.append(p99(us))
+        row = _row(system, name, trips=cfg.trips, median_us=median(medians),
+                   p99_us=median(p99s))
+        if name == "roundtrip_relay":
+            row["system"] = f"{system.key}-relay"
+        rows.append(row)
+    return rows
 
 
 def chain(system, cfg) -> list[dict]:

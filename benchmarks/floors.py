@@ -1,6 +1,8 @@
 """Physical floors: what no runtime on this machine can beat.
 
 - a bare pyzmq DEALER/ROUTER ping-pong over ``ipc://`` to an echo process (round trip),
+- the same message relayed client -> broker -> worker -> broker -> client through a bare
+  pyzmq ROUTER/ROUTER relay process (the four hops of pto's design, with no work done),
 - the same pair pipelined, one message per task, each echoed back (messages/s),
 - creating and summing the tensor in one process, no runtime (tensor handoff),
 - memcpy bandwidth: a numpy copy of 512 MiB between pre-faulted buffers.
@@ -33,12 +35,52 @@ def _echo(address: str) -> None:
     ctx.term()
 
 
+def _relay(front: str, back: str) -> None:
+    """A broker doing nothing: ROUTER for the client, ROUTER for the worker, forward."""
+    ctx = zmq.Context()
+    fe, be = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    fe.bind(front)
+    be.bind(back)
+    poller = zmq.Poller()
+    poller.register(fe, zmq.POLLIN)
+    poller.register(be, zmq.POLLIN)
+    worker = client = None
+    while True:
+        ready = dict(poller.poll())
+        if fe in ready:
+            client, msg = fe.recv_multipart()
+            be.send_multipart([worker, msg])
+            if msg == b"stop":
+                break
+        if be in ready:
+            identity, msg = be.recv_multipart()
+            if msg == b"hello":
+                worker = identity
+            else:
+                fe.send_multipart([client, msg])
+    fe.close(0)
+    be.close(0)
+    ctx.term()
+
+
+def _relay_worker(back: str) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(back)
+    sock.send(b"hello")
+    while (msg := sock.recv()) != b"stop":
+        sock.send(msg)
+    sock.close(0)
+    ctx.term()
+
+
 class Floors:
     key = "floor"
     label = "floor"
     labels = {
         "noop": "bare zmq DEALER/ROUTER ipc, pipelined (1 msg per task, echoed)",
         "roundtrip": "bare zmq DEALER/ROUTER ipc ping-pong",
+        "roundtrip_relay": "bare zmq relay: client -> broker -> worker -> broker -> client",
         "handoff": "in one process, no runtime: np.ones(S) + sum",
     }
 
@@ -50,27 +92,44 @@ class Floors:
         address = f"ipc://{self._dir.name}/echo.sock"
         self._server = multiprocessing.get_context("spawn").Process(target=_echo, args=(address,))
         self._server.start()
+        spawn = multiprocessing.get_context("spawn")
+        front, back = f"ipc://{self._dir.name}/front.sock", f"ipc://{self._dir.name}/back.sock"
+        self._relays = [spawn.Process(target=_relay, args=(front, back)),
+                        spawn.Process(target=_relay_worker, args=(back,))]
+        for p in self._relays:
+            p.start()
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.SNDHWM, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.connect(address)
         self.roundtrip()  # waits for the server to bind
+        self._relay_sock = self._ctx.socket(zmq.DEALER)
+        self._relay_sock.connect(front)
+        time.sleep(0.5)  # the relay's worker says hello before the first message
+        self.roundtrip_relay()
         return self
 
     def __exit__(self, *exc) -> None:
         self._sock.send(b"stop")
-        self._server.join(10)
-        if self._server.is_alive():
-            self._server.kill()
-            self._server.join()
+        self._relay_sock.send(b"stop")
+        for p in (self._server, *self._relays):
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
         self._sock.close(0)
+        self._relay_sock.close(0)
         self._ctx.term()
         self._dir.cleanup()
 
     def roundtrip(self) -> None:
         self._sock.send(b"x")
         self._sock.recv()
+
+    def roundtrip_relay(self) -> None:
+        self._relay_sock.send(b"x")
+        self._relay_sock.recv()
 
     def noop(self, n: int) -> None:
         send, recv = self._sock.send, self._sock.recv

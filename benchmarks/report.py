@@ -67,9 +67,13 @@ def targets(cases: dict) -> list[dict]:
     ours, floor = _pto(rows), _floor(rows)
     if ours and floor:
         x = ours["median_us"] / floor["median_us"]
+        relay = next((r for r in rows if r["system"] == "floor-relay"), None)
+        hops = (f"; the bare 4-hop relay (pto's hops, no work) takes {relay['median_us']:.0f}"
+                f" us: pto = {ours['median_us'] / relay['median_us']:.2f}x that"
+                if relay else "")
         out.append(_target("round trip <= 2.5x bare zmq round trip", x <= 2.5,
                            f"pto {ours['median_us']:.0f} us = {x:.2f}x zmq "
-                           f"{floor['median_us']:.0f} us"))
+                           f"{floor['median_us']:.0f} us{hops}"))
     ex = next((r for r in rows if r["system"] == "executor"), None)
     if ours and ex:
         out.append(_target("round trip below ProcessPoolExecutor's",

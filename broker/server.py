@@ -446,6 +446,9 @@ class Broker:
         self._announce_devices()
 
     def _dispatch(self) -> None:
+        if not any(self.sched.ready.values()) and not any(
+                w.frees or w.gone or w.cancels for w in self.workers.values()):
+            return  # most rounds that only took reports in
         credit: dict[int, int] = {}
         idle = set()
         for worker in self.workers.values():
