@@ -9,24 +9,9 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 from dask.distributed import Client, LocalCluster
 
-
-def _noop():
-    return None
-
-
-def _inc(x):
-    return x + 1
-
-
-def _produce(n):
-    return np.ones(n)
-
-
-def _consume(a):
-    return float(a.sum())
+from .peer_tasks import consume, inc, noop, produce
 
 
 class DaskSystem:
@@ -53,21 +38,21 @@ class DaskSystem:
         return self.client.submit(fn, *args, pure=False, **kw)
 
     def noop(self, n: int) -> None:
-        self.client.gather([self._submit(_noop) for _ in range(n)])
+        self.client.gather([self._submit(noop) for _ in range(n)])
 
     def roundtrip(self) -> None:
-        self._submit(_noop).result()
+        self._submit(noop).result()
 
     def chain(self, n: int) -> int:
-        fut = self._submit(_inc, 0)
+        fut = self._submit(inc, 0)
         for _ in range(n - 1):
-            fut = self._submit(_inc, fut)
+            fut = self._submit(inc, fut)
         return fut.result()
 
     def handoff(self, nbytes: int) -> float:
-        data = self._submit(_produce, nbytes // 8, workers=self.workers[:1],
+        data = self._submit(produce, nbytes // 8, workers=self.workers[:1],
                             allow_other_workers=False)
-        total = self._submit(_consume, data, workers=self.workers[1:],
+        total = self._submit(consume, data, workers=self.workers[1:],
                              allow_other_workers=False)
         return total.result()
 

@@ -14,21 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-
-def _noop(*_):
-    return None
-
-
-def _inc(x):
-    return x + 1
-
-
-def _produce(n):
-    return np.ones(n)
-
-
-def _consume(a):
-    return float(a.sum())
+from .peer_tasks import consume, inc, noop, produce
 
 
 def _pickled_bytes(nbytes: int) -> int:
@@ -51,17 +37,17 @@ class _Pool:
         raise NotImplementedError
 
     def roundtrip(self) -> None:
-        self._call(_noop)
+        self._call(noop)
 
     def chain(self, n: int) -> int:
         x = 0
         for _ in range(n):
-            x = self._call(_inc, x)
+            x = self._call(inc, x)
         return x
 
     def handoff(self, nbytes: int) -> float:
-        data = self._call(_produce, nbytes // 8)  # worker -> driver, pickled
-        return self._call(_consume, data)  # driver -> worker, pickled
+        data = self._call(produce, nbytes // 8)  # worker -> driver, pickled
+        return self._call(consume, data)  # driver -> worker, pickled
 
     def handoff_copied(self, nbytes: int) -> tuple[int, str]:
         return 2 * _pickled_bytes(nbytes), "counted: pickled array, worker->driver->worker"
@@ -82,11 +68,11 @@ class PoolSystem(_Pool):
         return self.pool.apply_async(fn, args).get()
 
     def noop(self, n: int) -> None:
-        for r in [self.pool.apply_async(_noop) for _ in range(n)]:
+        for r in [self.pool.apply_async(noop) for _ in range(n)]:
             r.get()
 
     def noop_batched(self, n: int) -> None:
-        self.pool.map(_noop, range(n), chunksize=max(1, n // 8))
+        self.pool.map(noop, range(n), chunksize=max(1, n // 8))
 
 
 class ExecutorSystem(_Pool):
@@ -103,8 +89,8 @@ class ExecutorSystem(_Pool):
         return self.ex.submit(fn, *args).result()
 
     def noop(self, n: int) -> None:
-        for f in [self.ex.submit(_noop) for _ in range(n)]:
+        for f in [self.ex.submit(noop) for _ in range(n)]:
             f.result()
 
     def noop_batched(self, n: int) -> None:
-        list(self.ex.map(_noop, range(n), chunksize=max(1, n // 8)))
+        list(self.ex.map(noop, range(n), chunksize=max(1, n // 8)))

@@ -9,30 +9,13 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import ray
 
 from .common import MiB
+from .peer_tasks import consume, inc, noop, produce
 
-
-@ray.remote
-def _noop():
-    return None
-
-
-@ray.remote
-def _inc(x):
-    return x + 1
-
-
-@ray.remote
-def _produce(n):
-    return np.ones(n)
-
-
-@ray.remote
-def _consume(a):
-    return float(a.sum())
+# the peers' task bodies as Ray remote functions
+_noop, _inc, _produce, _consume = (ray.remote(f) for f in (noop, inc, produce, consume))
 
 
 class RaySystem:
