@@ -209,7 +209,7 @@ class Connection:
         poller.register(self.rx, zmq.POLLIN)
         poller.register(self._wake_fd, zmq.POLLIN)
         try:
-            while not self._stop:
+            while not self._stop and self.lost is None:
                 # Set before looking at _callers, which callers bump before looking at
                 # this: either we see them, or they see us polling and wake us.
                 self._io_polling = True
