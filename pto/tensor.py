@@ -144,8 +144,11 @@ class TensorStore:
             mapping = self._pool.pop(tid)
             self.pooled -= nbytes
             name = shm.segment_name(self.owner, tid)
-            if not shm.rename(mapping.name, name):
-                return None  # removed behind our back: make a new one
+            if not shm.rename(mapping.name, name):  # removed behind our back
+                if not self.closed:
+                    self._notify_free(tid, False)
+                _unmap(mapping)
+                return None  # make a new one
             mapping.name = name
             return mapping
 

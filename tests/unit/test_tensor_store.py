@@ -94,3 +94,12 @@ def test_close_unlinks_live_and_kept_segments(store):
     assert all(map(exists, names))
     store.close()
     assert not any(map(exists, names))
+
+
+def test_a_kept_segment_removed_behind_our_back_is_replaced(store):
+    seg = store.create(2 * MIB)
+    store.release(seg)
+    os.unlink(shm.SHM_DIR + shm.cache_name(store.owner, seg.tid))
+    again = store.create(2 * MIB)
+    assert again.tid != seg.tid and exists(again.name)
+    assert store.notes[-1] == (seg.tid, False)  # workers drop their mapping of the old one
