@@ -42,6 +42,8 @@ class Connection:
         self.ctx = zmq.Context()
         self.rx = self._socket(curve)
         self.tx = self._socket(curve)
+        self._rx_poller = zmq.Poller()  # Socket.poll() would build one per call
+        self._rx_poller.register(self.rx, zmq.POLLIN)
         self._tx_lock = threading.Lock()
         # (tensor, kept) appended by GC finalizers too: sent with the next batch
         self._frees: deque[tuple[int, bool]] = deque()
@@ -249,7 +251,7 @@ class Connection:
 
     def _pump(self, timeout: float) -> None:
         """Poll rx once (up to ``timeout`` s), handle what came, check liveness if due."""
-        if self.rx.poll(int(max(0.0, timeout) * 1000)):
+        if self._rx_poller.poll(int(max(0.0, timeout) * 1000)):
             self._drain()
         self._check_liveness_when_due()
 

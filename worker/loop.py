@@ -53,6 +53,8 @@ class Worker:
         if curve:
             secure_client(self.sock, curve)
         self.sock.connect(worker_address(broker))
+        self.poller = zmq.Poller()  # Socket.poll() would build one per call
+        self.poller.register(self.sock, zmq.POLLIN)
         self.owners: dict[int, str] = {}
         self.kernels: dict[tuple[int, int], Kernel | Exception] = {}
         self.kernel_names: dict[tuple[int, int], str] = {}
@@ -87,7 +89,7 @@ class Worker:
             while not self.stopping:
                 idle = not self.queue
                 if idle:
-                    poll_with_spin(self.sock.poll, int(self.heartbeat * 1000), self._report())
+                    poll_with_spin(self.poller.poll, int(self.heartbeat * 1000), self._report())
                 self._drain()
                 if idle:
                     self._check_timers()  # after the drain: heartbeats that came count
