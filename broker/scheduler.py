@@ -54,7 +54,9 @@ class Task:
         self.chip = spec.chip
         self.chips: tuple[int, ...] = tuple(spec.group) if spec.group else (spec.chip,)
         self.left = 0  # members still running, once dispatched
-        self.failure: tuple[str, bool] | None = None  # the first member failure
+        # (reason, lost, followed) of the first member failure, preferring a member's own
+        # failure to one that only followed another's (a BarrierAborted)
+        self.failure: tuple[str, bool, bool] | None = None
         self.retries = spec.retries
         self.trace: list | None = None  # [ready, dispatch, dep task ids] of a traced client
         self.kernel = spec.kernel
@@ -140,7 +142,7 @@ class Scheduler:
         if task.left > 0:
             return None
         if task.failure is not None:
-            self._fail(task, None, *task.failure)
+            self._fail(task, None, *task.failure[:2])
             return task
         del self.tasks[gid]
         task.state = State.DONE
@@ -154,16 +156,18 @@ class Scheduler:
         task.dependents = []
         return task
 
-    def failed(self, gid: int, reason: str, lost: bool = False) -> Task | None:
-        """A member of a task failed; the task fails once every member has reported."""
+    def failed(self, gid: int, reason: str, lost: bool = False,
+               followed: bool = False) -> Task | None:
+        """A member of a task failed (``followed``: only because another member did); the
+        task fails once every member has reported."""
         task = self.tasks.get(gid)
         if task is None or task.state != State.DISPATCHED:
             return None
         task.left -= 1
-        if task.failure is None:
-            task.failure = (reason, lost)
+        if task.failure is None or (task.failure[2] and not followed):
+            task.failure = (reason, lost, followed)
         if task.left == 0:
-            self._fail(task, None, *task.failure)
+            self._fail(task, None, *task.failure[:2])
         return task
 
     def requeue(self, tasks: list[Task]) -> None:

@@ -423,7 +423,9 @@ class Broker:
                     self._ended(self.sched.done(gid))
             for failure in msg.failed:
                 if worker.inflight.pop(failure.task, None) is not None:
-                    self._member_failed(failure.task, failure.reason)
+                    # root 0: it failed only because another member of its group did
+                    self._member_failed(failure.task, failure.reason,
+                                        followed=failure.root == 0)
         elif not isinstance(msg, P.Heartbeat):
             self._send(self.backend, identity, P.Error(f"unexpected {type(msg).__name__}"))
 
@@ -499,8 +501,9 @@ class Broker:
         return P.WorkTask(task.gid, task.client, task.kernel, msgspec.Raw(task.args), rank, world,
                           barrier, task.trace is not None, task.after or _NOTHING_BEFORE)
 
-    def _member_failed(self, gid: int, reason: str, lost: bool = False) -> None:
-        task = self.sched.failed(gid, reason, lost)
+    def _member_failed(self, gid: int, reason: str, lost: bool = False,
+                       followed: bool = False) -> None:
+        task = self.sched.failed(gid, reason, lost, followed)
         if task is not None and task.gid in self.barriers:
             self.barriers[task.gid].abort()  # members waiting at the barrier give up
         self._ended(task)

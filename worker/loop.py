@@ -25,7 +25,7 @@ import zmq
 from pto import protocol as P
 from pto import shm
 from pto.args import ParamType
-from pto.barrier import GroupBarrier
+from pto.barrier import BarrierAborted, GroupBarrier
 from pto.dtypes import CODE_DTYPES
 from pto.procs import parent_gone, poll_with_spin, worker_address
 from pto.security import secure_client
@@ -226,12 +226,14 @@ class Worker:
             frames = traceback.format_tb(exc.__traceback__)[1:]  # drop this frame
             if frames:
                 reason += "\nkernel traceback (most recent call last):\n" + "".join(frames[-5:])
-            self._failed(task, name, reason)
+            self._failed(task, name, reason, followed=isinstance(exc, BarrierAborted))
         else:
             self.done.append(task.task)
 
-    def _failed(self, task: P.WorkTask, name: str, reason: str) -> None:
-        self.failed.append(P.Failure(task.task, name, self.device, reason, task.task))
+    def _failed(self, task: P.WorkTask, name: str, reason: str, followed: bool = False) -> None:
+        # root 0 tells the broker this failure only followed another member's
+        root = 0 if followed else task.task
+        self.failed.append(P.Failure(task.task, name, self.device, reason, root))
         self.recent_failures[task.task] = None
         if len(self.recent_failures) > P.MAX_CREDIT:
             del self.recent_failures[next(iter(self.recent_failures))]

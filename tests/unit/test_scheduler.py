@@ -353,3 +353,15 @@ def test_inputs_overwritten_by_a_later_task_only_on_overlapping_bytes_of_one_cli
     other_client = s.tasks[5]
     assert not Scheduler.inputs_overwritten(reader, [disjoint, other_reader, other_client])
     assert Scheduler.inputs_overwritten(reader, [disjoint, overlapping])
+
+
+def test_a_groups_failure_names_the_member_that_failed_not_one_that_followed():
+    s = Scheduler([0, 1, 2])
+    s.kernel_names[(1, KERNEL)] = "k"
+    group(s, 1, 1, [0, 1, 2])
+    (_, task, _), *_ = s.schedule({0: 1, 1: 1, 2: 1}, {0, 1, 2})
+    s.failed(task.gid, "rank 0 of 3: BarrierAborted", followed=True)
+    s.failed(task.gid, "rank 1 of 3: ValueError: boom")
+    s.failed(task.gid, "rank 2 of 3: BarrierAborted", followed=True)
+    (failure,) = s.take_results()[1][1]
+    assert failure.reason == "rank 1 of 3: ValueError: boom"
