@@ -194,3 +194,23 @@ def test_run_equals_submit_result(rt4):
     assert "async-boom-0c1d" in e_run.value.reason and "async-boom-0c1d" in e_submit.value.reason
     with pytest.raises(KeyError):
         rt4.submit("never_registered", {})
+
+
+def test_blocking_runs_from_four_threads_at_once_each_get_their_own_result(rt4):
+    """rt.run lets the waiting thread read results itself; with four waiting at once, one
+    reads for all and each still gets its own value, without hanging."""
+    rt4.register("chain_mt", orch=chain, kernels=KERNELS)
+    x = np.arange(64, dtype=np.float64)
+    start = threading.Barrier(4)
+
+    def client(t):
+        start.wait(10)
+        for k in range(t, 80, 4):
+            value = rt4.run("chain_mt", {"x": x, "k": k}, timeout=30)
+            assert value["k"] == k
+            np.testing.assert_array_equal(value["acc"].numpy(), x * k * 4, err_msg=f"run {k}")
+            value["acc"].free()
+        return t
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(client, range(4), timeout=60)) == [0, 1, 2, 3]
