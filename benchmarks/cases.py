@@ -38,14 +38,20 @@ def noop(system, cfg) -> list[dict]:
     return rows
 
 
+def _with_variant(system, case: str, variant: str, suffix: str):
+    """(method name, method, row system key) for ``case`` and its ``variant``, those the
+    system has; the variant's rows go under ``<key>-<suffix>``."""
+    for name, key in ((case, system.key), (variant, f"{system.key}-{suffix}")):
+        method = getattr(system, name, None)
+        if method is not None:
+            yield name, method, key
+
+
 def roundtrip(system, cfg) -> list[dict]:
     """One no-op task, submitted and waited for; ``trips`` per repeat."""
     rows = []
     # roundtrip_relay: the floors' four-hop relay (a second floor row)
-    for name in ("roundtrip", "roundtrip_relay"):
-        trip = getattr(system, name, None)
-        if trip is None:
-            continue
+    for name, trip, key in _with_variant(system, "roundtrip", "roundtrip_relay", "relay"):
         for _ in range(min(cfg.trips, 50)):
             trip()
         medians, p99s = [], []
@@ -57,25 +63,17 @@ def roundtrip(system, cfg) -> list[dict]:
                 us.append((time.perf_counter_ns() - t0) / 1e3)
             medians.append(median(us))
             p99s.append(p99(us))
-        row = _row(system, name, trips=cfg.trips, median_us=median(medians),
-                   p99_us=median(p99s))
-        if name == "roundtrip_relay":
-            row["system"] = f"{system.key}-relay"
-        rows.append(row)
+        rows.append({**_row(system, name, trips=cfg.trips, median_us=median(medians),
+                            p99_us=median(p99s)), "system": key})
     return rows
 
 
 def chain(system, cfg) -> list[dict]:
     """``chain_tasks`` tasks, each depending on the one before."""
-    if not hasattr(system, "chain"):
-        return []
     n = cfg.chain_tasks
     rows = []
     # chain_across: a variant whose every dependency crosses chips (pto only)
-    for name in ("chain", "chain_across"):
-        run = getattr(system, name, None)
-        if run is None:
-            continue
+    for name, run, key in _with_variant(system, "chain", "chain_across", "across"):
         run(min(n, 20))
         times = []
         for _ in range(cfg.repeats):
@@ -85,10 +83,7 @@ def chain(system, cfg) -> list[dict]:
             if value != n:
                 raise AssertionError(f"{system.key} {name} of {n} tasks ended at {value}")
         t = median(times)
-        row = _row(system, name, tasks=n, us_per_task=t / n * 1e6)
-        if name == "chain_across":
-            row["system"] = f"{system.key}-across"
-        rows.append(row)
+        rows.append({**_row(system, name, tasks=n, us_per_task=t / n * 1e6), "system": key})
     return rows
 
 

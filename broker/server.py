@@ -526,13 +526,14 @@ class Broker:
         status = worker.status.read()
         worker.status.release()
         running, finished = status or (0, 0)
-        order = list(worker.inflight)
-        done_upto = order.index(finished) if finished in order else -1
+        gids = list(worker.inflight)
+        tasks = list(worker.inflight.values())
+        # A worker runs its tasks in the order sent: the first ``started`` of them started
+        # (up to the running one, or the last finished); without a status block, assume all.
+        started = len(gids) if status is None else max(
+            (gids.index(g) + 1 for g in (running, finished) if g in gids), default=0)
         what = f"chip {worker.device}" if worker.device >= 0 else "host"
         requeue = []
-        tasks = list(worker.inflight.values())
-        started = [i <= done_upto or gid == running or status is None
-                   for i, gid in enumerate(order)]
         for i, task in enumerate(tasks):
             gid = task.gid
             name = self.sched.kernel_name(task)
@@ -540,11 +541,11 @@ class Broker:
                       f"{name!r}{self._log_hint(worker.device)}")
             if task.client not in self.clients_by_index or len(task.chips) > 1:
                 self._member_failed(gid, reason, lost=True)
-            elif not started[i]:
+            elif i >= started:
                 requeue.append(task)
             elif (task.retries > 0 and not self.sched.overwrites(task)
                   and not self.sched.inputs_overwritten(  # by a task queued behind it
-                      task, [t for t, s in zip(tasks[i + 1:], started[i + 1:], strict=True) if s])):
+                      task, tasks[i + 1:started])):
                 task.retries -= 1
                 log.info("rerunning task %d (kernel %r) after its worker died", gid, name)
                 requeue.append(task)

@@ -13,7 +13,7 @@ forwards them to workers and never loads them.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Union, get_args
 
 import msgspec
 
@@ -251,13 +251,8 @@ Message = Union[  # noqa: UP007 - msgspec needs a real Union of tagged structs
 ]
 
 # What the broker receives: Submit's task arguments stay packed until it needs them.
-BrokerMessage = Union[  # noqa: UP007
-    Hello, RegisterKernel, PackedSubmit, FreeTensors, Heartbeat, Cancel, StatusRequest, Attach,
-    Bye,
-    Welcome,
-    Results, Error, DeviceStatus, StatusReply,
-    WorkerHello, Dispatch, Report, Shutdown,
-]
+BrokerMessage = Union[tuple(  # noqa: UP007
+    PackedSubmit if kind is Submit else kind for kind in get_args(Message))]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

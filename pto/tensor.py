@@ -145,9 +145,7 @@ class TensorStore:
             self.pooled -= nbytes
             name = shm.segment_name(self.owner, tid)
             if not shm.rename(mapping.name, name):  # removed behind our back
-                if not self.closed:
-                    self._notify_free(tid, False)
-                _unmap(mapping)
+                self._drop(tid, mapping)
                 return None  # make a new one
             mapping.name = name
             return mapping
@@ -210,14 +208,15 @@ class TensorStore:
                 while self.pooled > POOL_BYTES:
                     self._evict()
                 return
-        shm.unlink(mapping.name)
-        if not self.closed:
-            self._notify_free(tid, False)
-        _unmap(mapping)
+        self._drop(tid, mapping)
 
     def _evict(self) -> None:
         tid, mapping = self._pool.popitem(last=False)
         self.pooled -= mapping.nbytes
+        self._drop(tid, mapping)
+
+    def _drop(self, tid: int, mapping: _Mapping) -> None:
+        """Unlink a segment for good: workers unmap it when told, and so do we."""
         shm.unlink(mapping.name)
         if not self.closed:
             self._notify_free(tid, False)
@@ -237,8 +236,7 @@ class TensorStore:
             for mapping, _ in self._live.values():
                 shm.unlink(mapping.name)
             self._live.clear()
-            while self._pool:
-                self._evict()
+            self._drain_pool()
             self.room.notify_all()
 
     def live_names(self) -> list[str]:
