@@ -20,6 +20,7 @@ from .compiler import CompiledPackage, KernelRef, compile, include_dir
 from .errors import (
     BrokerLost,
     CompileError,
+    HostLost,
     OutOfMemory,
     ProtocolError,
     PtoError,
@@ -36,7 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Arg", "ParamType", "Runtime", "OrchContext", "TensorHandle", "TaskInfo", "task",
-    "PtoError", "TaskError", "WorkerLost", "BrokerLost", "TensorFreed", "OutOfMemory",
+    "PtoError", "TaskError", "WorkerLost", "BrokerLost", "HostLost", "TensorFreed", "OutOfMemory",
     "ProtocolError", "CompileError", "compile", "include_dir", "CompiledPackage", "KernelRef",
     "status",
 ]

@@ -30,6 +30,15 @@ class BrokerLost(PtoError):
     """The broker could not be reached, or stopped answering."""
 
 
+class HostLost(PtoError):
+    """A host of a cluster (its Ray node or its host actor) died while a run needed it."""
+
+    def __init__(self, host: int, reason: str):
+        self.host = host
+        self.reason = reason
+        super().__init__(f"host {host} was lost: {reason}")
+
+
 class TensorFreed(PtoError, ValueError):
     """A freed (or closed-runtime) tensor handle was used."""
 

@@ -89,18 +89,22 @@ class Runtime:
     """
 
     def __new__(cls, level: str = "host", *args: Any, **kwargs: Any) -> Any:
+        level = _level(level)
         if level == "chip":  # L2: one chip in this process, no broker
             from .chip import ChipRuntime
 
             return ChipRuntime(*args, **kwargs)
+        if level == "cluster":  # L4: many hosts, on Ray
+            from .cluster import ClusterRuntime
+
+            return ClusterRuntime(*args, **kwargs)
         return super().__new__(cls)
 
     def __init__(self, level: str = "host", platform: str = "sim",
                  devices: list[int] | None = None, broker: str | None = None,
                  device: int | None = None, timeout: float = 10.0, trace: str | None = None,
                  curve: str | None = None):
-        if level != "host":
-            raise ValueError(f"level must be 'host' or 'chip', not {level!r}")
+        _level(level)  # __new__ sent every other level elsewhere
         if platform != "sim":
             raise ValueError(f"platform {platform!r} needs Ascend hardware and its toolkit; "
                              "this machine supports platform='sim'")
@@ -445,6 +449,18 @@ def _python_kernel(what: str, fn: Callable[..., Any]) -> bytes:
         raise ValueError(f"{what} pickles to {len(blob)} bytes (limit {P.MAX_FRAME_BYTES // 2}):"
                          " it captures large data; pass data as tensor arguments instead")
     return blob
+
+
+_LEVELS = ("chip", "host", "cluster")  # L2, L3, L4
+
+
+def _level(level: Any) -> str:
+    """``level`` normalised (the original's spelling is case-insensitive), or ValueError."""
+    norm = level.lower() if isinstance(level, str) else level
+    if norm not in _LEVELS:
+        raise ValueError(f"level must be one of {', '.join(map(repr, _LEVELS))} "
+                         f"(L2, L3, L4), not {level!r}")
+    return norm
 
 
 def _check_address(address: str) -> None:
