@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from .common import MiB, median, p99, timed
+from .common import MiB, median, p99, quantile, timed
 
 
 def _row(system, case: str, **values) -> dict:
@@ -48,13 +48,15 @@ def _with_variant(system, case: str, variant: str, suffix: str):
 
 
 def roundtrip(system, cfg) -> list[dict]:
-    """One no-op task, submitted and waited for; ``trips`` per repeat."""
+    """One no-op task, submitted and waited for; ``trips`` per repeat. Median and p99 are
+    the medians of each repeat's; p99.9 and max are over every trip of every repeat (one
+    repeat holds too few trips for a p99.9)."""
     rows = []
     # roundtrip_relay: the floors' four-hop relay (a second floor row)
     for name, trip, key in _with_variant(system, "roundtrip", "roundtrip_relay", "relay"):
         for _ in range(min(cfg.trips, 50)):
             trip()
-        medians, p99s = [], []
+        medians, p99s, every = [], [], []
         for _ in range(cfg.repeats):
             us = []
             for _ in range(cfg.trips):
@@ -63,8 +65,10 @@ def roundtrip(system, cfg) -> list[dict]:
                 us.append((time.perf_counter_ns() - t0) / 1e3)
             medians.append(median(us))
             p99s.append(p99(us))
+            every += us
         rows.append({**_row(system, name, trips=cfg.trips, median_us=median(medians),
-                            p99_us=median(p99s)), "system": key})
+                            p99_us=median(p99s), p999_us=quantile(every, 0.999),
+                            max_us=max(every)), "system": key})
     return rows
 
 
@@ -124,3 +128,14 @@ def scaling(system, cfg) -> list[dict]:
         except Exception as exc:  # noqa: BLE001 - a failed size is a result; try the others
             rows.append(_row(system, "scaling", tasks=n, error=_error(exc)))
     return rows
+
+
+def fairness(system, cfg) -> list[dict]:
+    """A small client's single-task runs while another client of the same broker floods
+    ``flood_tasks`` no-op tasks on 2 chips, next to the same runs with the broker idle
+    (only systems with a ``fairness`` method: pto)."""
+    if not hasattr(system, "fairness"):
+        return []
+    got = system.fairness(cfg.flood_tasks, cfg.trips, cfg.fairness_limit_s)
+    return [_row(system, "fairness", **got["idle"]),
+            {**_row(system, "fairness_flood", **got["flood"]), "system": f"{system.key}-flood"}]

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 MiB = 1 << 20
 
-CASES = ("noop", "roundtrip", "chain", "handoff", "scaling", "launch")
+CASES = ("noop", "roundtrip", "chain", "handoff", "scaling", "fairness", "launch")
 
 
 @dataclass
@@ -18,19 +18,24 @@ class Config:
     quick: bool = False
     repeats: int = 5
     noop_tasks: int = 20_000
-    trips: int = 500  # single-task round trips per repeat
+    trips: int = 1_000  # single-task round trips per repeat
     chain_tasks: int = 1_000
     handoff_mib: list[int] = field(default_factory=lambda: [1, 64, 512])
     scaling_tasks: list[int] = field(default_factory=lambda: [1_000, 10_000, 100_000])
     devices: int = 4  # pto chips
+    # fairness: another client of the same broker floods this many no-op tasks on 2 chips
+    # while a small client times single-task runs, for at most ``fairness_limit_s``
+    flood_tasks: int = 400_000
+    fairness_limit_s: float = 120.0
     seed: int = 7
 
     @classmethod
     def make(cls, quick: bool, repeats: int | None) -> Config:
         if not quick:
             return cls(repeats=repeats or 5)
-        return cls(quick=True, repeats=repeats or 3, noop_tasks=2_000, trips=100,
-                   chain_tasks=200, handoff_mib=[1, 64], scaling_tasks=[1_000, 10_000])
+        return cls(quick=True, repeats=repeats or 3, noop_tasks=2_000, trips=300,
+                   chain_tasks=200, handoff_mib=[1, 64], scaling_tasks=[1_000, 10_000],
+                   flood_tasks=40_000, fairness_limit_s=60.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,9 +45,14 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def p99(xs: list[float]) -> float:
+def quantile(xs: list[float], q: float) -> float:
+    """The ``q`` quantile of ``xs`` (nearest rank from below: no interpolation)."""
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(0.99 * len(xs)))]
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def p99(xs: list[float]) -> float:
+    return quantile(xs, 0.99)
 
 
 def timed(fn, *args) -> float:

@@ -7,6 +7,7 @@ the workers run the Python kernels on views of shared memory.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import threading
@@ -17,7 +18,7 @@ import psutil
 
 import pto
 
-from .common import median
+from .common import median, quantile
 from .noop import many_noops, noop, one_noop
 
 # ---- kernels and orchestrations ------------------------------------------------------
@@ -131,6 +132,39 @@ def broker_process(address: str) -> psutil.Process:
     return (ours or brokers)[-1]
 
 
+# ---- fairness: a small client next to a flooding one ----------------------------------
+
+
+def flood_client(address: str, chips: int, n: int, pipe) -> None:
+    """Another client of the broker at ``address`` (run in its own process): says "ready"
+    once warm, waits for "go", runs ``n`` no-op tasks over ``chips`` chips, sends the
+    seconds they took."""
+    with pto.Runtime(level="host", broker=address, devices=list(range(chips))) as rt:
+        rt.register("many_noops", orch=many_noops, kernels={"noop": noop})
+        rt.run("many_noops", {"n": 200})  # warm-up: the kernel reaches both workers
+        pipe.send("ready")
+        if pipe.recv() != "go":
+            return
+        t0 = time.perf_counter()
+        rt.run("many_noops", {"n": n})
+        pipe.send(time.perf_counter() - t0)
+
+
+def _latencies(rt: pto.Runtime, runs: int | None, until=None) -> list[float]:
+    """Milliseconds per ``rt.run("one_noop")``: ``runs`` of them, or until ``until()``."""
+    ms = []
+    while (len(ms) < runs) if runs is not None else not until():
+        t0 = time.perf_counter_ns()
+        rt.run("one_noop")
+        ms.append((time.perf_counter_ns() - t0) / 1e6)
+    return ms
+
+
+def _stats(ms: list[float]) -> dict:
+    return {"runs": len(ms), "median_ms": median(ms), "p99_ms": quantile(ms, 0.99),
+            "max_ms": max(ms)}
+
+
 # ---- the system ----------------------------------------------------------------------
 
 
@@ -145,6 +179,8 @@ class PtoSystem:
         "chain": "pto: INOUT on one tensor, one chip (queued behind on the worker)",
         "chain_across": "pto: INOUT on one tensor, chips 0/1 alternating (deps in the broker)",
         "handoff": "pto: chip 0 writes, chip 1 sums (shared memory)",
+        "fairness": "pto: small client's 1-task runs, broker idle (2 chips)",
+        "fairness_flood": "pto: same, while another client floods no-ops on both chips",
     }
 
     def __init__(self, cfg):
@@ -234,3 +270,40 @@ class PtoSystem:
                 "peak_live_tasks": peak_live,
                 "bytes_per_live_task": max(0, peak_rss - base) / peak_live,
                 "samples": len(samples)}
+
+    def fairness(self, flood_tasks: int, runs: int, limit_s: float) -> dict:
+        """A small client's single-task runs on a fresh 2-chip broker: ``runs`` of them
+        idle, then as many as fit while another client process runs ``flood_tasks``
+        no-op tasks over both chips (at most ``limit_s``: the flood is then killed)."""
+        chips = 2
+        with _runtime(chips) as rt:
+            rt.register("one_noop", orch=one_noop, kernels={"noop": noop})
+            _latencies(rt, 50)  # warm-up
+            idle = _latencies(rt, runs)
+            ours, theirs = multiprocessing.Pipe()
+            flood = multiprocessing.get_context("spawn").Process(
+                target=flood_client, args=(rt.address, chips, flood_tasks, theirs))
+            flood.start()
+            flood_s = None
+            try:
+                if not ours.poll(60) or ours.recv() != "ready":
+                    raise RuntimeError("the flooding client did not start within 60 s")
+                ours.send("go")
+                deadline = time.monotonic() + limit_s
+                during = _latencies(rt, None, lambda: ours.poll()
+                                    or time.monotonic() > deadline or not flood.is_alive())
+                if ours.poll():
+                    flood_s = ours.recv()
+            finally:
+                if flood_s is None and flood.is_alive():
+                    flood.kill()  # bounded: a flood still running at the limit is cut short
+                flood.join(30)
+        if not during:
+            raise RuntimeError("no run of the small client finished during the flood")
+        flood_row = {**_stats(during), "flood_tasks": flood_tasks,
+                     "flood_finished": flood_s is not None}
+        if flood_s is None:
+            flood_row["note"] = f"flood cut short: not done after {limit_s:.0f} s"
+        else:
+            flood_row.update(flood_s=flood_s, flood_tasks_per_s=flood_tasks / flood_s)
+        return {"idle": _stats(idle), "flood": flood_row}

@@ -43,12 +43,53 @@ def add_ratios(cases: dict) -> None:
         r["ratio_to_smallest"] = r["tasks_per_s"] / rows[0]["tasks_per_s"]
 
 
-def _target(text: str, met: bool, detail: str) -> dict:
-    return {"target": text, "met": bool(met), "detail": detail}
+def _target(text: str, met: bool, detail: str, issue: int = 7) -> dict:
+    return {"target": text, "met": bool(met), "detail": detail, "issue": issue}
 
 
 def targets(cases: dict) -> list[dict]:
-    """Issue 7's targets that this run's rows can decide."""
+    """Issue 7's and issue 14's targets that this run's rows can decide."""
+    return _targets_7(cases) + _targets_14(cases)
+
+
+def _row_of(cases: dict, case: str, system: str) -> dict | None:
+    return next((r for r in cases.get(case, {}).get("rows", [])
+                 if r["system"] == system and "error" not in r), None)
+
+
+def _targets_14(cases: dict) -> list[dict]:
+    out = []
+    across = _row_of(cases, "chain", "pto-across")
+    if across:
+        out.append(_target("chain alternating chips <= 60 us/task", across["us_per_task"] <= 60,
+                           f"pto {across['us_per_task']:.0f} us/task", 14))
+    ours, relay = _row_of(cases, "roundtrip", "pto"), _row_of(cases, "roundtrip", "floor-relay")
+    if ours and relay:
+        x50, x99 = ours["median_us"] / relay["median_us"], ours["p99_us"] / relay["p99_us"]
+        out.append(_target("round trip median <= 1.3x the bare 4-hop relay's", x50 <= 1.3,
+                           f"pto {ours['median_us']:.0f} us vs relay {relay['median_us']:.0f} us"
+                           f" ({x50:.2f}x)", 14))
+        out.append(_target("round trip p99 <= 1.5x the bare 4-hop relay's", x99 <= 1.5,
+                           f"pto {ours['p99_us']:.0f} us vs relay {relay['p99_us']:.0f} us"
+                           f" ({x99:.2f}x)", 14))
+    flood = _row_of(cases, "fairness", "pto-flood")
+    if flood:
+        what = f"while another client floods {flood['flood_tasks']:,} tasks"
+        out.append(_target(f"small client's p99 <= 5 ms {what}", flood["p99_ms"] <= 5,
+                           f"p99 {flood['p99_ms']:.2f} ms over {flood['runs']:,} runs", 14))
+        out.append(_target(f"small client's max <= 50 ms {what}", flood["max_ms"] <= 50,
+                           f"max {flood['max_ms']:.1f} ms", 14))
+    dags = [r for r in cases.get("scaling", {}).get("rows", [])
+            if r["system"] == "pto" and "error" not in r]
+    if dags:
+        big = dags[-1]
+        out.append(_target(f"{big['tasks']:,}-task random DAG >= 50k tasks/s",
+                           big["tasks_per_s"] >= 50_000,
+                           f"{big['tasks_per_s']:,.0f} tasks/s", 14))
+    return out
+
+
+def _targets_7(cases: dict) -> list[dict]:
     out = []
     rows = cases.get("noop", {}).get("rows", [])
     ours = _pto(rows)
@@ -136,6 +177,7 @@ TABLES = {
         ("vs pto", "ratio_to_pto", "{:.2f}x")]),
     "roundtrip": ("2. single-task round trip", [
         ("median us", "median_us", "{:.1f}"), ("p99 us", "p99_us", "{:.1f}"),
+        ("p99.9 us", "p999_us", "{:.1f}"), ("max us", "max_us", "{:.0f}"),
         ("vs pto", "ratio_to_pto", "{:.2f}x")]),
     "chain": ("3. dependent chain", [
         ("us/task", "us_per_task", "{:.1f}"), ("vs pto", "ratio_to_pto", "{:.2f}x")]),
@@ -151,18 +193,27 @@ TABLES = {
         ("broker MiB peak", "broker_peak_rss_mib", "{:.1f}"),
         ("peak live", "peak_live_tasks", "{:,}"), ("B/live task", "bytes_per_live_task",
                                                    "{:,.0f}")]),
+    "fairness": ("6. fairness: a small client's 1-task runs while another client floods (pto)", [
+        ("runs", "runs", "{:,}"), ("p50 ms", "median_ms", "{:.2f}"), ("p99 ms", "p99_ms",
+                                                                      "{:.2f}"),
+        ("max ms", "max_ms", "{:.1f}"), ("flood tasks", "flood_tasks", "{:,}"),
+        ("flood tasks/s", "flood_tasks_per_s", "{:,.0f}")]),
 }
 
 NOTES = {
     "noop": "vs pto = system time / pto time (>1: pto is faster). Batched rows use map() with "
             "a chunksize: many tasks per message, shown for reference only.",
-    "roundtrip": "median over repeats of each repeat's median and p99.",
+    "roundtrip": "median over repeats of each repeat's median and p99; p99.9 and max over every "
+                 "trip of every repeat.",
     "chain": "pools have no dependencies: each task is submitted after the previous returned.",
     "handoff": "floor = np.ones(S) + sum in one process. pto bytes copied = 0 by construction: "
                "tensors are POSIX shared memory mapped by every process, messages carry handles. "
                "Pools: counted pickled bytes. Ray/Dask: by design (not measured).",
     "scaling": "B/live task = (broker peak RSS - idle RSS) / peak live tasks (submitted - "
                "finished, sampled every 5 ms with the RSS).",
+    "fairness": "one broker, 2 chips; the flood is a second client process (many_noops over "
+                "both chips, bounded in time); the small client's runs are timed from the "
+                "flood's start to its end.",
 }
 
 
@@ -174,7 +225,7 @@ def _fmt(row: dict, key: str, fmt: str) -> str:
 def print_tables(result: dict) -> None:
     for case, data in result["cases"].items():
         if case == "launch":
-            print("\n6. L2 launch overhead (benchmarks/launch.py)")
+            print("\n7. L2 launch overhead (benchmarks/launch.py)")
             print("   " + (data.get("skipped") or data.get("output", "").strip()
                           .replace("\n", "\n   ")))
             continue
@@ -192,6 +243,8 @@ def print_tables(result: dict) -> None:
                 print(f"{r['label']:<{width}}  {what}: ERROR {r['error']}")
                 continue
             print(f"{r['label']:<{width}}" + "".join(f"{_fmt(r, k, f):>16}" for _, k, f in cols))
+            if "note" in r:
+                print(f"{'':<{width}}  ({r['note']})")
         if case in NOTES:
             print(f"   note: {NOTES[case]}")
     for key, reason in result["skipped"].items():
@@ -200,9 +253,10 @@ def print_tables(result: dict) -> None:
         for case, msg in errs.items():
             print(f"\nERROR {key} {case}: {msg}")
     if result["targets"]:
-        print("\nissue 7 targets (this run):")
+        print("\ntargets of issues 7 and 14 (this run):")
         for t in result["targets"]:
-            print(f"  [{'met' if t['met'] else 'MISSED':>6}] {t['target']}: {t['detail']}")
+            print(f"  [{'met' if t['met'] else 'MISSED':>6}] #{t.get('issue', 7)} {t['target']}: "
+                  f"{t['detail']}")
 
 
 # ---- files ---------------------------------------------------------------------------
@@ -219,7 +273,8 @@ SHORT = {"floor": "floor", "pool": "mp.Pool", "executor": "PPExecutor", "pto": "
          "ray": "Ray", "dask": "Dask", "memcpy": "memcpy"}
 
 
-VARIANTS = {"batched": " (batched)", "across": " (alternating chips)"}
+VARIANTS = {"batched": " (batched)", "across": " (alternating chips)",
+            "relay": " 4-hop relay", "flood": " (another client floods)"}
 FLOOR_SHORT = {"noop": "zmq floor", "roundtrip": "zmq floor", "handoff": "in-process floor"}
 
 
@@ -247,7 +302,8 @@ def write_chart(result: dict, out_dir: str) -> str:
               ("roundtrip", "median_us", "round trip, median us"),
               ("chain", "us_per_task", "dependent chain, us/task"),
               ("handoff", "ms", "tensor handoff, ms"),
-              ("scaling", "tasks_per_s", "pto random DAG, tasks/s")]
+              ("scaling", "tasks_per_s", "pto random DAG, tasks/s"),
+              ("fairness", "p99_ms", "small client's 1-task run, p99 ms (idle / under a flood)")]
     panels = [(case, metric, title,
                [r for r in _ordered(case, result["cases"][case]["rows"]) if metric in r])
               for case, metric, title in panels if case in result["cases"]]
@@ -267,7 +323,7 @@ def write_chart(result: dict, out_dir: str) -> str:
                   for r in rows]
         ax.barh(labels, [r[metric] for r in rows], color=colors)
         ax.invert_yaxis()
-        if case != "scaling":
+        if case not in ("scaling", "fairness"):
             ax.set_xscale("log")
         ax.set_title(title, fontsize=10)
         ax.tick_params(labelsize=8)
@@ -275,7 +331,7 @@ def write_chart(result: dict, out_dir: str) -> str:
             v = r[metric]
             ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.3g}", (v, i), fontsize=7,
                         va="center", xytext=(3, 0), textcoords="offset points")
-    fig.suptitle("pto vs peers (red: pto, gray: floors); log scale but the last panel",
+    fig.suptitle("pto vs peers (red: pto, gray: floors); log scale but the last two panels",
                  fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     path = os.path.join(out_dir, "results.png")
