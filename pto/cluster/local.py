@@ -39,7 +39,7 @@ _MIN_STORE_MIB = 80  # Ray refuses an object store under 75 MiB
 
 
 class LocalCluster:
-    """A Ray cluster of ``hosts`` simulated hosts, ``chips`` simulated chips each here.
+    """A Ray cluster on this machine: ``hosts`` simulated hosts of ``chips`` simulated chips.
 
     >>> with pto.LocalCluster(hosts=2, chips=2) as cluster:                 # doctest: +SKIP
     ...     with pto.Runtime(level="cluster", cluster=cluster.address) as rt:
