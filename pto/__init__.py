@@ -15,6 +15,7 @@
 [2. 2. 2.]
 """
 
+from . import types as types  # the original's module: pto.types.Arg is pto.Arg
 from .args import Arg, ParamType
 from .compiler import CompiledPackage, KernelRef, compile, include_dir
 from .errors import (

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .args import Arg
-from .compiler import CompiledPackage, _check_platform
+from .compiler import _check_platform
 from .compiler import compile as compile_package
 from .errors import PtoError, TaskError
+from .package import CompiledPackage, KernelRef, entry_of
 from .simlib import ERROR_NAMES, SimChip, error_name, open_package, pack_args
 
 
@@ -26,6 +27,7 @@ from .simlib import ERROR_NAMES, SimChip, error_name, open_package, pack_args
 class _Registration:
     name: str
     package: CompiledPackage
+    entry: KernelRef | None  # the kernel the name launches, or None: the orchestration
     chip: SimChip
 
 
@@ -61,12 +63,19 @@ class ChipRuntime:
     # ---- registration ------------------------------------------------------------------
 
     def register(self, name: str, orch: str | os.PathLike | dict | None = None,
-                 kernels: Iterable[Any] | None = None, pkg: CompiledPackage | None = None,
+                 kernels: Iterable[Any] | None = None,
+                 pkg: CompiledPackage | KernelRef | None = None,
                  flags: Sequence[str] = ()) -> CompiledPackage:
         """Register a package under ``name``: built from sources, or a ``pto.compile`` result.
 
         >>> rt.register("vector_add", orch="orch.c", kernels=["add.c", "scale.c"])
         >>> rt.register("matmul", pkg=pto.compile(kernels=["matmul.c"]))
+        >>> rt.register("scale", pkg=pkg.kernel("scale", block_dim=4))
+
+        ``name`` then runs the package's orchestration, or the one kernel it stands for (a
+        ``pkg.kernel(...)``, or the only kernel of a package without orchestration); a
+        package without orchestration and several kernels is refused (ValueError) as
+        ambiguous. Every kernel of a registered package also runs by its own name.
         """
         self._check_open()
         if not isinstance(name, str) or not name:
@@ -78,42 +87,49 @@ class ChipRuntime:
             if orch is not None or kernels is not None or flags:
                 raise ValueError(f"register({name!r}): give pkg=, or sources (orch=, kernels=, "
                                  "flags=), not both")
-            if not isinstance(pkg, CompiledPackage):
-                raise TypeError(f"pkg must come from pto.compile, not {type(pkg).__name__}")
+            if not isinstance(pkg, (CompiledPackage, KernelRef)):
+                raise TypeError(f"pkg must come from pto.compile (or be pkg.kernel(...)), not "
+                                f"{type(pkg).__name__}")
+            entry = entry_of(name, pkg, f"register({name!r}, pkg=PKG)")
+            pkg = pkg.package if isinstance(pkg, KernelRef) else pkg
             if pkg.platform != self.platform:
                 raise ValueError(f"package for {pkg.platform!r} cannot run on {self.platform!r}")
         else:
             if orch is None and not kernels:
                 raise ValueError(f"register({name!r}) needs orch= and/or kernels=, or pkg=")
             pkg = compile_package(self.platform, kernels=kernels or (), orch=orch, flags=flags)
+            entry = entry_of(name, pkg, f"register({name!r}, pkg=PKG)")
         with self._lock:
             chip = self._chips.get(pkg.sha256)
             if chip is None:
                 lib = open_package(pkg.path, pkg.sha256)
                 chip = self._chips[pkg.sha256] = lib.new_chip(self.device, self.cores)
-            self._registry[name] = _Registration(name, pkg, chip)
+            self._registry[name] = _Registration(name, pkg, entry, chip)
         return pkg
 
     # ---- running -----------------------------------------------------------------------
 
-    def run(self, name: str, args: Sequence[Arg] = (), block_dim: int = 1) -> None:
+    def run(self, name: str, args: Sequence[Arg] = (), block_dim: int | None = None) -> None:
         """Run a registered orchestration, or launch one kernel; outputs are written in place.
 
         >>> rt.run("vector_add", [pto.Arg.input(x), pto.Arg.input(y), pto.Arg.output(z)])
         >>> rt.run("matmul", [pto.Arg.input(a), pto.Arg.input(b), pto.Arg.output(c)],
         ...        block_dim=8)                      # a package without orch: its kernel
 
-        ``name`` is a registered name (its orchestration, or its package's only kernel) or
+        ``name`` is a registered name (its orchestration, or the kernel it stands for) or
         the name of a kernel in a registered package. ``block_dim`` applies to a kernel
-        launch; an orchestration chooses its own. Raises ``pto.TaskError`` naming the
-        orchestration or kernel and the chip if it returns non-zero or a launch fails.
+        launch (default: the ``pkg.kernel(..., block_dim)`` registered, else 1); an
+        orchestration chooses its own. Raises ``pto.TaskError`` naming the orchestration
+        or kernel and the chip if it returns non-zero or a launch fails.
         """
         self._check_open()
-        reg, kernel = self._resolve(name)
-        if not isinstance(block_dim, int) or isinstance(block_dim, bool) or block_dim < 1:
+        reg, kernel, default_blocks = self._resolve(name)
+        if block_dim is not None and (not isinstance(block_dim, int)
+                                      or isinstance(block_dim, bool) or block_dim < 1):
             raise ValueError(f"block_dim must be a positive int, not {block_dim!r}")
-        if kernel is None and block_dim != 1:
+        if kernel is None and block_dim not in (None, 1):
             raise ValueError(f"{name!r} runs an orchestration, which picks its own block_dim")
+        block_dim = block_dim or default_blocks
         label = kernel or name
         values, kinds = _split(args, label)
         argv = pack_args(values, kinds, repr(label))
@@ -128,23 +144,17 @@ class ChipRuntime:
         if code != 0:
             raise TaskError(label, self.device, _reason(reg, kernel, rc, code, message))
 
-    def _resolve(self, name: str) -> tuple[_Registration, str | None]:
-        """(registration, kernel to launch or None for the orchestration)."""
+    def _resolve(self, name: str) -> tuple[_Registration, str | None, int]:
+        """(registration, kernel to launch or None for the orchestration, its block_dim)."""
         reg = self._registry.get(name)
         if reg is not None:
-            pkg = reg.package
-            if pkg.orch is not None:
-                return reg, None
-            if name in pkg.kernels:
-                return reg, name
-            if len(pkg.kernels) == 1:
-                return reg, pkg.kernels[0]
-            raise ValueError(f"{name!r} has no orchestration and {len(pkg.kernels)} kernels "
-                             f"({', '.join(pkg.kernels)}): run one of them by name")
+            if reg.entry is None:
+                return reg, None, 1
+            return reg, reg.entry.name, reg.entry.block_dim
         owners = {r.package.sha256: r for r in self._registry.values()
                   if name in r.package.kernels}
         if len(owners) == 1:
-            return next(iter(owners.values())), name
+            return next(iter(owners.values())), name, 1
         if len(owners) > 1:
             regs = ", ".join(sorted(r.name for r in owners.values()))
             raise ValueError(f"kernel {name!r} is in several registered packages ({regs})")

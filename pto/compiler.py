@@ -1,16 +1,17 @@
 """``pto.compile``: C/C++ kernels and an orchestration -> one cached package for a platform.
 
-A "sim" package is a shared library holding the user's sources, a generated table of its
-kernels (name -> function) and the simulated chip runtime (``pto/sim/pto_sim.c``). Builds
-are cached under ``PTO_CACHE_DIR`` (default ``~/.cache/pto``) by the SHA-256 of every byte
-that can change the result: each source and every header it includes, the flags, the
-platform and the compiler's version. An entry is built in a private temporary directory
-and renamed into place, so concurrent builds of one package all succeed and leave one
-entry, and a reader never sees half of one.
+A "sim" package is a shared library holding the user's sources and prebuilt objects
+(``.o``, ``.a``, ``.so`` or object bytes, vetted by ``pto.prebuilt``), a generated table
+of its kernels (name -> function) and the simulated chip runtime (``pto/sim/pto_sim.c``).
+Builds are cached under ``PTO_CACHE_DIR`` (default ``~/.cache/pto``) by the SHA-256 of
+every byte that can change the result: each source and every header it includes, each
+prebuilt object, every existing file the flags name, the flags, the platform and the
+compiler's version. An entry is built in a private temporary directory and renamed into
+place, so concurrent builds of one package all succeed and leave one entry, a failed
+build leaves none, and a reader never sees half of one.
 
-This module is also the seam between the L3 runtime and compiled kernels:
-``kernel_registration`` (client side) describes a kernel for the workers, and
-``load_sim_kernel`` (worker side) turns that description into a callable.
+What a package means once registered, and the L3 seam that ships it to the workers
+(``kernel_registration``, ``load_sim_kernel``), live in ``pto.package``.
 """
 
 from __future__ import annotations
@@ -27,27 +28,28 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import prebuilt
+from .compile_inputs import Input, InputReader, Source, check_names
 from .errors import CompileError
+from .package import CompiledPackage, KernelRef, kernel_registration, load_sim_kernel
+from .prebuilt import Prebuilt
 
 _PKG_DIR = Path(__file__).resolve().parent
 _INCLUDE_DIR = _PKG_DIR / "include"
 _SIM_RUNTIME = _PKG_DIR / "sim" / "pto_sim.c"
 
-_BUILD_FORMAT = 1  # bump when the build recipe changes: old cache entries stop matching
-_C_SUFFIXES = {".c"}
-_CXX_SUFFIXES = {".cc", ".cpp", ".cxx", ".c++", ".C"}
+_BUILD_FORMAT = 2  # bump when the build recipe changes: old cache entries stop matching
 _BASE_CFLAGS = ("-O2", "-fPIC", "-pthread")
 _LINK_FLAGS = ("-shared", "-pthread", "-Wl,-z,defs", "-Wl,-Bsymbolic")  # defs: no unresolved
 _LINK_LIBS = ("-lm",)
 _DEFAULT_ORCH = "pto_orchestrate"
 _HARDWARE_PLATFORMS = ("a2a3", "a5")
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _STALE_TMP_S = 24 * 3600.0
 
 
@@ -59,48 +61,6 @@ def include_dir() -> str:
     return str(_INCLUDE_DIR)
 
 
-@dataclass(frozen=True)
-class KernelRef:
-    """One kernel of a package, as a value for ``kernels={...}`` at L3.
-
-    >>> rt.register("p", orch=pipeline, kernels={"scale": pkg.kernel("mul", block_dim=4)})
-    """
-
-    package: CompiledPackage
-    name: str
-    block_dim: int = 1
-
-
-@dataclass(frozen=True)
-class CompiledPackage:
-    """A built package: ``path`` (the shared library), ``sha256`` (its cache key),
-    ``kernels`` (names) and ``orch`` (the orchestration's symbol, or None).
-
-    >>> pkg = pto.compile(platform="sim", kernels=["add.c"], orch="orch.c")
-    >>> pkg.kernels
-    ('add',)
-    """
-
-    path: str
-    sha256: str
-    kernels: tuple[str, ...]
-    orch: str | None
-    platform: str = "sim"
-
-    def kernel(self, name: str, block_dim: int = 1) -> KernelRef:
-        """The kernel ``name`` of this package, launched with ``block_dim`` blocks at L3."""
-        if name not in self.kernels:
-            raise ValueError(f"package {self.sha256[:12]} has no kernel {name!r}; "
-                             f"it has: {', '.join(self.kernels) or 'no kernels'}")
-        if not isinstance(block_dim, int) or isinstance(block_dim, bool) or block_dim < 1:
-            raise ValueError(f"block_dim must be a positive int, not {block_dim!r}")
-        return KernelRef(self, name, block_dim)
-
-
-@dataclass(frozen=True)
-class _Source:
-    path: Path
-    cxx: bool
 
 
 def compile(platform: str = "sim", kernels: Iterable[Any] = (), orch: Any = None,
@@ -108,12 +68,15 @@ def compile(platform: str = "sim", kernels: Iterable[Any] = (), orch: Any = None
     """Build kernels (and an optional orchestration) into a package, or reuse the cache.
 
     >>> pkg = pto.compile(platform="sim",
-    ...                   kernels=["kernels/add.c", {"source": "kernels/mul.cpp", "name": "mul"}],
+    ...                   kernels=["kernels/add.c", {"source": "kernels/mul.cpp", "name": "mul"},
+    ...                            "build/vadd.o", {"object": obj_bytes, "name": "vsub"}],
     ...                   orch="kernels/orch.c", flags=["-O3"])
 
     A kernel is a path (its symbol is the file's stem) or ``{"source": path, "name":
-    symbol}``; ``orch`` likewise (default symbol ``pto_orchestrate``). C++ symbols must be
-    ``extern "C"``. Raises ``pto.CompileError`` with the compiler's output on failure.
+    symbol}``; ``orch`` likewise (default symbol ``pto_orchestrate``). A path is a C or C++
+    source, or a prebuilt object linked as it is: ``.o``, ``.a`` or ``.so`` (also
+    ``{"object": bytes, "name": symbol}``). C++ symbols must be ``extern "C"``. Raises
+    ``pto.CompileError`` with the compiler's output, or naming the object and symbol.
     """
     _check_platform(platform)
     if isinstance(flags, (str, bytes)) or not all(isinstance(f, str) for f in flags):
@@ -121,20 +84,26 @@ def compile(platform: str = "sim", kernels: Iterable[Any] = (), orch: Any = None
     flags = tuple(flags)
     if isinstance(kernels, (str, os.PathLike, Mapping)):
         kernels = [kernels]  # a lone kernel: surely one, not its characters
-    named = [_entry(k, "kernel", None) for k in kernels]
-    entry = _entry(orch, "orch", _DEFAULT_ORCH) if orch is not None else None
-    _check_names(named, entry)
+    reader = InputReader()
+    named = [reader.entry(k, "kernel", None) for k in kernels]
+    entry = reader.entry(orch, "orchestration", _DEFAULT_ORCH) if orch is not None else None
+    check_names(named, entry)
     if not named and entry is None:
         raise ValueError("pto.compile needs at least one kernel or an orchestration")
-    sources = list(dict.fromkeys(path for _, path in named + ([entry] if entry else [])))
-    srcs = [_Source(p, p.suffix in _CXX_SUFFIXES) for p in sources]
-    tools = _Toolchain.find(any(s.cxx for s in srcs))
+    roles = [(n, i, "kernel") for n, i in named] + ([(*entry, "orchestration")] if entry else [])
+    for name, item, role in roles:
+        if isinstance(item, Prebuilt):
+            prebuilt.check_defines(item, name, role)
+    inputs = list(dict.fromkeys(item for _, item in named + ([entry] if entry else [])))
+    srcs = [i for i in inputs if isinstance(i, Source)]
+    objs = [i for i in inputs if isinstance(i, Prebuilt)]
+    tools = _Toolchain.find(any(s.cxx for s in srcs) or any(o.needs_cxx for o in objs))
     table = _table_source([name for name, _ in named], entry[0] if entry else None)
-    key = _cache_key(platform, srcs, table, flags, tools)
+    key = _cache_key(platform, srcs, objs, table, flags, tools)
     root = cache_dir() / platform
     final = root / key
     if not (final / "package.json").exists():
-        _build(root, final, key, srcs, table, flags, tools, named, entry)
+        _build(root, final, key, _Build(srcs, objs, table, flags, tools, named, entry))
     return _load_entry(final, platform)
 
 
@@ -146,34 +115,6 @@ def cache_dir() -> Path:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "pto"
-
-
-# ---- the seam with the L3 runtime --------------------------------------------------------
-
-
-def kernel_registration(name: str, obj: Any) -> tuple[str, bytes]:
-    """``(kind, blob)`` that tells workers how to load kernel ``name`` (for Runtime.register)."""
-    if isinstance(obj, CompiledPackage):
-        if name not in obj.kernels:
-            raise ValueError(f"kernel {name!r}: the package has no kernel {name!r} (it has: "
-                             f"{', '.join(obj.kernels) or 'none'}); register "
-                             f"pkg.kernel('...') to use one under another name")
-        obj = obj.kernel(name)
-    if not isinstance(obj, KernelRef):
-        raise TypeError(f"kernel {name!r} must be callable or a compiled package "
-                        f"(pto.compile), not {type(obj).__name__}")
-    blob = {"path": obj.package.path, "sha256": obj.package.sha256, "symbol": obj.name,
-            "block_dim": obj.block_dim}
-    return "sim", json.dumps(blob).encode()
-
-
-def load_sim_kernel(name: str, blob: bytes) -> Callable[[list[Any], list[int]], None]:
-    """The worker side of ``kernel_registration``: a callable ``(values, kinds)``."""
-    from .simlib import package_kernel  # ctypes only where C kernels run
-
-    spec = json.loads(blob)
-    return package_kernel(name, spec["path"], spec["sha256"], spec["symbol"],
-                          int(spec.get("block_dim", 1)))
 
 
 # ---- inputs ------------------------------------------------------------------------------
@@ -188,45 +129,6 @@ def _check_platform(platform: str) -> None:
                          "chip on the CPU")
     raise ValueError(f"unknown platform {platform!r}; platforms: 'sim' (CPU simulation), "
                      f"{', '.join(repr(p) for p in _HARDWARE_PLATFORMS)} (Ascend hardware)")
-
-
-def _entry(spec: Any, what: str, default_name: str | None) -> tuple[str, Path]:
-    """``(symbol, absolute source path)`` of a kernel or orchestration spec."""
-    if isinstance(spec, Mapping):
-        unknown = set(spec) - {"source", "name"}
-        if "source" not in spec or unknown:
-            raise ValueError(f"a {what} given as a dict takes 'source' and optionally 'name', "
-                             f"not {sorted(spec)}")
-        source, name = spec["source"], spec.get("name")
-    elif isinstance(spec, (str, os.PathLike)):
-        source, name = spec, None
-    else:
-        raise TypeError(f"a {what} is a source path or {{'source': path, 'name': symbol}}, "
-                        f"not {type(spec).__name__}")
-    path = Path(os.fspath(source)).expanduser().resolve()
-    if path.suffix not in _C_SUFFIXES | _CXX_SUFFIXES:
-        raise ValueError(f"{what} source {str(source)!r}: expected a C (.c) or C++ "
-                         "(.cc .cpp .cxx) file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} source not found: {path}")
-    name = name or default_name or path.stem
-    if not isinstance(name, str) or not _IDENT.match(name):
-        raise ValueError(f"{what} name {name!r} (from {path.name}) is not a C identifier; "
-                         "give {'source': ..., 'name': 'symbol'}")
-    return name, path
-
-
-def _check_names(named: list[tuple[str, Path]], orch: tuple[str, Path] | None) -> None:
-    seen: dict[str, Path] = {}
-    for name, path in named:
-        if name.startswith("pto_"):
-            raise ValueError(f"kernel name {name!r} ({path.name}): names starting with 'pto_' "
-                             "are reserved for the runtime")
-        if name in seen:
-            raise ValueError(f"two kernels are named {name!r} ({seen[name].name}, {path.name})")
-        seen[name] = path
-    if orch is not None and orch[0] in seen:
-        raise ValueError(f"{orch[0]!r} is both a kernel and the orchestration")
 
 
 def _table_source(kernels: list[str], orch: str | None) -> str:
@@ -265,7 +167,7 @@ class _Toolchain:
         identity = _version(cc) + (("\n" + _version(cxx)) if cxx else "")
         return _Toolchain(cc, cxx, identity)
 
-    def driver(self, src: _Source) -> tuple[str, ...]:
+    def driver(self, src: Source) -> tuple[str, ...]:
         return self.cxx if src.cxx and self.cxx else self.cc
 
     def linker(self) -> tuple[str, ...]:
@@ -311,7 +213,7 @@ def _cflags(flags: tuple[str, ...]) -> list[str]:
 # ---- the cache key -----------------------------------------------------------------------
 
 
-def _headers(src: _Source, tools: _Toolchain, flags: tuple[str, ...]) -> list[Path]:
+def _headers(src: Source, tools: _Toolchain, flags: tuple[str, ...]) -> list[Path]:
     """Every header ``src`` includes, as the preprocessor resolves them (system ones aside)."""
     cmd = [*tools.driver(src), *_cflags(flags), "-MM", "-MT", "pto", str(src.path)]
     out = _run(cmd, f"reading the includes of {src.path}").stdout
@@ -320,9 +222,26 @@ def _headers(src: _Source, tools: _Toolchain, flags: tuple[str, ...]) -> list[Pa
     return [Path(p) for p in paths if Path(p).resolve() != src.path]
 
 
-def _cache_key(platform: str, srcs: list[_Source], table: str, flags: tuple[str, ...],
-               tools: _Toolchain) -> str:
-    with ThreadPoolExecutor(max_workers=min(8, len(srcs))) as pool:
+def _flag_files(flags: tuple[str, ...]) -> list[Path]:
+    """Every existing file a flag names (``extra.o``, ``-Wl,--version-script=v.map``,
+    ``-Wl,/x/libk.a``): linked or read, so its bytes belong in the key."""
+    found: dict[Path, None] = {}
+    for flag in flags:
+        words = [flag]
+        if flag.startswith("-Wl,"):
+            words += flag.split(",")[1:]
+        words += [w.split("=", 1)[1] for w in list(words) if "=" in w]
+        for word in words:
+            with contextlib.suppress(OSError, ValueError):
+                path = Path(word).expanduser()
+                if word and path.is_file():
+                    found[path.resolve()] = None
+    return list(found)
+
+
+def _cache_key(platform: str, srcs: list[Source], objs: list[Prebuilt], table: str,
+               flags: tuple[str, ...], tools: _Toolchain) -> str:
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(srcs)))) as pool:
         headers = list(pool.map(lambda s: _headers(s, tools, flags), srcs))
     h = hashlib.sha256()
 
@@ -343,6 +262,12 @@ def _cache_key(platform: str, srcs: list[_Source], table: str, flags: tuple[str,
         feed("c++" if src.cxx else "c", src.path.read_bytes())
         for dep in deps:
             feed("header", dep.read_bytes())
+    for obj in objs:  # the bytes read once, which are also the ones linked
+        feed(f"prebuilt-{obj.kind}", obj.data)
+        if obj.kind == "so":
+            feed("soname", (obj.soname or "").encode())
+    for path in _flag_files(flags):
+        feed("flag-file", path.read_bytes())
     return h.hexdigest()
 
 
@@ -359,19 +284,33 @@ def _cpu_identity() -> str:
 # ---- building ----------------------------------------------------------------------------
 
 
-def _build(root: Path, final: Path, key: str, srcs: list[_Source], table: str,
-           flags: tuple[str, ...], tools: _Toolchain, named: list[tuple[str, Path]],
-           orch: tuple[str, Path] | None) -> None:
+@dataclass(frozen=True)
+class _Build:
+    """Everything one build needs, as resolved by ``compile``."""
+
+    srcs: list[Source]
+    objs: list[Prebuilt]
+    table: str
+    flags: tuple[str, ...]
+    tools: _Toolchain
+    named: list[tuple[str, Input]]
+    orch: tuple[str, Input] | None
+
+
+def _build(root: Path, final: Path, key: str, build: _Build) -> None:
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     _remove_stale_builds(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=root))
     try:
-        log = _compile_and_link(tmp, srcs, table, flags, tools, named, orch)
+        log = _compile_and_link(tmp, build)
         (tmp / "build.log").write_text(log)
-        manifest = {"sha256": key, "kernels": [n for n, _ in named],
-                    "orch": orch[0] if orch else None,
-                    "sources": [str(s.path) for s in srcs], "flags": list(flags),
-                    "compilers": tools.identity, "built": time.time()}
+        manifest = {"sha256": key, "kernels": [n for n, _ in build.named],
+                    "orch": build.orch[0] if build.orch else None,
+                    "sources": [str(s.path) for s in build.srcs],
+                    "objects": [{"from": o.label, "kind": o.kind, "sha256": o.digest}
+                                for o in build.objs],
+                    "flags": list(build.flags), "compilers": build.tools.identity,
+                    "built": time.time()}
         (tmp / "package.json").write_text(json.dumps(manifest, indent=1))
         try:
             os.rename(tmp, final)  # atomic: readers see no entry or a whole one
@@ -380,38 +319,45 @@ def _build(root: Path, final: Path, key: str, srcs: list[_Source], table: str,
                 raise
             # Another process built the same package first; theirs is identical.
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
 
 
-def _compile_and_link(tmp: Path, srcs: list[_Source], table: str, flags: tuple[str, ...],
-                      tools: _Toolchain, named: list[tuple[str, Path]],
-                      orch: tuple[str, Path] | None) -> str:
-    (tmp / "pto_sim_table.c").write_text(table)
-    jobs = [(s, tmp / f"src{i}.o") for i, s in enumerate(srcs)]
-    jobs.append((_Source(_SIM_RUNTIME, False), tmp / "pto_sim.o"))
-    jobs.append((_Source(tmp / "pto_sim_table.c", False), tmp / "pto_sim_table.o"))
+def _compile_and_link(tmp: Path, build: _Build) -> str:
+    tools, flags = build.tools, build.flags
+    (tmp / "pto_sim_table.c").write_text(build.table)
+    jobs = [(s, tmp / f"src{i}.o") for i, s in enumerate(build.srcs)]
+    jobs.append((Source(_SIM_RUNTIME, False), tmp / "pto_sim.o"))
+    jobs.append((Source(tmp / "pto_sim_table.c", False), tmp / "pto_sim_table.o"))
 
-    def one(job: tuple[_Source, Path]) -> str:
+    def one(job: tuple[Source, Path]) -> str:
         src, obj = job
         cmd = [*tools.driver(src), *_cflags(flags), "-c", str(src.path), "-o", str(obj)]
         return _run(cmd, f"compiling {src.path}").stderr
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, len(jobs))) as pool:
         logs = list(pool.map(one, jobs))
+    staged = prebuilt.stage(build.objs, tmp)
     out = tmp / "package.so"
-    link = [*tools.linker(), *_LINK_FLAGS, "-o", str(out), *(str(o) for _, o in jobs), *flags,
+    # Archives after every object, so their members resolve what the objects need.
+    link = [*tools.linker(), *_LINK_FLAGS, "-o", str(out), *(str(o) for _, o in jobs),
+            *map(str, staged.objects), *map(str, staged.archives), *staged.link_args, *flags,
             *_LINK_LIBS]
     try:
         logs.append(_run(link, "linking the package").stderr)
     except CompileError as exc:
-        raise _missing_symbol_error(exc, named, orch) or exc from None
-    for _, obj in jobs:
-        obj.unlink()  # the entry keeps the library, the generated table and the log
+        raise _missing_symbol_error(exc, build.named, build.orch) or exc from None
+    if staged.shared:
+        uses: dict[str, list[str]] = {}
+        for name, item in build.named + ([build.orch] if build.orch else []):
+            uses.setdefault(item.label, []).append(repr(name))
+        prebuilt.check_loadable(out, build.objs, {k: ", ".join(v) for k, v in uses.items()})
+    for obj in [*(o for _, o in jobs), *staged.objects, *staged.archives]:
+        obj.unlink()  # the entry keeps the library, shared inputs, the table and the log
     return "".join(logs)
 
 
-def _missing_symbol_error(exc: CompileError, named: list[tuple[str, Path]],
-                          orch: tuple[str, Path] | None) -> CompileError | None:
+def _missing_symbol_error(exc: CompileError, named: list[tuple[str, Input]],
+                          orch: tuple[str, Input] | None) -> CompileError | None:
     """A clearer error when the link failed because a kernel or the orchestration is missing."""
     undefined = set(re.findall(r"undefined reference to [`']([A-Za-z_][A-Za-z0-9_]*)'",
                                exc.stderr))
@@ -420,9 +366,10 @@ def _missing_symbol_error(exc: CompileError, named: list[tuple[str, Path]],
     if not missing:
         return None
     lines = []
-    for name, path, what in missing:
-        hint = ' (C++: declare it extern "C")' if path.suffix in _CXX_SUFFIXES else ""
-        lines.append(f"{what} {name!r}: no exported function {name!r} in {path}{hint}")
+    for name, item, what in missing:
+        cxx = isinstance(item, Source) and item.cxx
+        hint = ' (C++: declare it extern "C")' if cxx else ""
+        lines.append(f"{what} {name!r}: no exported function {name!r} in {item.label}{hint}")
     return CompileError("missing symbol: " + "; ".join(lines) + "\n" + exc.stderr.strip(),
                         stderr=exc.stderr, command=exc.command)
 

@@ -294,38 +294,3 @@ def open_package(path: str, sha256: str) -> Library:
         if lib is None:
             lib = _libraries[sha256] = Library(path, sha256)
         return lib
-
-
-def package_kernel(name: str, path: str, sha256: str, symbol: str,
-                   block_dim: int) -> Callable[[list[Any], list[int]], None]:
-    """A worker's callable for kernel ``symbol`` of a package, registered as ``name``.
-
-    Each call is one launch of ``block_dim`` blocks on this process's chip, as the task's
-    rank in its group (``pto.task()``); a failure raises RuntimeError with the reason.
-    """
-    from .taskinfo import task
-
-    lib = open_package(path, sha256)
-    if symbol not in lib.kernels:
-        raise LookupError(f"kernel {name!r}: package {sha256[:12]} has no kernel {symbol!r} "
-                          f"(it has: {', '.join(lib.kernels)})")
-    sym = symbol.encode()
-    where = f"kernel {name!r}"
-
-    def call(values: list[Any], kinds: list[int]) -> None:
-        try:
-            info = task()
-        except RuntimeError:  # called outside a worker's task (tests, tools)
-            info = None
-        rank, world, device = (info.rank, info.world, info.chip) if info else (0, 1, 0)
-        chip = lib.process_chip(device)
-        argv = pack_args(values, kinds, where)
-        chip.set_task(rank, world, info.barrier if info is not None and world > 1 else None)
-        rc = chip.run(sym, argv, block_dim)
-        if rc != 0:
-            if chip.barrier_error is not None:  # e.g. BarrierAborted: another member failed
-                raise chip.barrier_error
-            raise RuntimeError(f"C kernel {symbol!r} failed on chip {device} with "
-                               f"{error_name(rc)}: {chip.error_message() or 'no message'}")
-
-    return call

@@ -7,21 +7,21 @@ it any more. Bytes waiting only for tasks to finish are counted, so an orchestra
 that allocates faster than tasks run is held back (``wait_for_room``) instead of filling
 /dev/shm.
 
-Retiring a large segment (``POOL_MIN_BYTES`` and up) keeps it, up to ``POOL_BYTES`` in
-all, for the next ``alloc`` of the same size: on tmpfs, allocating, zeroing and mapping
-fresh pages in every process costs far more than the tasks' own work on them, and a
-kept segment stays mapped in every worker that used it. A kept segment is renamed
-``/ptocache_<owner>_<id>`` (its tensor name is gone, as after an unlink), zeroed when
-reused, never kept while a numpy view of it is alive here, and unlinked at the latest
-when the runtime closes (or by the broker's janitor if this process dies). Other
-segments are unlinked, and workers drop their mapping when the broker forwards the free.
+Retiring a large segment (``POOL_MIN_BYTES`` and up) keeps it, up to
+``PTO_SEGMENT_POOL_BYTES`` in all, for the next ``alloc`` of the same size: on tmpfs,
+allocating, zeroing and mapping fresh pages in every process costs far more than the
+tasks' own work on them, and a kept segment stays mapped in every worker that used it.
+A kept segment is renamed ``/ptocache_<owner>_<id>`` (its tensor name is gone, as after
+an unlink), zeroed when reused, never kept while a numpy view of it is alive here, and
+unlinked at the latest when the runtime closes (or by the broker's janitor if this
+process dies). Other segments are unlinked, and workers drop their mapping when the
+broker forwards the free.
 """
 
 from __future__ import annotations
 
 import itertools
 import mmap
-import os
 import sys
 import threading
 import weakref
@@ -32,35 +32,20 @@ from typing import Any
 
 import numpy as np
 
-from . import shm
+from . import config, shm
 from .dtypes import dtype_code
 from .errors import OutOfMemory, TensorFreed
 
-# Bytes of released tensors still waiting for their tasks before alloc() waits.
-RELEASE_BACKLOG = int(os.environ.get("PTO_RELEASE_BACKLOG_BYTES", 32 * 1024 * 1024))
 POOL_MIN_BYTES = 1024 * 1024  # the smallest retired segment kept for reuse
-
-
-def _default_pool_bytes() -> int:
-    """1 GiB, but at most 1/16 of /dev/shm (a container's 64 MiB one keeps 4 MiB)."""
-    try:
-        st = os.statvfs(shm.SHM_DIR)
-        return min(1 << 30, st.f_blocks * st.f_frsize // 16)
-    except OSError:
-        return 0
-
-
-# Bytes of retired segments a runtime keeps for reuse (0: none).
-POOL_BYTES = int(os.environ.get("PTO_SEGMENT_POOL_BYTES", _default_pool_bytes()))
 
 
 class _Mapping:
     """A segment as this process maps it; outlives its tensor when kept for reuse."""
 
-    __slots__ = ("tid", "name", "nbytes", "mm", "buf")
+    __slots__ = ("tensor_id", "name", "nbytes", "mm", "buf")
 
-    def __init__(self, tid: int, name: str, nbytes: int, mm: mmap.mmap):
-        self.tid, self.name, self.nbytes, self.mm = tid, name, nbytes, mm
+    def __init__(self, tensor_id: int, name: str, nbytes: int, mm: mmap.mmap):
+        self.tensor_id, self.name, self.nbytes, self.mm = tensor_id, name, nbytes, mm
         self.buf = np.frombuffer(mm, dtype=np.uint8, count=nbytes)
 
     def viewed(self) -> bool:
@@ -72,13 +57,13 @@ class _Mapping:
 class Segment:
     """One tensor's shared-memory segment and the bookkeeping of its release."""
 
-    __slots__ = ("tid", "name", "nbytes", "mapping", "gen", "users", "handles", "released",
+    __slots__ = ("tensor_id", "name", "nbytes", "mapping", "gen", "users", "handles", "released",
                  "freed", "store", "__weakref__")
 
     def __init__(self, store: TensorStore, mapping: _Mapping, gen: int):
         self.store = store
         self.mapping = mapping
-        self.tid = mapping.tid
+        self.tensor_id = mapping.tensor_id
         self.name = mapping.name
         self.nbytes = mapping.nbytes
         self.gen = gen  # tells this tensor from later ones reusing its segment
@@ -96,16 +81,20 @@ class TensorStore:
     """Creates a runtime's segments, retires each exactly once, keeps some for reuse."""
 
     def __init__(self, owner: str, lock: threading.RLock,
-                 notify_free: Callable[[int, bool], None]):
+                 notify_free: Callable[[int, bool], None], settings: config.Config | None = None):
+        settings = settings or config.load()
+        # Bytes of released tensors still waiting for their tasks before alloc() waits.
+        self.release_backlog_bytes = settings.release_backlog_bytes
+        self.pool_bytes = settings.segment_pool_bytes  # bytes of retired segments kept (0: none)
         self.owner = owner
         self.lock = lock
         self.room = threading.Condition(lock)
         self._ids = itertools.count(1)
         self._gens = itertools.count(1)
-        self._live: dict[int, tuple[_Mapping, int]] = {}  # tid -> (mapping, gen) in use
+        self._live: dict[int, tuple[_Mapping, int]] = {}  # tensor_id -> (mapping, gen) in use
         self._pool: OrderedDict[int, _Mapping] = OrderedDict()  # kept, oldest first
         self.pooled = 0  # bytes in _pool
-        self._notify_free = notify_free  # (tid, kept): the broker and workers learn of it
+        self._notify_free = notify_free  # (tensor_id, kept): the broker and workers learn of it
         self.backlog = 0  # bytes released but still used by tasks
         self.closed = False
 
@@ -119,33 +108,33 @@ class TensorStore:
             if zero:
                 mapping.buf[:] = 0
         else:
-            tid = next(self._ids)
-            name = shm.segment_name(self.owner, tid)
+            tensor_id = next(self._ids)
+            name = shm.segment_name(self.owner, tensor_id)
             try:
                 mm = shm.create(name, nbytes)
             except OutOfMemory:
                 if not self._drain_pool():
                     raise
                 mm = shm.create(name, nbytes)  # kept segments made room
-            mapping = _Mapping(tid, name, nbytes, mm)
+            mapping = _Mapping(tensor_id, name, nbytes, mm)
         seg = Segment(self, mapping, next(self._gens))
         with self.lock:
-            self._live[seg.tid] = (mapping, seg.gen)
-        weakref.finalize(seg, self._collect, seg.tid, seg.gen)
+            self._live[seg.tensor_id] = (mapping, seg.gen)
+        weakref.finalize(seg, self._collect, seg.tensor_id, seg.gen)
         return seg
 
     def _reuse(self, nbytes: int) -> _Mapping | None:
         with self.lock:
             if nbytes < POOL_MIN_BYTES:
                 return None
-            tid = next((t for t, m in self._pool.items() if m.nbytes == nbytes), None)
-            if tid is None:
+            tensor_id = next((t for t, m in self._pool.items() if m.nbytes == nbytes), None)
+            if tensor_id is None:
                 return None
-            mapping = self._pool.pop(tid)
+            mapping = self._pool.pop(tensor_id)
             self.pooled -= nbytes
-            name = shm.segment_name(self.owner, tid)
+            name = shm.segment_name(self.owner, tensor_id)
             if not shm.rename(mapping.name, name):  # removed behind our back
-                self._drop(tid, mapping)
+                self._drop(tensor_id, mapping)
                 return None  # make a new one
             mapping.name = name
             return mapping
@@ -158,9 +147,20 @@ class TensorStore:
                 return
             seg.released = True
             if seg.users == 0:
-                self._retire(seg.tid)
+                self._retire(seg.tensor_id)
             else:
                 self.backlog += seg.nbytes
+
+    def use(self, segments: list[Segment]) -> None:
+        """A task was submitted with these segments: they stay until ``release_use``."""
+        with self.lock:
+            for seg in segments:
+                seg.users += 1
+
+    def interrupt_waits(self) -> None:
+        """Wake ``wait_for_room`` callers so they look at ``lost()`` again."""
+        with self.lock:
+            self.room.notify_all()
 
     def handle_gone(self, seg: Segment) -> None:
         with self.lock:
@@ -173,53 +173,53 @@ class TensorStore:
         seg.users -= 1
         if seg.users == 0 and seg.released:
             self.backlog -= seg.nbytes
-            self._retire(seg.tid)
+            self._retire(seg.tensor_id)
             self.room.notify_all()
 
     def wait_for_room(self, lost: Callable[[], BaseException | None]) -> None:
         """Block while the release backlog is over its bound (tasks will shrink it)."""
         with self.lock:
-            while self.backlog > RELEASE_BACKLOG:
+            while self.backlog > self.release_backlog_bytes and not self.closed:
                 error = lost()
                 if error is not None:
                     raise error
-                self.room.wait(0.25)
+                self.room.wait()  # notified as tasks end, and by interrupt_waits()
 
-    def _collect(self, tid: int, gen: int) -> None:
+    def _collect(self, tensor_id: int, gen: int) -> None:
         # The segment object is gone, so no handle nor task refers to that tensor any more.
         with self.lock:
-            entry = self._live.get(tid)
+            entry = self._live.get(tensor_id)
             if entry is not None and entry[1] == gen:
-                self._retire(tid)
+                self._retire(tensor_id)
 
-    def _retire(self, tid: int) -> None:
-        entry = self._live.pop(tid, None)
+    def _retire(self, tensor_id: int) -> None:
+        entry = self._live.pop(tensor_id, None)
         if entry is None:
             return
         mapping = entry[0]
-        if (not self.closed and POOL_MIN_BYTES <= mapping.nbytes <= POOL_BYTES
+        if (not self.closed and POOL_MIN_BYTES <= mapping.nbytes <= self.pool_bytes
                 and not mapping.viewed()):
-            kept = shm.cache_name(self.owner, tid)
+            kept = shm.cache_name(self.owner, tensor_id)
             if shm.rename(mapping.name, kept):
                 mapping.name = kept
-                self._pool[tid] = mapping
+                self._pool[tensor_id] = mapping
                 self.pooled += mapping.nbytes
-                self._notify_free(tid, True)
-                while self.pooled > POOL_BYTES:
+                self._notify_free(tensor_id, True)
+                while self.pooled > self.pool_bytes:
                     self._evict()
                 return
-        self._drop(tid, mapping)
+        self._drop(tensor_id, mapping)
 
     def _evict(self) -> None:
-        tid, mapping = self._pool.popitem(last=False)
+        tensor_id, mapping = self._pool.popitem(last=False)
         self.pooled -= mapping.nbytes
-        self._drop(tid, mapping)
+        self._drop(tensor_id, mapping)
 
-    def _drop(self, tid: int, mapping: _Mapping) -> None:
+    def _drop(self, tensor_id: int, mapping: _Mapping) -> None:
         """Unlink a segment for good: workers unmap it when told, and so do we."""
         shm.unlink(mapping.name)
         if not self.closed:
-            self._notify_free(tid, False)
+            self._notify_free(tensor_id, False)
         _unmap(mapping)
 
     def _drain_pool(self) -> bool:
@@ -245,6 +245,11 @@ class TensorStore:
 
 
 _NO_BYTES = np.empty(0, np.uint8)
+
+
+def segment_of(handle: TensorHandle) -> Segment:
+    """The segment a handle views (for the runtime's bookkeeping, not for users)."""
+    return handle._seg
 
 
 def _unmap(mapping: _Mapping) -> None:
@@ -298,6 +303,11 @@ class TensorHandle:
     @property
     def nbytes(self) -> int:
         return prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def size(self) -> int:
+        """Bytes of the tensor, as the original runtime's ``TensorHandle.size``: ``nbytes``."""
+        return self.nbytes
 
     @property
     def name(self) -> str:

@@ -50,9 +50,17 @@ ORCHS = ("returns_42", "launches_unknown", "ignores_failure", "nested_launch", "
 def chip(packages):
     """Chip 3 with 4 cores, and the packages whose kernel names are unique registered."""
     with pto.Runtime(level="chip", platform="sim", device=3, cores=4) as rt:
-        for name in ("vector_add", "matmul", "probe"):
+        for name in ("vector_add", "matmul"):
             rt.register(name, pkg=packages[name])
+        register_probes(rt, packages)
         yield rt
+
+
+def register_probes(rt, packages) -> None:
+    """Each probe kernel under its own name: a package of several kernels and no
+    orchestration stands for no single one."""
+    for kernel in PROBES:
+        rt.register(kernel, pkg=packages["probe"].kernel(kernel))
 
 
 @pytest.fixture
@@ -213,7 +221,7 @@ def test_blocks_run_concurrently_on_the_chip_cores(chip):
 
 def test_single_core_chip_runs_blocks_one_at_a_time(packages):
     with pto.Runtime(level="chip", platform="sim", device=0, cores=1) as rt:
-        rt.register("probe", pkg=packages["probe"])
+        register_probes(rt, packages)
         out = np.zeros(2, np.int64)
         rt.run("concurrency", args=[Out(out)], block_dim=3)
         assert out.tolist() == [3, 1]
@@ -247,7 +255,7 @@ def test_calls_release_the_gil(packages):
     rts = [pto.Runtime(level="chip", platform="sim", device=d) for d in (0, 1)]
     try:
         for rt in rts:
-            rt.register("probe", pkg=packages["probe"])
+            register_probes(rt, packages)
         threads = [threading.Thread(target=rt.run, args=("sleep_ms", [S(300)])) for rt in rts]
         start = time.perf_counter()
         for t in threads:
@@ -351,8 +359,29 @@ def test_bad_names_and_block_dims(chip):
         chip.run("add", args=[], block_dim=0)
     with pytest.raises(ValueError, match="picks its own block_dim"):
         chip.run("vector_add", args=[], block_dim=4)
-    with pytest.raises(ValueError, match="run one of them by name"):
-        chip.run("probe", args=[])
+
+
+def test_a_package_of_several_kernels_without_orchestration_is_refused_at_register(chip,
+                                                                                  packages):
+    # Even under the name of one of its kernels: that is no reason to pick it silently.
+    for name in ("probe", "where_am_i"):
+        with pytest.raises(ValueError, match="no orchestration and 7 kernels") as ei:
+            chip.register(name, pkg=packages["probe"])
+        hint = "pkg.kernel('where_am_i')" if name == "where_am_i" else "pkg.kernel("
+        assert f"register({name!r}, pkg={hint}" in str(ei.value)
+    with pytest.raises(ValueError, match="no orchestration and 2 kernels"):
+        chip.register("two", kernels=[VECTOR_ADD / "add.c", VECTOR_ADD / "scale.c"])
+
+
+def test_a_registered_kernel_ref_launches_with_its_block_dim(chip, packages):
+    chip.register("where", pkg=packages["probe"].kernel("where_am_i", block_dim=3))
+    out = np.zeros((4, 6), np.int64)
+    chip.run("where", args=[Out(out)])  # 3 blocks, as registered
+    assert out[:3, 0].tolist() == [0, 1, 2] and out[:3, 1].tolist() == [3, 3, 3]
+    assert out[3].tolist() == [0] * 6
+    out[:] = 0
+    chip.run("where", args=[Out(out)], block_dim=4)  # the run's block_dim wins
+    assert out[:, 0].tolist() == [0, 1, 2, 3]
 
 
 def test_kernel_name_in_several_packages_is_ambiguous(orch_chip):
@@ -395,14 +424,14 @@ def test_register_errors(chip, packages):
 
 def test_close(packages):
     rt = pto.Runtime(level="chip", platform="sim", device=0)
-    rt.register("probe", pkg=packages["probe"])
+    register_probes(rt, packages)
     rt.run("where_am_i", args=[Out(np.zeros((4, 6), np.int64))], block_dim=4)  # starts threads
     rt.close()
     rt.close()
     with pytest.raises(pto.PtoError, match="closed"):
         rt.run("where_am_i", args=[])
     with pytest.raises(pto.PtoError, match="closed"):
-        rt.register("probe", pkg=packages["probe"])
+        register_probes(rt, packages)
 
 
 def test_core_threads_stop_on_close(packages):
@@ -411,7 +440,7 @@ def test_core_threads_stop_on_close(packages):
     me = psutil.Process()
     before = me.num_threads()
     with pto.Runtime(level="chip", platform="sim", device=0, cores=6) as rt:
-        rt.register("probe", pkg=packages["probe"])
+        register_probes(rt, packages)
         rt.run("where_am_i", args=[Out(np.zeros((6, 6), np.int64))], block_dim=6)
         assert me.num_threads() == before + 5  # the caller is the sixth core
     assert me.num_threads() == before

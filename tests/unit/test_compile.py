@@ -18,6 +18,7 @@ import pto
 from pto.args import ParamType
 from pto.compiler import kernel_registration, load_sim_kernel
 from pto.dtypes import DTYPE_CODES, bfloat16
+from pto.package import load_sim_orch
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,7 +72,7 @@ def entries(cache: Path) -> list[Path]:
 
 def run_add(pkg: pto.CompiledPackage, x: np.ndarray) -> np.ndarray:
     z = np.zeros_like(x)
-    load_sim_kernel("add", kernel_registration("add", pkg)[1])(
+    load_sim_kernel("add", kernel_registration("add", pkg.kernel("add"))[1])(
         [x, x, z], [ParamType.INPUT, ParamType.INPUT, ParamType.OUTPUT])
     return z
 
@@ -89,7 +90,7 @@ def test_compile_builds_a_package_with_c_and_cxx_kernels(cache, src):
     x = np.arange(5, dtype=np.float32)
     np.testing.assert_array_equal(run_add(pkg, x), 2 * x)
     z = np.zeros_like(x)
-    load_sim_kernel("mul", kernel_registration("mul", pkg)[1])(
+    load_sim_kernel("mul", kernel_registration("mul", pkg.kernel("mul"))[1])(
         [x, z, 2.5], [ParamType.INPUT, ParamType.OUTPUT, ParamType.SCALAR])
     np.testing.assert_array_equal(z, x * 2.5)
 
@@ -286,9 +287,13 @@ def test_unknown_platform(cache, src):
     (["notes.txt"], ValueError, "C (.c) or C++"),
     ([{"source": "add.c", "name": "not an identifier"}], ValueError, "not a C identifier"),
     ([{"source": "add.c", "name": "pto_add"}], ValueError, "reserved"),
-    ([{"source": "add.c", "symbol": "add"}], ValueError, "'source' and optionally 'name'"),
+    ([{"source": "add.c", "symbol": "add"}], ValueError, "'source' (a path) or 'object'"),
+    ([{"source": "add.c", "object": b"", "name": "add"}], ValueError, "'source' (a path) or"),
+    ([{"source": b"\x7fELF", "name": "add"}], ValueError, "{'object': bytes, 'name'"),
+    ([{"object": b"\x7fELF"}], ValueError, "{'object': bytes, 'name'"),
+    (["missing.o"], FileNotFoundError, "kernel object not found"),
     (["add.c", {"source": "mul.cpp", "name": "add"}], ValueError, "two kernels are named 'add'"),
-    ([42], TypeError, "source path"),
+    ([42], TypeError, "a path (a source, or a .o/.a/.so object)"),
     ([], ValueError, "at least one kernel"),
 ])
 def test_bad_kernel_specs(cache, src, monkeypatch, kernels, exc, text):
@@ -314,14 +319,17 @@ def test_no_compiler(cache, src, monkeypatch):
 
 def test_kernel_registration(cache, src):
     pkg = pto.compile(kernels=[src / "add.c", src / "mul.cpp"])
-    kind, blob = kernel_registration("add", pkg)
+    kind, blob = kernel_registration("add", pkg.kernel("add"))
     assert kind == "sim"
     spec = json.loads(blob)
     assert spec == {"path": pkg.path, "sha256": pkg.sha256, "symbol": "add", "block_dim": 1}
     kind, blob = kernel_registration("times", pkg.kernel("mul", block_dim=4))
     assert json.loads(blob)["symbol"] == "mul" and json.loads(blob)["block_dim"] == 4
-    with pytest.raises(ValueError, match="no kernel 'sub'"):
-        kernel_registration("sub", pkg)
+    # Two kernels, no orchestration: ambiguous, even under the name of one of its kernels.
+    for name in ("add", "compute"):
+        with pytest.raises(ValueError, match=r"no orchestration and 2 kernels \(add, mul\)") as ei:
+            kernel_registration(name, pkg)
+        assert "pkg.kernel(" in str(ei.value) and f"kernels={{'{name}': " in str(ei.value)
     with pytest.raises(ValueError, match="no kernel 'sub'"):
         pkg.kernel("sub")
     with pytest.raises(ValueError, match="block_dim"):
@@ -329,6 +337,26 @@ def test_kernel_registration(cache, src):
     for bad in (42, "add.c", None, np.zeros(2)):
         with pytest.raises(TypeError, match="must be callable or a compiled package"):
             kernel_registration("add", bad)
+
+
+def test_a_lone_kernel_stands_for_its_package_and_an_orchestration_for_everything(cache, src):
+    alone = pto.compile(kernels=[src / "add.c"])
+    kind, blob = kernel_registration("anything", alone)
+    assert kind == "sim" and json.loads(blob)["symbol"] == "add"
+    (src / "orch.c").write_text("#include <pto_kernel.h>\nint pto_orchestrate(pto_chip *c, "
+                                "const pto_arg *a, int32_t n) { return pto_launch(c, \"add\", "
+                                "a, n, 2); }\n")
+    whole = pto.compile(kernels=[src / "add.c", src / "mul.cpp"], orch=src / "orch.c")
+    kind, blob = kernel_registration("add", whole)  # the orchestration, not kernel 'add'
+    assert kind == "sim-orch"
+    assert json.loads(blob) == {"path": whole.path, "sha256": whole.sha256,
+                                "orch": "pto_orchestrate"}
+    assert kernel_registration("add", whole.kernel("add"))[0] == "sim"
+    x = np.arange(4, dtype=np.float32)
+    z = np.zeros_like(x)
+    load_sim_orch("pipeline", blob)([x, x, z], [ParamType.INPUT, ParamType.INPUT,
+                                                ParamType.OUTPUT])
+    np.testing.assert_array_equal(z, 2 * x)
 
 
 def test_loaded_kernel_reports_failure_and_missing_package(cache, tmp_path):

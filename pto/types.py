@@ -1,0 +1,14 @@
+"""The original runtime's ``pto.types`` module, under its own name: ``Arg``, ``TensorHandle``,
+``CompiledPackage`` and ``ParamType`` (the same objects as ``pto.Arg`` and so on), so
+``from pto.types import Arg`` in ported code keeps working.
+
+>>> from pto.types import Arg, ParamType
+>>> Arg.input(x).kind is ParamType.INPUT
+True
+"""
+
+from .args import Arg, ParamType
+from .package import CompiledPackage
+from .tensor import TensorHandle
+
+__all__ = ["Arg", "TensorHandle", "CompiledPackage", "ParamType"]
