@@ -1,0 +1,117 @@
+"""Finding the hosts of a Ray cluster and starting one host actor on each.
+
+Connecting: ``cluster=ADDRESS``, else ``RAY_ADDRESS``, else a Ray this process already
+joined, else a local one-host Ray started here (``pto_chips`` = the number of devices),
+which ``close()`` shuts down again.
+
+Hosts are the live Ray nodes advertising a ``pto_chips`` resource (``ray.nodes()``), in a
+stable order: by the index a node names for itself (a ``pto.host`` label or a
+``pto_host_index_<i>`` resource, as ``pto.LocalCluster`` gives its nodes), then by (IP,
+node id). Each gets a ``HostActor`` pinned to its node with
+``NodeAffinitySchedulingStrategy(soft=False)``; Ray restarts it there up to ``retries``
+times and reruns the run it died in (``max_task_retries``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import PtoError
+from .host import NAMESPACE, HostActor, actor_name
+
+INDEX_RESOURCE = "pto_host_index_"
+INDEX_LABEL = "pto.host"
+MAX_CONCURRENT_RUNS = 32  # threads of a host actor: L3 runs (and fetches) at once
+
+
+@dataclass(frozen=True)
+class Node:
+    node_id: str
+    ip: str
+    chips: int
+    index: int | None  # what the node says its host index is, if it says
+
+
+def connect(address: str | None, local_chips: int) -> bool:
+    """Join Ray; True if we started a local Ray (``shutdown`` it at close)."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        if address and address not in ("auto", current):
+            raise ValueError(f"this process is already connected to the Ray cluster at "
+                             f"{current}, not {address!r} (one Ray cluster per process)")
+        return False
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING",
+                 log_to_driver=False)
+        return False
+    ray.init(resources={"pto_chips": local_chips}, namespace=NAMESPACE,
+             include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    return True
+
+
+def pto_nodes() -> list[Node]:
+    """The live nodes advertising ``pto_chips``, in host order."""
+    import ray
+
+    nodes = []
+    for n in ray.nodes():
+        chips = n.get("Resources", {}).get("pto_chips")
+        if not n.get("Alive") or not chips:
+            continue
+        nodes.append(Node(n["NodeID"], n.get("NodeManagerAddress", ""), int(chips),
+                          _declared_index(n)))
+    if not nodes:
+        raise PtoError("no Ray node advertises a 'pto_chips' resource: start each host with "
+                       "ray start --resources '{\"pto_chips\": N}'")
+    return sorted(nodes, key=lambda n: (n.index is None, n.index or 0, n.ip, n.node_id))
+
+
+def _declared_index(node: dict[str, Any]) -> int | None:
+    label = (node.get("Labels") or {}).get(INDEX_LABEL)
+    if label is not None and str(label).isdigit():
+        return int(label)
+    for key in node.get("Resources", {}):
+        if key.startswith(INDEX_RESOURCE) and key[len(INDEX_RESOURCE):].isdigit():
+            return int(key[len(INDEX_RESOURCE):])
+    return None
+
+
+def start_hosts(nodes: list[Node], session: str, timeout: float, trace: bool,
+                retries: int) -> list[Any]:
+    """One pinned, named host actor per node (not yet known to be up: see ``wait_up``)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remote_cls = ray.remote(HostActor)
+    actors = []
+    for host, node in enumerate(nodes):
+        actors.append(remote_cls.options(
+            name=actor_name(session, host), namespace=NAMESPACE, num_cpus=0,
+            max_concurrency=MAX_CONCURRENT_RUNS, max_restarts=retries,
+            max_task_retries=retries, lifetime=None,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+        ).remote(host, node.chips, session, timeout, trace))
+    return actors
+
+
+def wait_up(actors: list[Any], timeout: float) -> list[dict[str, Any]]:
+    """Each actor's ``info()``, or PtoError naming the host that did not start in time."""
+    import ray
+    import ray.exceptions as rex
+
+    refs = [a.info.remote() for a in actors]
+    infos = []
+    for host, ref in enumerate(refs):
+        try:
+            infos.append(ray.get(ref, timeout=timeout))
+        except rex.GetTimeoutError:
+            raise PtoError(f"host {host}'s actor did not start within {timeout:g}s") from None
+        except rex.RayError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            raise PtoError(f"host {host}'s actor failed to start: {cause}") from None
+    return infos

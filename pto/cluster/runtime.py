@@ -1,0 +1,454 @@
+"""``pto.Runtime(level="cluster")``: L4 orchestrations over hosts, on Ray.
+
+The life of an L4 run: ``submit`` calls the L4 orchestration in the calling thread; each
+``ctx.submit(host, entry, args)`` is one ``host_actor.run.remote(...)`` whose top-level
+arguments are the ObjectRefs of the runs its Refs name, so Ray itself holds the run until
+they are done (and, if one failed, fails it with that error without running it). When
+the orchestration has returned, ``_finish`` waits for every L3 run it submitted
+(``ray.wait``: Ray reports a dead actor or node as an error, so no wait hangs), raises the
+first failure, else fetches the tensors of the returned Refs as numpy arrays.
+
+Freeing: the tensors an L3 run returned stay on its host while its ``_Output`` lives.
+That object owns the run's ObjectRef; Refs hold it, and so does the L4 run until the L3
+run has finished and every run reading it has finished. Ray offers no hook on an object's
+deletion, so this is as close to Ray's own reference counting as it gets: the Python
+references to the ObjectRef's owner, with a ``weakref.finalize`` that queues a release
+for the host; ``_Releaser`` sends those in batches (finalizers may run on any thread,
+so they never call Ray themselves).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import queue
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import PtoError
+from . import placement
+from .context import ClusterContext, check_host
+from .errors import HostLostError, from_ray, is_root
+from .refs import Ref, TensorDesc, _Output, follow, instances_in, map_instances
+from .shipping import pack_registration
+from .trace import ClusterTrace
+
+log = logging.getLogger("pto.cluster")
+_TICK_S = 0.5  # how often a waiting run looks at close() / its deadline
+
+
+@dataclass
+class _L3Entry:
+    name: str
+    box: list[Any]  # [ObjectRef of the packed registration]: a restarted host reads it
+
+
+@dataclass(eq=False)
+class _Submitted:
+    run_id: int
+    host: int
+    entry: str
+    object_ref: Any
+    output: _Output | None  # held until this run has finished (then only Refs hold it)
+    inputs: list[_Output]  # held until this run has finished: it reads their tensors
+
+
+@dataclass(eq=False)
+class _L4Run:
+    name: str
+    future: Future
+    start: float
+    submitted: list[_Submitted] = field(default_factory=list)
+    value: Any = None  # what the orchestration returned
+    error: BaseException | None = None  # what it raised
+
+
+class ClusterRuntime:
+    """L4: runs L3 entries on the hosts of a Ray cluster (one host actor per node).
+
+    >>> with pto.Runtime(level="cluster", cluster=lc.address) as rt:
+    ...     rt.register("partial_sum", orch=partial_sum, kernels={"sum": sum_kernel})
+    ...     rt.register("scatter", orch=scatter)        # no kernels: an L4 orchestration
+    ...     total = rt.run("scatter", args=np.arange(1000.0))
+    """
+
+    def __init__(self, cluster: str | None = None, devices: list[int] | None = None,
+                 timeout: float = 60.0, trace: str | None = None, retries: int = 1,
+                 platform: str = "sim"):
+        if platform != "sim":
+            raise ValueError(f"platform {platform!r} needs Ascend hardware; use 'sim'")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, not {retries!r}")
+        if cluster is not None and (not isinstance(cluster, str) or not cluster):
+            raise ValueError(f"cluster must be a Ray address string, not {cluster!r}")
+        local_chips = len(list(devices)) if devices is not None else 1
+        self._closed = True
+        self._token = object()  # Refs made by this runtime point at it
+        self._session = secrets.token_hex(4)
+        self._timeout = float(timeout)
+        self._owns_ray = placement.connect(cluster, local_chips)
+        try:
+            nodes = placement.pto_nodes()
+            self._actors = placement.start_hosts(nodes, self._session, self._timeout,
+                                                 trace is not None, retries)
+            infos = placement.wait_up(self._actors, self._timeout)
+        except BaseException:
+            self._shutdown_ray()
+            raise
+        self._nodes = nodes
+        self._chips = [list(info["chips"]) for info in infos]
+        self._pids = [info["pid"] for info in infos]
+        self._host_of_actor = {info["actor"]: h for h, info in enumerate(infos)}
+        self.hosts: list[int] = list(range(len(self._actors)))
+        self._trace = ClusterTrace(trace) if trace is not None else None
+        self._lock = threading.Lock()
+        self._l3: dict[str, _L3Entry] = {}
+        self._l4: dict[str, Callable[..., Any]] = {}
+        self._run_ids = itertools.count(1)
+        self._runs: set[_L4Run] = set()
+        self._finisher = ThreadPoolExecutor(8, thread_name_prefix="pto-l4-finish")
+        self._releaser = _Releaser(self._actors)
+        self._closed = False
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    # ---- hosts -------------------------------------------------------------------------
+
+    def chips(self, host: int) -> list[int]:
+        """The chips (device ids) of ``host``."""
+        self._check_host(host)
+        return list(self._chips[int(host)])
+
+    def _check_host(self, host: Any) -> None:
+        check_host(host, self.hosts)
+
+    # ---- registration ------------------------------------------------------------------
+
+    def register(self, name: str, orch: Callable[..., Any],
+                 kernels: Mapping[str, Any] | None = None) -> None:
+        """With ``kernels``, an L3 entry shipped to every host now (``ctx.submit`` runs it);
+        without, an L4 orchestration ``orch(ctx, args)`` run here by ``rt.run``."""
+        import ray
+
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise TypeError("register() needs a non-empty name")
+        if not callable(orch):
+            raise TypeError(f"orch for {name!r} must be callable (ctx, args) -> value")
+        if name in self._l3 or name in self._l4:
+            kind = "an L3 entry" if name in self._l3 else "an L4 orchestration"
+            raise ValueError(f"{name!r} is already registered as {kind}")
+        if kernels is None:
+            self._l4[name] = orch
+            return
+        if not isinstance(kernels, Mapping):
+            raise TypeError(f"kernels of {name!r} must be a dict name -> kernel")
+        blob = pack_registration(name, orch, kernels)
+        refs = [a.register.remote(name, blob) for a in self._actors]
+        for host, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=self._timeout)
+            except ray.exceptions.GetTimeoutError:
+                raise HostLostError(host, f"it did not answer register({name!r}) within "
+                                    f"{self._timeout:g}s") from None
+            except ray.exceptions.RayError as exc:
+                raise from_ray(exc, self._host_of_actor, host) from None
+        self._l3[name] = _L3Entry(name, [ray.put(blob)])
+
+    def _check_l3_entry(self, entry: Any) -> None:
+        if entry in self._l4:
+            raise ValueError(f"{entry!r} is an L4 orchestration: ctx.submit runs L3 entries "
+                             "(registered with kernels=); run it with rt.run")
+        if entry not in self._l3:
+            raise KeyError(f"no L3 entry registered as {entry!r}; L3 entries: "
+                           f"{sorted(self._l3)}")
+
+    # ---- running -----------------------------------------------------------------------
+
+    def submit(self, name: str, args: Any = None) -> Future:
+        """Run L4 orchestration ``name`` without waiting; the Future resolves to its return
+        value with every Ref replaced by numpy arrays. The orchestration runs now, here."""
+        run = self._start(name, args)
+        self._finisher.submit(self._finish, run, None)
+        return run.future
+
+    def run(self, name: str, args: Any = None, timeout: float | None = None) -> Any:
+        """Run L4 orchestration ``name`` and wait; its return value with numpy arrays for
+        Refs. Raises ``pto.TaskError`` (naming the host) or ``pto.HostLost``; after
+        ``timeout`` seconds the run's L3 runs not yet finished are cancelled and
+        ``TimeoutError`` raised."""
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        run = self._start(name, args)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._finish(run, deadline)  # in this thread: one hand-off less
+        return run.future.result(0)
+
+    def _start(self, name: str, args: Any) -> _L4Run:
+        self._check_open()
+        orch = self._l4.get(name)
+        if orch is None:
+            if name in self._l3:
+                raise ValueError(f"{name!r} is an L3 entry: submit it to a host from an L4 "
+                                 "orchestration, ctx.submit(host, name, args)")
+            raise KeyError(f"no L4 orchestration registered as {name!r}; L4 orchestrations: "
+                           f"{sorted(self._l4)}")
+        run = _L4Run(name, Future(), time.time())
+        with self._lock:
+            self._runs.add(run)
+        ctx = ClusterContext(self, run)
+        try:
+            run.value = orch(ctx, args)
+            run.error = None
+        except BaseException as exc:  # its submitted runs still finish; then this raises
+            run.value, run.error = None, exc
+        ctx._ended = True
+        return run
+
+    def _submit_l3(self, run: _L4Run, host: int, entry: str, template: Any,
+                   inputs: list[_Output]) -> Ref:
+        self._check_open()
+        run_id = next(self._run_ids)
+        actor = self._actors[host]
+        try:
+            object_ref = actor.run.remote(run_id, entry, self._l3[entry].box, template,
+                                          *[o.object_ref for o in inputs])
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"the args of {entry!r} cannot be sent to host {host}: {exc}"
+                            ) from None
+        except Exception as exc:  # Ray's serializer wraps what pickle raised
+            if "serializ" in str(exc).lower() or "pickl" in str(exc).lower():
+                raise TypeError(f"the args of {entry!r} cannot be sent to host {host}: "
+                                f"{exc}") from None
+            raise
+        output = _Output(self._token, run_id, host, entry, object_ref, self._releaser.release)
+        run.submitted.append(_Submitted(run_id, host, entry, object_ref, output, inputs))
+        if self._trace is not None:
+            self._trace.submitted(run_id, host, entry, time.time())
+        return Ref(output)
+
+    # ---- finishing (a finisher thread, or the caller of run) --------------------------
+
+    def _finish(self, run: _L4Run, deadline: float | None) -> None:
+        import ray
+
+        try:
+            errors = self._wait_all(run, deadline)
+            if run.error is not None:
+                raise run.error
+            if errors:
+                raise _first_failure(errors)
+            value = self._resolve(run.value, deadline)
+        except BaseException as exc:
+            if isinstance(exc, TimeoutError):
+                for record in run.submitted:
+                    if record.object_ref is not None:
+                        ray.cancel(record.object_ref)
+            self._end(run, error=exc)
+        else:
+            self._end(run, value=value)
+
+    def _wait_all(self, run: _L4Run, deadline: float | None) -> list[tuple[_Submitted, Any]]:
+        """Wait for every L3 run of ``run``; the (record, pto error) of those that failed."""
+        import ray
+
+        pending = {rec.object_ref: rec for rec in run.submitted}
+        errors: list[tuple[_Submitted, Any]] = []
+        while pending:
+            self._check_waiting(run, deadline)
+            tick = _TICK_S if deadline is None else max(min(_TICK_S, deadline - time.monotonic()),
+                                                        0.0)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=tick, fetch_local=False)
+            if ready:
+                more, _ = ray.wait([r for r in pending if r not in ready],
+                                   num_returns=len(pending) - len(ready), timeout=0,
+                                   fetch_local=False) if len(pending) > len(ready) else ([], [])
+                ready = ready + more
+            for ref in ready:
+                rec = pending.pop(ref)
+                try:
+                    ray.get(ref, timeout=self._timeout)
+                except ray.exceptions.RayError as exc:
+                    errors.append((rec, from_ray(exc, self._host_of_actor, rec.host)))
+                self._done_with(run, rec)
+        errors.sort(key=lambda item: item[0].run_id)
+        return errors
+
+    def _done_with(self, run: _L4Run, rec: _Submitted) -> None:
+        """``rec`` finished: it no longer needs its inputs, and only Refs keep its output."""
+        rec.inputs = []
+        rec.output = None
+        rec.object_ref = None
+
+    def _check_waiting(self, run: _L4Run, deadline: float | None) -> None:
+        if self._closed:
+            raise PtoError("the runtime was closed while this run was in flight")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"L4 run of {run.name!r} did not finish in time; its L3 runs not "
+                               "yet finished were cancelled")
+
+    def _resolve(self, value: Any, deadline: float | None) -> Any:
+        """``value`` with each Ref replaced by its value, tensors fetched as numpy arrays."""
+        import ray
+
+        refs = instances_in(value, Ref)
+        if not refs:
+            return value
+        outputs = {id(r._output): r._output for r in refs}
+        results = dict(zip(outputs, ray.get([o.object_ref for o in outputs.values()],
+                                            timeout=self._timeout), strict=True))
+        picked = {id(r): follow(results[id(r._output)], r._path, repr(r)) for r in refs}
+        descs = {d.key: d for v in picked.values() for d in instances_in(v, TensorDesc)}
+        fetches = {key: self._actors[d.host].fetch.remote(key) for key, d in descs.items()}
+        arrays = {}
+        for key, ref in fetches.items():
+            try:
+                arrays[key] = ray.get(ref, timeout=self._remaining(deadline))
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError("the results did not arrive in time") from None
+            except ray.exceptions.RayError as exc:
+                raise from_ray(exc, self._host_of_actor, descs[key].host) from None
+        return map_instances(value, Ref, lambda r: map_instances(
+            picked[id(r)], TensorDesc, lambda d: arrays[d.key]))
+
+    def _remaining(self, deadline: float | None) -> float:
+        if deadline is None:
+            return 10 * self._timeout
+        return max(deadline - time.monotonic(), 0.001)
+
+    def _end(self, run: _L4Run, value: Any = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            self._runs.discard(run)
+        if self._trace is not None:
+            self._trace.l4_run(run.name, run.start, time.time(), error)
+        run.submitted, run.value = [], None
+        if run.future.set_running_or_notify_cancel():
+            if error is not None:
+                run.future.set_exception(error)
+            else:
+                run.future.set_result(value)
+
+    # ---- observability -----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Per host: L3 runs, cross-host transfers into it and their bytes, same-host
+        handoffs (zero copies); and the totals."""
+        import ray
+
+        per_host = ray.get([a.stats.remote() for a in self._actors], timeout=self._timeout)
+        total = {k: sum(s[k] for s in per_host) for k in per_host[0]}
+        return {"hosts": per_host, "total": total}
+
+    def write_trace(self, path: str | None = None) -> str:
+        """Write the cluster trace so far (also done at close())."""
+        if self._trace is None:
+            raise PtoError("tracing is off: create the runtime with trace='run.json'")
+        return self._trace.write(self._actors, self._nodes, self._timeout, path)
+
+    # ---- life --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PtoError("the runtime is closed")
+
+    def close(self) -> None:
+        """Fail runs in flight, write the trace, stop every host actor (its L3 runtime)."""
+        import ray
+
+        if self._closed:
+            return
+        self._closed = True
+        self._finisher.shutdown(wait=True, cancel_futures=False)
+        self._releaser.stop()
+        if self._trace is not None:
+            try:
+                self.write_trace()
+            except (OSError, PtoError) as exc:
+                log.error("cannot write trace %s: %s", self._trace.path, exc)
+        closing = [a.close.remote() for a in self._actors]
+        for host, ref in enumerate(closing):
+            try:
+                ray.get(ref, timeout=self._timeout)
+            except ray.exceptions.RayError as exc:
+                log.warning("host %d did not close cleanly: %s", host, type(exc).__name__)
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        self._shutdown_ray()
+
+    def _shutdown_ray(self) -> None:
+        import ray
+
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def __enter__(self) -> ClusterRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"hosts={self.hosts}"
+        return f"<pto.Runtime cluster {state}>"
+
+
+def _first_failure(errors: list[tuple[_Submitted, BaseException]]) -> BaseException:
+    roots = [(rec, err) for rec, err in errors if is_root(err, rec.run_id, rec.host)]
+    rec, err = (roots or errors)[0]
+    skipped = len(errors) - len(roots or errors[:1])
+    if skipped and not getattr(err, "_pto_noted", False):
+        err.add_note(f"({skipped} dependent L3 run(s) not run)")
+        err._pto_noted = True  # type: ignore[attr-defined]
+    return err
+
+
+class _Releaser:
+    """Sends hosts the ids of runs no Ref names any more, in batches, from one thread."""
+
+    def __init__(self, actors: list[Any]):
+        self._actors = actors
+        self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="pto-l4-release", daemon=True)
+        self._stopped = False
+        self._thread.start()
+
+    def release(self, host: int, run_id: int) -> None:  # a finalizer: any thread, no Ray
+        if not self._stopped:
+            self._queue.put((host, run_id))
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            batch: dict[int, list[int]] = {}
+            while item is not None:
+                batch.setdefault(item[0], []).append(item[1])
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            for host, ids in batch.items():
+                try:
+                    self._actors[host].release.remote(ids)
+                except Exception as exc:  # a lost host has nothing left to free
+                    log.debug("release on host %d: %s", host, exc)
+            if item is None:
+                return
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._queue.put(None)
+        self._thread.join(5)
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    rt = ref()
+    if rt is not None:
+        rt.close()
