@@ -1,6 +1,7 @@
 """Compiled C kernels at L3: on four chips through the embedded broker, mixed with Python
 kernels, and crashing (a SIGSEGV or abort kills only that chip's worker, the task fails
-with a TaskError naming kernel, chip and signal, and the chip comes back)."""
+with a TaskError naming kernel, chip and signal, and the chip comes back). A package with
+an orchestration registered as a kernel is one task running that whole orchestration."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def add_on_every_chip(ctx, args):
 
 
 def test_c_kernels_on_four_chips(rt4, pkgs):
-    rt4.register("l3c_add", orch=add_on_every_chip, kernels={"add": pkgs["vector_add"]})
+    rt4.register("l3c_add", orch=add_on_every_chip,
+                 kernels={"add": pkgs["vector_add"].kernel("add")})
     x = np.arange(1000, dtype=np.float32)
     for _ in range(3):  # the library is loaded once per worker, then reused
         outs = rt4.run("l3c_add", args={"x": x})
@@ -95,7 +97,9 @@ def test_c_and_python_kernels_in_one_graph(rt4, pkgs):
         ctx.submit(3, "scale", [InOut(out), S(0.5)])         # C, inout: out = 3x
         return out
 
-    kernels = {"add": pkgs["vector_add"], "scale": pkgs["vector_add"], "twice": twice,
+    vector_add = pkgs["vector_add"]
+    kernels = {"add": vector_add.kernel("add"), "scale": vector_add.kernel("scale"),
+               "twice": twice,
                "scaled_add": pkgs["vector_add"].kernel("add", block_dim=4)}
     rt4.register("l3c_mixed", orch=graph, kernels=kernels)
     x = np.linspace(-5, 5, 999).astype(np.float64)
@@ -111,7 +115,8 @@ def test_task_context_seen_from_c(rt4, pkgs):
             outs.append(out)
         return outs
 
-    rt4.register("l3c_probe", orch=probe, kernels={"where_am_i": pkgs["probe"]})
+    rt4.register("l3c_probe", orch=probe,
+                 kernels={"where_am_i": pkgs["probe"].kernel("where_am_i")})
     outs = rt4.run("l3c_probe", args=None)
     for chip, out in enumerate(outs):
         assert out.numpy().tolist() == [[0, 1, 0, 1, chip, 0]]  # block 0 of 1, rank 0 of 1
@@ -121,7 +126,7 @@ def test_c_kernel_failure_names_kernel_chip_and_message(rt4, pkgs):
     def fail(ctx, args):
         ctx.submit(1, "fail_with", [S(0)])
 
-    rt4.register("l3c_fail", orch=fail, kernels={"fail_with": pkgs["probe"]})
+    rt4.register("l3c_fail", orch=fail, kernels={"fail_with": pkgs["probe"].kernel("fail_with")})
     with pytest.raises(pto.TaskError) as ei:
         rt4.run("l3c_fail", args=None)
     err = ei.value
@@ -134,8 +139,9 @@ def run_crash_then_recover(rt, pkgs, kernel: str, signal_name: str) -> None:
     def crash(ctx, args):
         ctx.submit(2, kernel, [])
 
-    rt.register(f"l3c_{kernel}", orch=crash, kernels={kernel: pkgs["crash"]})
-    rt.register("l3c_add", orch=add_on_every_chip, kernels={"add": pkgs["vector_add"]})
+    rt.register(f"l3c_{kernel}", orch=crash, kernels={kernel: pkgs["crash"].kernel(kernel)})
+    rt.register("l3c_add", orch=add_on_every_chip,
+                kernels={"add": pkgs["vector_add"].kernel("add")})
     with pytest.raises(pto.TaskError) as ei:
         rt.run(f"l3c_{kernel}", args=None)
     err = ei.value
@@ -169,8 +175,8 @@ def test_crash_does_not_touch_independent_tasks(rt4, pkgs):
         ctx.submit(2, "segv", [])
 
     rt4.register("l3c_make", orch=make)
-    rt4.register("l3c_partial", orch=graph, kernels={"add": pkgs["vector_add"],
-                                                     "segv": pkgs["crash"]})
+    rt4.register("l3c_partial", orch=graph, kernels={"add": pkgs["vector_add"].kernel("add"),
+                                                     "segv": pkgs["crash"].kernel("segv")})
     outs = rt4.run("l3c_make", args=None)
     with pytest.raises(pto.WorkerLost, match="SIGSEGV"):
         rt4.run("l3c_partial", args={"outs": outs})
@@ -180,7 +186,14 @@ def test_crash_does_not_touch_independent_tasks(rt4, pkgs):
 
 def test_registration_errors(rt1, pkgs):
     with pytest.raises(ValueError, match="no kernel 'mul'"):
-        rt1.register("l3c_bad", orch=add_on_every_chip, kernels={"mul": pkgs["vector_add"]})
+        pkgs["vector_add"].kernel("mul")
+    # Several kernels and no orchestration: refused, even under one kernel's own name.
+    for name in ("where_am_i", "compute"):
+        with pytest.raises(ValueError, match="no orchestration and 3 kernels") as ei:
+            rt1.register("l3c_bad", orch=add_on_every_chip, kernels={name: pkgs["probe"]})
+        assert f"kernels={{'{name}': pkg.kernel(" in str(ei.value)
+    with pytest.raises(KeyError):
+        rt1.run("l3c_bad")  # nothing half-registered
     with pytest.raises(TypeError, match="callable or a compiled package"):
         rt1.register("l3c_bad", orch=add_on_every_chip, kernels={"add": str(MATMUL)})
 
