@@ -19,7 +19,8 @@ AR_MAGIC = b"!<arch>\n"
 THIN_AR_MAGIC = b"!<thin>\n"
 ET_REL, ET_EXEC, ET_DYN = 1, 2, 3
 _SHT_SYMTAB, _SHT_DYNAMIC, _SHT_DYNSYM = 2, 6, 11
-_DT_NULL, _DT_SONAME = 0, 14
+_DT_NULL, _DT_SONAME, _DT_FLAGS_1 = 0, 14, 0x6FFFFFFB
+_DF_1_PIE = 0x08000000  # a position-independent executable: ET_DYN, but not a library
 _STB_GLOBAL, _STB_WEAK, _STB_GNU_UNIQUE = 1, 2, 10
 _STV_HIDDEN = 2
 _SHN_UNDEF = 0
@@ -47,13 +48,15 @@ class Machine:
 @dataclass(frozen=True)
 class ElfInfo:
     """One ELF file: its type (``ET_REL``, ``ET_DYN``...), machine, the global symbols it
-    defines (exported ones, for a shared library) and needs, and its ``SONAME``."""
+    defines (exported ones, for a shared library) and needs, its ``SONAME``, and whether
+    it is a position-independent executable (type ``ET_DYN`` too)."""
 
     etype: int
     machine: Machine
     defined: frozenset[str]
     undefined: frozenset[str]
     soname: str | None
+    pie: bool = False
 
 
 @functools.cache
@@ -85,16 +88,17 @@ def read_elf(data: bytes) -> ElfInfo:
     want = _SHT_DYNSYM if etype == ET_DYN else _SHT_SYMTAB
     defined: set[str] = set()
     undefined: set[str] = set()
-    soname = None
+    soname, pie = None, False
     for stype, offset, size, link, entsize in sections:
         if stype == want and link < len(sections):
             strtab = _section_bytes(data, sections[link])
             _symbols(data[offset:offset + size], entsize, strtab, machine, etype == ET_DYN,
                      defined, undefined)
         elif stype == _SHT_DYNAMIC and link < len(sections):
-            soname = _soname(data[offset:offset + size], _section_bytes(data, sections[link]),
-                             machine) or soname
-    return ElfInfo(etype, machine, frozenset(defined), frozenset(undefined), soname)
+            name, flags_1 = _dynamic(data[offset:offset + size],
+                                     _section_bytes(data, sections[link]), machine)
+            soname, pie = name or soname, pie or bool(flags_1 & _DF_1_PIE)
+    return ElfInfo(etype, machine, frozenset(defined), frozenset(undefined), soname, pie)
 
 
 def archive_members(data: bytes) -> list[tuple[str, bytes]]:
@@ -184,13 +188,17 @@ def _symbols(table: bytes, entsize: int, strtab: bytes, machine: Machine, export
             defined.add(name)
 
 
-def _soname(dynamic: bytes, strtab: bytes, machine: Machine) -> str | None:
+def _dynamic(dynamic: bytes, strtab: bytes, machine: Machine) -> tuple[str | None, int]:
+    """``(SONAME or None, DT_FLAGS_1)`` from a dynamic section."""
     fmt = ("<" if machine.little else ">") + ("qQ" if machine.bits == 64 else "iI")
     size = struct.calcsize(fmt)
+    soname, flags_1 = None, 0
     for pos in range(0, len(dynamic) - size + 1, size):
         tag, value = struct.unpack_from(fmt, dynamic, pos)
         if tag == _DT_NULL:
             break
         if tag == _DT_SONAME:
-            return _cstring(strtab, value)
-    return None
+            soname = _cstring(strtab, value)
+        elif tag == _DT_FLAGS_1:
+            flags_1 = value
+    return soname, flags_1

@@ -105,9 +105,9 @@ def _object_for_this_machine(data: bytes, types: set[int]) -> elf.ElfInfo:
     host = elf.host_machine()
     if host is not None and info.machine != host:
         raise elf.NotAnObject(f"it was built for {info.machine}, this machine is {host}")
-    if info.etype not in types:
-        what = {elf.ET_EXEC: "an executable"}.get(info.etype, f"an ELF file of type "
-                                                               f"{info.etype}")
+    if info.etype not in types or info.pie:
+        what = ("an executable" if info.etype == elf.ET_EXEC or info.pie
+                else f"an ELF file of type {info.etype}")
         raise elf.NotAnObject(f"{what}, not a relocatable object (cc -c) or shared library")
     return info
 
