@@ -36,9 +36,23 @@ from .tensor import TensorHandle
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # L4 names load on first use: ``import pto`` must not import Ray.
+    if name == "Ref":
+        from .cluster.refs import Ref
+
+        return Ref
+    if name == "LocalCluster":
+        from .cluster.local import LocalCluster
+
+        return LocalCluster
+    raise AttributeError(f"module 'pto' has no attribute {name!r}")
+
+
 __all__ = [
     "Arg", "ParamType", "Runtime", "OrchContext", "TensorHandle", "TaskInfo", "task",
     "PtoError", "TaskError", "WorkerLost", "BrokerLost", "HostLost", "TensorFreed", "OutOfMemory",
     "ProtocolError", "CompileError", "compile", "include_dir", "CompiledPackage", "KernelRef",
-    "status",
+    "status", "Ref", "LocalCluster",
 ]

@@ -15,7 +15,9 @@ driver says no Ref to that run remains (``release``).
 
 When Ray restarts this actor (its process died), ``__init__`` runs again: a new L3
 runtime, no kept tensors (runs needing them fail with ``pto.HostLost``), and entries
-registered again on first use from the registration the run carries (``reg_box``).
+registered again on first use from the copy ``register`` left in Ray's key-value store
+(``ray.experimental.internal_kv``, the GCS: it outlives any actor; the driver deletes it
+at close). Keeping it there, not in every run's arguments, keeps a run's Ray call small.
 """
 
 from __future__ import annotations
@@ -42,6 +44,33 @@ FETCH_TIMEOUT_S = 600.0
 
 def actor_name(session: str, host: int) -> str:
     return f"pto-host{host}-{session}"
+
+
+def _kv_key(session: str, entry: str) -> bytes:
+    return f"pto-entry-{session}-{entry}".encode()
+
+
+def store_registration(session: str, entry: str, blob: bytes) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(_kv_key(session, entry), blob, overwrite=True,
+                                 namespace=NAMESPACE)
+
+
+def registration(session: str, entry: str) -> bytes:
+    from ray.experimental import internal_kv
+
+    blob = internal_kv._internal_kv_get(_kv_key(session, entry), namespace=NAMESPACE)
+    if blob is None:
+        raise KeyError(f"L3 entry {entry!r} is not registered with this cluster runtime")
+    return blob
+
+
+def drop_registrations(session: str, entries: list[str]) -> None:
+    from ray.experimental import internal_kv
+
+    for entry in entries:
+        internal_kv._internal_kv_del(_kv_key(session, entry), namespace=NAMESPACE)
 
 
 class HostActor:
@@ -95,7 +124,7 @@ class HostActor:
                     known = handles[desc.key] = self._copy_in(ctx, desc, fetched[desc.key])
                 return known
 
-            return orch(ctx, map_instances(args, TensorDesc, to_handle))
+            return orch(_EntryContext(ctx), map_instances(args, TensorDesc, to_handle))
 
         with self._lock:
             self.rt.register(name, orch=entry, kernels=kernels)
@@ -103,13 +132,12 @@ class HostActor:
 
     # ---- runs --------------------------------------------------------------------------
 
-    def run(self, run_id: int, entry: str, reg_box: list[Any], template: Any,
-            *values: Any) -> Any:
-        """Run L3 entry ``entry``: ``values`` are the results of the runs it depends on."""
-        if entry not in self._registered:  # a restarted actor: register from the run's copy
-            import ray
-
-            self.register(entry, ray.get(reg_box[0], timeout=FETCH_TIMEOUT_S))
+    def run(self, header: tuple[int, str, Any], *values: Any) -> Any:
+        """Run an L3 entry: ``header`` is (run id, entry, argument template), ``values`` the
+        results of the runs it depends on (one Ray argument each: Ray waited for them)."""
+        run_id, entry, template = header
+        if entry not in self._registered:  # a restarted actor: register from Ray's KV
+            self.register(entry, registration(self.session, entry))
         start = time.monotonic()
         with self._lock:
             self._running[run_id] = (entry, time.time())
@@ -266,3 +294,20 @@ class HostActor:
             import shutil
 
             shutil.rmtree(self._trace_dir, ignore_errors=True)
+
+
+class _EntryContext:
+    """The L3 ctx an entry sees at L4: ``tensor()`` of a handle (a Ref argument, already
+    in this host's shared memory) is that handle, so one L3 orchestration serves both
+    levels; everything else is the L3 ctx itself."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: Any):
+        self._ctx = ctx
+
+    def tensor(self, array: Any) -> TensorHandle:
+        return array if isinstance(array, TensorHandle) else self._ctx.tensor(array)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)

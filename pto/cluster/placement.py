@@ -5,9 +5,9 @@ joined, else a local one-host Ray started here (``pto_chips`` = the number of de
 which ``close()`` shuts down again.
 
 Hosts are the live Ray nodes advertising a ``pto_chips`` resource (``ray.nodes()``), in a
-stable order: by the index a node names for itself (a ``pto.host`` label or a
-``pto_host_index_<i>`` resource, as ``pto.LocalCluster`` gives its nodes), then by (IP,
-node id). Each gets a ``HostActor`` pinned to its node with
+stable order: by the index each node names for itself (a ``pto.host`` label, as
+``pto.LocalCluster`` gives its nodes, or a ``pto_host_index_<i>`` resource) when every
+host names one, else by (IP, node id). Each gets a ``HostActor`` pinned to its node with
 ``NodeAffinitySchedulingStrategy(soft=False)``; Ray restarts it there up to ``retries``
 times and reruns the run it died in (``max_task_retries``).
 """
@@ -49,7 +49,8 @@ def connect(address: str | None, local_chips: int) -> bool:
         ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING",
                  log_to_driver=False)
         return False
-    ray.init(resources={"pto_chips": local_chips}, namespace=NAMESPACE,
+    # address="local": a bare ray.init() would join whatever /tmp/ray/ray_current_cluster names
+    ray.init(address="local", resources={"pto_chips": local_chips}, namespace=NAMESPACE,
              include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     return True
 
@@ -68,7 +69,9 @@ def pto_nodes() -> list[Node]:
     if not nodes:
         raise PtoError("no Ray node advertises a 'pto_chips' resource: start each host with "
                        "ray start --resources '{\"pto_chips\": N}'")
-    return sorted(nodes, key=lambda n: (n.index is None, n.index or 0, n.ip, n.node_id))
+    if all(n.index is not None for n in nodes):
+        return sorted(nodes, key=lambda n: n.index or 0)
+    return sorted(nodes, key=lambda n: (n.ip, n.node_id))
 
 
 def _declared_index(node: dict[str, Any]) -> int | None:

@@ -36,18 +36,13 @@ from ..errors import PtoError
 from . import placement
 from .context import ClusterContext, check_host
 from .errors import HostLostError, from_ray, is_root
+from .host import drop_registrations, store_registration
 from .refs import Ref, TensorDesc, _Output, follow, instances_in, map_instances
 from .shipping import pack_registration
 from .trace import ClusterTrace
 
 log = logging.getLogger("pto.cluster")
 _TICK_S = 0.5  # how often a waiting run looks at close() / its deadline
-
-
-@dataclass
-class _L3Entry:
-    name: str
-    box: list[Any]  # [ObjectRef of the packed registration]: a restarted host reads it
 
 
 @dataclass(eq=False)
@@ -111,7 +106,7 @@ class ClusterRuntime:
         self.hosts: list[int] = list(range(len(self._actors)))
         self._trace = ClusterTrace(trace) if trace is not None else None
         self._lock = threading.Lock()
-        self._l3: dict[str, _L3Entry] = {}
+        self._l3: set[str] = set()  # L3 entry names
         self._l4: dict[str, Callable[..., Any]] = {}
         self._run_ids = itertools.count(1)
         self._runs: set[_L4Run] = set()
@@ -152,6 +147,7 @@ class ClusterRuntime:
         if not isinstance(kernels, Mapping):
             raise TypeError(f"kernels of {name!r} must be a dict name -> kernel")
         blob = pack_registration(name, orch, kernels)
+        store_registration(self._session, name, blob)  # where a restarted host finds it
         refs = [a.register.remote(name, blob) for a in self._actors]
         for host, ref in enumerate(refs):
             try:
@@ -161,7 +157,7 @@ class ClusterRuntime:
                                     f"{self._timeout:g}s") from None
             except ray.exceptions.RayError as exc:
                 raise from_ray(exc, self._host_of_actor, host) from None
-        self._l3[name] = _L3Entry(name, [ray.put(blob)])
+        self._l3.add(name)
 
     def _check_l3_entry(self, entry: Any) -> None:
         if entry in self._l4:
@@ -219,7 +215,7 @@ class ClusterRuntime:
         run_id = next(self._run_ids)
         actor = self._actors[host]
         try:
-            object_ref = actor.run.remote(run_id, entry, self._l3[entry].box, template,
+            object_ref = actor.run.remote((run_id, entry, template),
                                           *[o.object_ref for o in inputs])
         except (TypeError, ValueError) as exc:
             raise TypeError(f"the args of {entry!r} cannot be sent to host {host}: {exc}"
@@ -381,6 +377,7 @@ class ClusterRuntime:
                 log.warning("host %d did not close cleanly: %s", host, type(exc).__name__)
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
+        drop_registrations(self._session, sorted(self._l3))
         self._shutdown_ray()
 
     def _shutdown_ray(self) -> None:
