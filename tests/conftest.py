@@ -80,9 +80,35 @@ def _segment_is_ours(segment: str) -> bool:
         return True
 
 
+# Process trees that legitimately outlive a test: a module-scoped fixture (tests/cluster's
+# LocalCluster, whose host actors own brokers, workers and segments) adds a tree's root pid
+# through the ``long_lived_roots`` fixture while it runs, and checks that tree itself when it
+# ends. pto processes in such a tree, and segments a live process of it owns, are not leaks of
+# the test that happens to be running.
+_LONG_LIVED_ROOTS: set[int] = set()
+
+
+def _in_long_lived_tree(pid: int | None) -> bool:
+    if not _LONG_LIVED_ROOTS or pid is None:
+        return False
+    try:
+        lineage = [pid, *(a.pid for a in psutil.Process(pid).parents())]
+        return any(p in _LONG_LIVED_ROOTS for p in lineage)
+    except psutil.Error:  # gone: judged like any other process's leftovers
+        return False
+
+
+@pytest.fixture(scope="session")
+def long_lived_roots() -> set[int]:
+    """The set a module-scoped fixture adds its long-lived process trees' root pids to (and
+    removes them from when it has checked and stopped them)."""
+    return _LONG_LIVED_ROOTS
+
+
 def _leaks(segments_before: set[str]) -> tuple[list[psutil.Process], list[str]]:
-    procs = [p for p in _pto_processes() if _ours(p)]
-    segments = [s for s in _pto_segments() - segments_before if _segment_is_ours(s)]
+    procs = [p for p in _pto_processes() if _ours(p) and not _in_long_lived_tree(p.pid)]
+    segments = [s for s in _pto_segments() - segments_before
+                if _segment_is_ours(s) and not _in_long_lived_tree(_owner_pid(s))]
     return procs, sorted(segments)
 
 

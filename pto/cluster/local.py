@@ -120,6 +120,13 @@ class LocalCluster:
         self._check_host(host)
         return [p.pid for p in self._node_tree(self._host_nodes[host])]
 
+    def pids(self) -> list[int]:
+        """Pids of every live process of the cluster: the head's (GCS, state API server, its
+        raylet) and every host's (``host_pids``)."""
+        self._check_running()
+        nodes = [self._ray.head_node, *self._host_nodes]
+        return sorted({p.pid for node in nodes for p in self._node_tree(node)})
+
     # -- failures and stop ----------------------------------------------------------------------
 
     def kill_host(self, host: int) -> None:
