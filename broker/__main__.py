@@ -8,14 +8,15 @@ import logging
 import os
 import sys
 
+from pto import config
 from pto import protocol as P
 from pto.procs import parent_gone, runtime_dir, setup_logging
 
 from .server import Broker
 
 
-def default_address() -> str:
-    return f"ipc://{runtime_dir()}/broker-{os.getpid()}.sock"
+def default_address(cfg: config.Config) -> str:
+    return f"ipc://{runtime_dir(cfg.runtime_dir)}/broker-{os.getpid()}.sock"
 
 
 def parse_devices(text: str) -> list[int]:
@@ -52,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers and --host-workers must be >= 0")
     if args.workers and args.devices:
         parser.error("give --workers or --devices, not both")
+    try:
+        cfg = config.load()
+    except config.ConfigError as exc:
+        parser.error(str(exc))
     devices = args.devices or list(range(args.workers))
-    address = args.listen or default_address()
+    address = args.listen or default_address(cfg)
     if address.startswith("tcp://*:"):
         parser.error("listen on an explicit interface (tcp://127.0.0.1:PORT is the safe choice)")
     if address.startswith("tcp://") and not args.curve and not args.insecure:
@@ -63,14 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_dir:
         os.makedirs(args.log_dir, mode=0o700, exist_ok=True)
     log_file = os.path.join(args.log_dir, "broker.log") if args.log_dir else None
-    setup_logging("broker", log_file=log_file)
+    setup_logging("broker", cfg.log_level, log_file=log_file)
     if parent_gone(args.parent_pid):
         return 1  # our parent died before we started
     gc.set_threshold(100_000, 50, 100)  # per-task objects are short-lived; full GCs dominate
     try:
         broker = Broker(address, devices, spawn_workers=bool(devices), heartbeat=args.heartbeat,
                         liveness=args.liveness, credit=args.credit, parent_pid=args.parent_pid,
-                        log_dir=args.log_dir, host_workers=args.host_workers, curve=args.curve)
+                        log_dir=args.log_dir, host_workers=args.host_workers, curve=args.curve,
+                        spin_seconds=cfg.spin_seconds)
     except Exception as exc:  # noqa: BLE001 - report bind errors plainly
         logging.getLogger("pto.broker").error("cannot start: %s", exc)
         print(f"error: cannot start broker on {address}: {exc}", file=sys.stderr)

@@ -1,297 +1,331 @@
-"""Task states and dependencies: the broker's bookkeeping, with no sockets in it.
+"""The broker's task bookkeeping, with no sockets in it: the one owner of task state.
 
-A task moves PENDING -> READY -> DISPATCHED -> DONE, or to FAILED from any state before
-DONE; ``_ready`` and ``_fail`` are the only places a state changes besides dispatch and
-completion. Dependencies come from the byte ranges a task reads and writes in each tensor
-(read-after-write, write-after-read, write-after-write; INOUT is both), so disjoint views
-of one tensor never wait on each other. A worker runs its tasks one by one in the order it
-got them, so a task need not wait in the broker for a predecessor that is queued ahead of
-it on the same chip: it is queued right behind it and names it in ``after``; the worker
-skips it if that predecessor failed. A chain of tasks on one chip thus costs no broker
-round trip per task. Only unfinished accesses are kept per tensor, so
-memory is O(live tasks). A failed write poisons the bytes it covers: later readers fail
-with the same root cause until a new write covers them.
+Every state change goes through ``_move``, checked against ``broker.task.ALLOWED``. The
+scheduler also owns what depends on those states: the ready queue of each chip, the
+tasks in flight on each worker (which must agree with DISPATCHED; ``validate`` checks
+that and the other invariants), the retry decision when a worker dies, which group
+barriers are open, trace times, and the kernel names failures are reported with. The
+server (``broker.server``) only routes: it feeds messages in through the public methods
+and sends out what ``schedule``, ``take_results`` and ``take_barrier_orders`` return.
+
+A worker runs its tasks one by one in the order it got them, so a task need not wait in
+the broker for a predecessor that is queued ahead of it on the same chip: it is queued
+right behind it and names it in ``after``; the worker skips it if that predecessor
+failed. A chain of tasks on one chip thus costs no broker round trip per task.
+Dependencies themselves are ``broker.deps``'s.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable
-from enum import IntEnum
 
-from pto.args import ParamType
 from pto.errors import ProtocolError
-from pto.protocol import Failure, PackedTaskSpec, TaskSpec, pack_args, unpack_args
+from pto.protocol import Failure, PackedTaskSpec, TaskSpec, TaskTime, unpack_args
+from pto.sockets import HOST_QUEUE
 
-_READS = frozenset({ParamType.INPUT, ParamType.INOUT})
-_WRITES = frozenset({ParamType.OUTPUT, ParamType.INOUT, ParamType.OUTPUT_EXISTING})
-_OVERWRITES = frozenset({ParamType.INOUT, ParamType.OUTPUT_EXISTING, ParamType.NO_DEP})
+from .deps import Accesses, inputs_overwritten, overwrites
+from .invariants import check as check_invariants
+from .task import State, Task, check_transition, queued_behind
 
+log = logging.getLogger("pto.broker")
 
-class State(IntEnum):
-    PENDING = 0
-    READY = 1
-    DISPATCHED = 2
-    DONE = 3
-    FAILED = 4
+# (worker, task, rank, barrier id or 0): one member of a task to send to a worker
+Assignment = tuple[int, Task, int, int]
 
 
-HOST = -1  # the queue of host sub-tasks, shared by every host worker
+class _Worker:
+    """A connected worker as the scheduler sees it: its queue and what it holds."""
 
+    __slots__ = ("worker", "queue", "limit", "inflight")
 
-class Task:
-    """A task, or a group task: one member per chip in ``chips``, started together."""
-
-    __slots__ = ("gid", "client", "tid", "chip", "chips", "kernel", "args", "state", "waiting",
-                 "dependents", "after", "root", "left", "failure", "retries", "trace")
-
-    def __init__(self, gid: int, client: int, spec: TaskSpec | PackedTaskSpec):
-        self.gid = gid
-        self.client = client
-        self.tid = spec.task
-        self.chip = spec.chip
-        self.chips: tuple[int, ...] = tuple(spec.group) if spec.group else (spec.chip,)
-        self.left = 0  # members still running, once dispatched
-        # (reason, lost, followed) of the first member failure, preferring a member's own
-        # failure to one that only followed another's (a BarrierAborted)
-        self.failure: tuple[str, bool, bool] | None = None
-        self.retries = spec.retries
-        self.trace: list | None = None  # [ready, dispatch, dep task ids] of a traced client
-        self.kernel = spec.kernel
-        self.args = pack_args(spec.args)  # msgpack: unpacked only when needed
-        self.state = State.PENDING
-        self.waiting = 0  # predecessors not yet done, nor queued ahead of it on its chip
-        self.dependents: list[Task] = []
-        self.after: list[int] | None = None  # gids of predecessors queued ahead on its chip
-        self.root: Failure | None = None  # set when FAILED
-
-
-class _Access:
-    """A task's read or write of bytes [start, end) of a tensor.
-
-    A write that covers earlier accesses takes them into its ``shadow``: later tasks are
-    ordered after them through the write, so they need not be scanned again. Only if the
-    write fails (and so orders nothing) do later writers look into its shadow.
-    """
-
-    __slots__ = ("start", "end", "task", "shadow")
-
-    def __init__(self, start: int, end: int, task: Task, shadow: list[_Access] | None = None):
-        self.start, self.end, self.task, self.shadow = start, end, task, shadow
-
-    def live_behind(self) -> list[Task]:
-        """Unfinished tasks this failed write had been ordered after."""
-        out: list[Task] = []
-        for acc in self.shadow or ():
-            if acc.task.state < State.DONE:
-                out.append(acc.task)
-            elif acc.task.state == State.FAILED:
-                out.extend(acc.live_behind())
-        return out
-
-
-class _TensorUses:
-    """Unfinished (and failed) reads and writes of one tensor."""
-
-    __slots__ = ("reads", "writes", "compact_at")
-
-    def __init__(self) -> None:
-        self.reads: list[_Access] = []
-        self.writes: list[_Access] = []
-        self.compact_at = 16
-
-    def compact(self) -> None:
-        # Done accesses constrain nothing; dropping them lazily keeps this O(1) amortized.
-        self.reads = [a for a in self.reads if a.task.state < State.DONE]
-        self.writes = [a for a in self.writes if a.task.state != State.DONE]
-        self.compact_at = max(16, 2 * (len(self.reads) + len(self.writes)))
+    def __init__(self, worker: int, queue: int, limit: int):
+        self.worker, self.queue, self.limit = worker, queue, limit
+        self.inflight: dict[int, Task] = {}  # gid -> task, in the order sent
 
 
 class Scheduler:
-    """Dependencies, ready queues per chip, and results waiting to go back to clients."""
+    """Dependencies, ready queues per chip, in-flight tasks per worker, and results."""
 
-    def __init__(self, chips: Iterable[int] = ()):
+    def __init__(self, queues: Iterable[int] = ()):
         self._gids = itertools.count(1)
-        self.tasks: dict[int, Task] = {}  # unfinished tasks by gid
-        self.ready: dict[int, deque[Task]] = {c: deque() for c in chips}
-        self._tensors: dict[tuple[int, int], _TensorUses] = {}
-        self.traced: set[int] = set()  # clients that asked for task times
-        self.kernel_names: dict[tuple[int, int], str] = {}  # (client, kernel id) -> name
-        # results to send per client: (done task ids, failures)
-        self.results: dict[int, tuple[list[int], list[Failure]]] = {}
+        self._tasks: dict[int, Task] = {}  # unfinished tasks by gid
+        self._ready: dict[int, deque[Task]] = {q: deque() for q in queues}
+        self._accesses = Accesses()
+        self._workers: dict[int, _Worker] = {}
+        self._queue_workers: dict[int, list[_Worker]] = {}
+        self._clients: set[int] = set()
+        self._traced: set[int] = set()  # clients that asked for task times
+        self._kernel_names: dict[tuple[int, int], str] = {}  # (client, kernel id) -> name
+        # per client: (done task ids, failures) and task times, to send
+        self._results: dict[int, tuple[list[int], list[Failure]]] = {}
+        self._times: dict[int, list[TaskTime]] = {}
+        self._barriers: set[int] = set()  # gids of dispatched groups: their barrier is open
+        self._aborts: list[int] = []  # barriers to abort (a member failed)
+        self._closes: list[int] = []  # barriers to remove (every member is done with it)
+
+    # ---- peers -----------------------------------------------------------------------
+
+    def add_client(self, client: int, traced: bool = False) -> None:
+        self._clients.add(client)
+        if traced:
+            self._traced.add(client)
+
+    def register_kernel(self, client: int, kernel: int, name: str) -> None:
+        self._kernel_names[(client, kernel)] = name
+
+    def kernel_name(self, task: Task) -> str:
+        return self._kernel_names.get((task.client, task.kernel), f"#{task.kernel}")
+
+    def add_worker(self, worker: int, queue: int, limit: int) -> None:
+        """A worker (its chip, or ``pto.sockets.host_chip(k)``) takes tasks from ``queue``,
+        at most ``limit`` in flight."""
+        if worker in self._workers:
+            raise ValueError(f"worker {worker} is already connected")
+        slot = _Worker(worker, queue, limit)
+        self._workers[worker] = slot
+        self._queue_workers.setdefault(queue, []).append(slot)
+        self._ready.setdefault(queue, deque())
+
+    def drop_client(self, client: int) -> None:
+        """Forget a client: its tasks are DROPPED (dispatched ones stay in flight until
+        their worker reports them), its tensors, kernel names and results go."""
+        for task in [t for t in self._tasks.values() if t.client == client]:
+            task.dependents = []
+            if task.state == State.READY:
+                self._unqueue(task)
+            self._move(task, State.DROPPED)
+        self._accesses.drop_client(client)
+        for key in [k for k in self._kernel_names if k[0] == client]:
+            del self._kernel_names[key]
+        self._results.pop(client, None)
+        self._times.pop(client, None)
+        self._traced.discard(client)
+        self._clients.discard(client)
 
     # ---- input -----------------------------------------------------------------------
 
-    def add_chip(self, chip: int) -> None:
-        self.ready.setdefault(chip, deque())
-
-    def submit(self, client: int, specs: list[TaskSpec] | list[PackedTaskSpec]) -> None:
+    def submit(self, client: int, specs: list[TaskSpec] | list[PackedTaskSpec]) -> list[int]:
+        """Take a client's tasks in; returns the gids they got, in order."""
+        gids = []
         for spec in specs:
             task = Task(next(self._gids), client, spec)
-            self.tasks[task.gid] = task
+            self._tasks[task.gid] = task
+            gids.append(task.gid)
             self._link(task)
+        return gids
 
-    def done(self, gid: int) -> Task | None:
-        """A member (or the only member) of a task finished; returns the task if it ended."""
-        task = self.tasks.get(gid)
-        if task is None or task.state != State.DISPATCHED:
-            return None  # its client is gone, or a duplicate report
-        task.left -= 1
-        if task.left > 0:
-            return None
-        if task.failure is not None:
-            self._fail(task, None, *task.failure[:2])
-            return task
-        del self.tasks[gid]
-        task.state = State.DONE
-        self._result(task.client)[0].append(task.tid)
-        for dep in task.dependents:
-            if _queued_behind(dep, task):
-                continue  # it stopped waiting for this task when queued behind it
-            dep.waiting -= 1
-            if dep.waiting == 0 and dep.state == State.PENDING:
-                self._ready(dep)
-        task.dependents = []
-        return task
+    def report(self, worker: int, done: Iterable[int], failed: Iterable[Failure],
+               times: Iterable[tuple[int, int, float, float]] = ()) -> None:
+        """What a worker finished: task gids, failures (``root`` 0: a group member that
+        failed only because another did), and (gid, rank, start, end) of traced tasks.
+        Reports of tasks it does not hold (duplicates, a forgotten client's) are ignored."""
+        slot = self._workers.get(worker)
+        if slot is None:
+            return
+        inflight = slot.inflight
+        for gid, rank, start, end in times:
+            task = inflight.get(gid)
+            if task is not None and task.trace is not None:
+                ready, dispatch, deps = task.trace
+                self._times.setdefault(task.client, []).append(
+                    TaskTime(task.task_id, worker, rank, ready, dispatch, start, end, deps))
+        for gid in done:
+            task = inflight.pop(gid, None)
+            if task is not None:
+                self._member_left(task)
+        for failure in failed:
+            task = inflight.pop(failure.task, None)
+            if task is not None:
+                self._member_left(task, (failure.reason, False, failure.root == 0))
 
-    def failed(self, gid: int, reason: str, lost: bool = False,
-               followed: bool = False) -> Task | None:
-        """A member of a task failed (``followed``: only because another member did); the
-        task fails once every member has reported."""
-        task = self.tasks.get(gid)
-        if task is None or task.state != State.DISPATCHED:
-            return None
-        task.left -= 1
-        if task.failure is None or (task.failure[2] and not followed):
-            task.failure = (reason, lost, followed)
-        if task.left == 0:
-            self._fail(task, None, *task.failure[:2])
-        return task
-
-    def requeue(self, tasks: list[Task]) -> None:
-        """Put dispatched single tasks back at the head of their queues, in this order."""
-        for task in reversed(tasks):
-            if task.state == State.DISPATCHED and task.gid in self.tasks:
-                task.state = State.READY
-                self.ready[task.chip].appendleft(task)
-
-    @staticmethod
-    def overwrites(task: Task) -> bool:
-        """Rerunning it after a partial run could give wrong data (INOUT, OUTPUT_EXISTING,
-        NO_DEP)."""
-        return any(a.kind in _OVERWRITES for a in unpack_args(task.args))
-
-    @staticmethod
-    def inputs_overwritten(task: Task, later: Iterable[Task]) -> bool:
-        """Whether a task that ran after ``task`` on its worker wrote bytes ``task`` reads,
-        so rerunning ``task`` would read the wrong data (possible only for tasks queued
-        behind it: independent tasks never write what it reads)."""
-        reads = [a for a in unpack_args(task.args) if a.kind in _READS]
-        return any(w.tensor == r.tensor and w.offset < r.offset + r.nbytes
-                   and r.offset < w.offset + w.nbytes
-                   for t in later if t.client == task.client
-                   for w in unpack_args(t.args) if w.kind in _WRITES or w.kind == ParamType.NO_DEP
-                   for r in reads)
-
-    def cancel(self, client: int, tids: Iterable[int]) -> list[Task]:
-        """Fail the named tasks not dispatched yet; return the dispatched single ones (a
-        worker may still hold them queued and drop them)."""
-        wanted = set(tids)
-        dispatched = []
-        for task in [t for t in self.tasks.values() if t.client == client and t.tid in wanted]:
+    def cancel(self, client: int, task_ids: Iterable[int]) -> list[tuple[int, int]]:
+        """Fail the named tasks not dispatched yet; return (worker, gid) of the dispatched
+        single ones (their worker may still hold them queued and drop them)."""
+        wanted = set(task_ids)
+        on_workers = []
+        for task in [t for t in self._tasks.values() if t.client == client
+                     and t.task_id in wanted]:
             if task.state in (State.PENDING, State.READY):
                 self._fail(task, None, "cancelled")
             elif task.state == State.DISPATCHED and len(task.chips) == 1:
-                dispatched.append(task)
-        return dispatched
+                on_workers.extend((w.worker, task.gid) for w in self._workers.values()
+                                  if task.gid in w.inflight)
+        return on_workers
 
-    def drop_client(self, client: int) -> None:
-        """Forget a client: queued tasks vanish, dispatched ones finish unreported."""
-        for gid, task in list(self.tasks.items()):
-            if task.client != client:
-                continue
-            task.dependents = []
-            if task.state == State.DISPATCHED:
-                continue  # done() will pop it; its result goes nowhere
-            if task.state == State.READY:
-                self._unqueue(task)
-            task.state = State.FAILED
-            del self.tasks[gid]
-        for key in [k for k in self._tensors if k[0] == client]:
-            del self._tensors[key]
-        for key in [k for k in self.kernel_names if k[0] == client]:
-            del self.kernel_names[key]
-        self.results.pop(client, None)
-        self.traced.discard(client)
+    def forget_tensors(self, client: int, tensor_ids: Iterable[int]) -> None:
+        self._accesses.forget(client, tensor_ids)
 
-    def forget_tensors(self, client: int, tensors: Iterable[int]) -> None:
-        for tid in tensors:
-            self._tensors.pop((client, tid), None)
+    def worker_lost(self, worker: int, status: tuple[int, int] | None, died: str,
+                    hint: str = "") -> None:
+        """Fail or rerun what a dead worker held. ``status`` is its [running, last
+        finished] task gids if known; ``died`` says who died how ("worker of chip 0 (pid
+        7) died (killed by SIGKILL)"), ``hint`` where its log is.
+
+        Tasks it had not started go back to the head of their queue; started ones rerun
+        while they have retries, unless a partial run may have overwritten their inputs
+        (then pto.WorkerLost); group members fail."""
+        slot = self._workers.pop(worker)
+        self._queue_workers[slot.queue].remove(slot)
+        gids = list(slot.inflight)
+        tasks = list(slot.inflight.values())
+        slot.inflight.clear()
+        # A worker runs its tasks in the order sent: the first ``started`` of them started
+        # (up to the running one, or the last finished); without a status block, assume all.
+        started = len(gids) if status is None else max(
+            (gids.index(g) + 1 for g in status if g in gids), default=0)
+        requeue = []
+        for i, task in enumerate(tasks):
+            if task.state != State.DISPATCHED or len(task.chips) > 1:
+                reason = (f"{died} while running kernel {self.kernel_name(task)!r}{hint}")
+                self._member_left(task, (reason, True, False))
+            elif i >= started:
+                requeue.append(task)
+            elif (task.retries > 0 and not overwrites(task)
+                  and not inputs_overwritten(task, tasks[i + 1:started])):  # queued behind
+                task.retries -= 1
+                log.info("rerunning task %d (kernel %r) after its worker died", task.gid,
+                         self.kernel_name(task))
+                requeue.append(task)
+            else:
+                reason = (f"{died} while running kernel {self.kernel_name(task)!r}{hint}")
+                self._member_left(task, (reason, True, False))
+        for task in reversed(requeue):  # back at the head of its queue, in the order sent
+            self._move(task, State.READY)
+            task.left = 0
+            self._ready[task.chip].appendleft(task)
 
     # ---- output ----------------------------------------------------------------------
 
-    def schedule(self, credit: dict[int, int],
-                 idle: set[int] | None = None) -> list[tuple[int, Task, int]]:
-        """Take ready work within each queue's ``credit``: (queue, task, rank) triples.
+    def has_ready(self) -> bool:
+        return any(self._ready.values())
+
+    def schedule(self) -> list[Assignment]:
+        """Take ready work within each worker's room (its limit less what it holds).
 
         Queues are FIFO. A group at the head of a queue reserves it: nothing behind it
         goes until the group heads the queue of every one of its chips and every one of
-        those chips is ``idle`` (its worker holds no task), and then all its members go at
+        those chips is idle (its worker holds no task), and then all its members go at
         once, so they start together. Groups thus reach every worker in one global order,
         so two groups sharing chips can never wait on each other.
         """
-        out: list[tuple[int, Task, int]] = []
+        credit: dict[int, int] = {}
+        idle: set[int] = set()
+        for slot in self._workers.values():
+            room = slot.limit - len(slot.inflight)
+            if room > 0:
+                credit[slot.queue] = credit.get(slot.queue, 0) + room
+            if not slot.inflight:
+                idle.add(slot.queue)
+        out: list[Assignment] = []
         progress = True
         while progress:
             progress = False
-            for chip, queue in self.ready.items():
+            for chip, queue in self._ready.items():
                 while queue and credit.get(chip, 0) > 0:
                     task = queue[0]
-                    if task.trace is not None:
-                        task.trace[1] = time.monotonic()
                     if len(task.chips) == 1:
                         queue.popleft()
                         credit[chip] -= 1
-                        if idle is not None:
-                            idle.discard(chip)
-                        task.state, task.left = State.DISPATCHED, 1
-                        out.append((chip, task, 0))
+                        idle.discard(chip)
+                        self._move(task, State.DISPATCHED)
+                        task.left = 1
+                        out.append((self._assign(chip, task), task, 0, 0))
                         continue
-                    if not all(self.ready[c] and self.ready[c][0] is task and credit.get(c, 0) > 0
-                               and (idle is None or c in idle) for c in task.chips):
+                    if not all(self._ready[c] and self._ready[c][0] is task
+                               and credit.get(c, 0) > 0 and c in idle for c in task.chips):
                         break
+                    self._move(task, State.DISPATCHED)
+                    task.left = len(task.chips)
+                    self._barriers.add(task.gid)
                     for rank, c in enumerate(task.chips):
-                        self.ready[c].popleft()
+                        self._ready[c].popleft()
                         credit[c] -= 1
-                        if idle is not None:
-                            idle.discard(c)
-                        out.append((c, task, rank))
-                    task.state, task.left = State.DISPATCHED, len(task.chips)
+                        idle.discard(c)
+                        out.append((self._assign(c, task), task, rank, task.gid))
                     progress = True
         return out
 
-    def take_results(self) -> dict[int, tuple[list[int], list[Failure]]]:
-        results, self.results = self.results, {}
-        return results
+    def _assign(self, queue: int, task: Task) -> int:
+        workers = self._queue_workers[queue]
+        # Host workers share one queue: the least loaded takes it.
+        slot = workers[0] if len(workers) == 1 else min(workers, key=lambda w: len(w.inflight))
+        slot.inflight[task.gid] = task
+        return slot.worker
 
-    def kernel_name(self, task: Task) -> str:
-        return self.kernel_names.get((task.client, task.kernel), f"#{task.kernel}")
+    def take_results(self) -> dict[int, tuple[list[int], list[Failure], list[TaskTime]]]:
+        """Per client: task ids done, failures, and the task times gathered so far."""
+        results, self._results = self._results, {}
+        return {client: (done, failed, self._times.pop(client, []))
+                for client, (done, failed) in results.items()}
+
+    def take_barrier_orders(self) -> tuple[list[int], list[int]]:
+        """Group barriers (by gid) to abort, and to remove: apply in that order."""
+        orders = self._aborts, self._closes
+        self._aborts, self._closes = [], []
+        return orders
+
+    # ---- reading (status, tests) -------------------------------------------------------
+
+    def task(self, gid: int) -> Task | None:
+        """An unfinished task (do not change it: only the scheduler does)."""
+        return self._tasks.get(gid)
+
+    def queued(self, queue: int) -> list[Task]:
+        return list(self._ready.get(queue, ()))
+
+    def queue_lengths(self) -> dict[int, int]:
+        return {q: len(d) for q, d in sorted(self._ready.items())}
+
+    def in_flight(self, worker: int) -> list[Task]:
+        """What a worker holds, in the order sent."""
+        slot = self._workers.get(worker)
+        return [] if slot is None else list(slot.inflight.values())
+
+    def accesses_kept(self, client: int, tensor_id: int) -> int:
+        """Accesses remembered for one tensor (bounded by its unfinished tasks)."""
+        return self._accesses.count(client, tensor_id)
+
+    def unfinished(self) -> dict[int, int]:
+        """Unfinished tasks per client."""
+        counts: dict[int, int] = {}
+        for task in self._tasks.values():
+            counts[task.client] = counts.get(task.client, 0) + 1
+        return counts
+
+    def validate(self) -> None:
+        """Check every invariant (slow: for tests); AssertionError names the broken one."""
+        check_invariants(self._tasks, self._ready, [(w.worker, w.queue, w.inflight)
+                                         for w in self._workers.values()], self._barriers)
 
     # ---- transitions -----------------------------------------------------------------
 
+    def _move(self, task: Task, new: State) -> None:
+        """The one place a task's state changes."""
+        check_transition(task, new)
+        if task.trace is not None:
+            if new == State.READY and task.state == State.PENDING:
+                task.trace[0] = time.monotonic()
+            elif new == State.DISPATCHED:
+                task.trace[1] = time.monotonic()
+        task.state = new
+        if new >= State.DONE:
+            del self._tasks[task.gid]
+
     def _link(self, task: Task) -> None:
-        unknown = [c for c in task.chips if c not in self.ready]
+        unknown = [c for c in task.chips if c not in self._ready]
         if unknown or len(set(task.chips)) != len(task.chips):
-            served = sorted(c for c in self.ready if c != HOST)
-            if unknown == [HOST]:
+            served = sorted(c for c in self._ready if c != HOST_QUEUE)
+            if unknown == [HOST_QUEUE]:
                 what = "no host workers for host sub-tasks (start the broker with --host-workers)"
             else:
                 what = f"unknown chip {unknown[0]}" if unknown else f"repeated chips {task.chips}"
             self._fail(task, None, f"{what} (broker serves {served})")
             return
-        if (task.client, task.kernel) not in self.kernel_names:
+        if (task.client, task.kernel) not in self._kernel_names:
             self._fail(task, None, f"unknown kernel id {task.kernel}")
             return
         try:
@@ -299,122 +333,103 @@ class Scheduler:
         except ProtocolError as exc:
             self._fail(task, None, str(exc))
             return
-        deps: set[Task] = set()
-        poison: Failure | None = None
-        for arg in args:
-            if arg.tensor < 0 or arg.kind not in _READS and arg.kind not in _WRITES:
-                continue
-            key = (task.client, arg.tensor)
-            uses = self._tensors.get(key)
-            if uses is None:
-                uses = self._tensors[key] = _TensorUses()
-            start, end = arg.offset, arg.offset + arg.nbytes
-            reads, writes = arg.kind in _READS, arg.kind in _WRITES
-            for acc in uses.writes:
-                if acc.start < end and start < acc.end:
-                    if acc.task.state == State.FAILED:
-                        if reads and poison is None:
-                            poison = acc.task.root
-                        if writes:
-                            deps.update(acc.live_behind())
-                    elif acc.task.state < State.DONE:
-                        deps.add(acc.task)
-            if writes:
-                for acc in uses.reads:
-                    if acc.start < end and start < acc.end and acc.task.state < State.DONE:
-                        deps.add(acc.task)
-                # Accesses this write covers go into its shadow (a covered failed write's
-                # poisoned bytes are replaced by this write).
-                shadow: list[_Access] = []
-                for kind in ("reads", "writes"):
-                    kept = []
-                    for acc in getattr(uses, kind):
-                        if start <= acc.start and acc.end <= end:
-                            if acc.task.state < State.DONE:
-                                shadow.append(acc)
-                        else:
-                            kept.append(acc)
-                    setattr(uses, kind, kept)
-                uses.writes.append(_Access(start, end, task, shadow or None))
-            else:
-                uses.reads.append(_Access(start, end, task))
-            if len(uses.reads) + len(uses.writes) >= uses.compact_at:
-                uses.compact()
-        deps.discard(task)
-        if task.client in self.traced:
-            task.trace = [0.0, 0.0, [d.tid for d in deps]]
+        deps, poison = self._accesses.link(task, args)
+        if task.client in self._traced:
+            task.trace = [0.0, 0.0, [d.task_id for d in deps]]
         if poison is not None:
             self._fail(task, poison, "")
             return
         for dep in deps:
             dep.dependents.append(task)
-            if _queued_behind(task, dep) and dep.state in (State.READY, State.DISPATCHED):
+            if queued_behind(task, dep) and dep.state in (State.READY, State.DISPATCHED):
                 task.after = task.after or []
                 task.after.append(dep.gid)
             else:
                 task.waiting += 1
         if not task.waiting:
-            self._ready(task)
+            self._ready_now(task)
 
-    def _ready(self, task: Task) -> None:
+    def _ready_now(self, task: Task) -> None:
         todo = deque([task])
         while todo:
             task = todo.popleft()
-            if task.trace is not None:
-                task.trace[0] = time.monotonic()
-            task.state = State.READY
+            self._move(task, State.READY)
             for chip in task.chips:
-                self.ready[chip].append(task)
+                self._ready[chip].append(task)
             # Successors on the same chip may now queue right behind it.
             for dep in task.dependents:
-                if dep.state == State.PENDING and _queued_behind(dep, task):
+                if dep.state == State.PENDING and queued_behind(dep, task):
                     dep.after = dep.after or []
                     dep.after.append(task.gid)
                     dep.waiting -= 1
                     if dep.waiting == 0:
                         todo.append(dep)
 
+    def _member_left(self, task: Task, failure: tuple[str, bool, bool] | None = None) -> None:
+        """One member of ``task`` reported (or its worker died: ``failure`` says why,
+        (reason, lost, followed)); it ends once every member has."""
+        task.left -= 1
+        if task.state == State.DISPATCHED:
+            if failure is not None:
+                # Prefer a member's own failure to one that only followed another's.
+                if task.failure is None or (task.failure[2] and not failure[2]):
+                    task.failure = failure
+                if task.gid in self._barriers:
+                    self._aborts.append(task.gid)  # members waiting at it give up
+            if task.left == 0:
+                if task.failure is not None:
+                    self._fail(task, None, *task.failure[:2])
+                else:
+                    self._done(task)
+        # (A task FAILED or DROPPED while on its workers only leaves them.)
+        if task.left == 0 and task.gid in self._barriers:
+            self._barriers.discard(task.gid)
+            self._closes.append(task.gid)
+
+    def _done(self, task: Task) -> None:
+        self._move(task, State.DONE)
+        self._result(task.client)[0].append(task.task_id)
+        for dep in task.dependents:
+            if queued_behind(dep, task):
+                continue  # it stopped waiting for this task when queued behind it
+            dep.waiting -= 1
+            if dep.waiting == 0 and dep.state == State.PENDING:
+                self._ready_now(dep)
+        task.dependents = []
+
     def _unqueue(self, task: Task) -> None:
         for chip in task.chips:
-            self.ready[chip].remove(task)
+            self._ready[chip].remove(task)
 
     def _fail(self, task: Task, root: Failure | None, reason: str, lost: bool = False) -> None:
         """Fail ``task`` (its own ``reason``, or caused by ``root``) and everything downstream."""
         stack = [(task, root)]
         while stack:
             t, cause = stack.pop()
-            if t.state in (State.DONE, State.FAILED):
+            if t.state >= State.DONE:
                 continue
             name = self.kernel_name(t)
             if cause is None:
-                t.root = Failure(t.tid, name, t.chip, reason, t.tid, lost)
+                t.root = Failure(t.task_id, name, t.chip, reason, t.task_id, lost)
                 failure = t.root
             else:
                 t.root = cause
                 failure = Failure(
-                    t.tid, name, t.chip,
+                    t.task_id, name, t.chip,
                     f"not run: task {cause.root} (kernel {cause.kernel!r} on chip {cause.chip})"
                     f" failed: {cause.reason}",
                     cause.root, cause.lost,
                 )
             if t.state == State.READY:
                 self._unqueue(t)
-            t.state = State.FAILED
-            self.tasks.pop(t.gid, None)
+            self._move(t, State.FAILED)
             self._result(t.client)[1].append(failure)
             for dep in t.dependents:
                 stack.append((dep, t.root))
             t.dependents = []
 
     def _result(self, client: int) -> tuple[list[int], list[Failure]]:
-        res = self.results.get(client)
+        res = self._results.get(client)
         if res is None:
-            res = self.results[client] = ([], [])
+            res = self._results[client] = ([], [])
         return res
-
-
-def _queued_behind(task: Task, dep: Task) -> bool:
-    """Whether ``task`` may wait for its predecessor ``dep`` on its worker instead of in the
-    broker: both are single tasks of one chip (FIFO there), not host sub-tasks (which any
-    host worker may take)."""
-    return len(task.chips) == 1 and task.chips == dep.chips and task.chip != HOST

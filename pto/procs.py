@@ -1,4 +1,5 @@
-"""Process plumbing shared by the client, broker and worker: runtime dir, addresses, lifetimes."""
+"""Process plumbing shared by the client, broker and worker: runtime dir, addresses, lifetimes
+(their sockets and children's environment: ``pto.sockets``)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,18 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from . import config
+
 T = TypeVar("T")
 
 _PR_SET_PDEATHSIG = 1
 
 
-def runtime_dir() -> str:
-    """The per-user 0700 directory for ipc endpoints and logs (created if missing)."""
-    base = os.environ.get("PTO_RUNTIME_DIR")
+def runtime_dir(base: str | None = None) -> str:
+    """The per-user 0700 directory for ipc endpoints and logs (created if missing):
+    ``base`` (PTO_RUNTIME_DIR), else $XDG_RUNTIME_DIR/pto, else /tmp/pto-UID."""
+    if base is None:
+        base = config.load().runtime_dir
     if not base:
         xdg = os.environ.get("XDG_RUNTIME_DIR")
         base = os.path.join(xdg, "pto") if xdg and os.path.isdir(xdg) else os.path.join(
@@ -50,13 +55,14 @@ def worker_address(client_address: str) -> str:
     raise ValueError(f"unsupported broker address {client_address!r} (use ipc:// or tcp://)")
 
 
-def die_with_parent(parent_pid: int | None) -> None:
-    """Ask the kernel to SIGKILL us when our parent exits (Linux), and check it has not already."""
+def die_with_parent(parent_pid: int | None, sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send us ``sig`` when our parent exits (Linux), and check it has
+    not already. A process that must clean up after itself asks for SIGTERM and handles it."""
     if parent_pid is None:
         return
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
     if os.getppid() != parent_pid:
         os._exit(1)
 
@@ -65,9 +71,9 @@ def parent_gone(parent_pid: int | None) -> bool:
     return parent_pid is not None and os.getppid() != parent_pid
 
 
-def setup_logging(role: str, level: str | None = None, log_file: str | None = None) -> None:
-    """Log records carry the process role and pid; level from PTO_LOG_LEVEL (default INFO)."""
-    level = level or os.environ.get("PTO_LOG_LEVEL", "INFO")
+def setup_logging(role: str, level: str, log_file: str | None = None) -> None:
+    """Log records carry the process role and pid; ``level`` is a logging level name
+    (``config.Config.log_level``: PTO_LOG_LEVEL, default INFO)."""
     handler: logging.Handler = (
         logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     )
@@ -79,15 +85,14 @@ def setup_logging(role: str, level: str | None = None, log_file: str | None = No
     root.setLevel(level.upper())
 
 
-# After activity, poll without blocking for this long before sleeping: waking a sleeping
-# process costs tens of microseconds on a VM, and the next message usually comes sooner.
-SPIN_SECONDS = float(os.environ.get("PTO_SPIN_US", "100")) / 1e6
+def poll_with_spin(poll: Callable[[int], T], timeout_ms: int, spin_seconds: float) -> T:
+    """``poll(timeout_ms)``, preceded by up to ``spin_seconds`` of ``poll(0)``.
 
-
-def poll_with_spin(poll: Callable[[int], T], timeout_ms: int, spin: bool) -> T:
-    """``poll(timeout_ms)``, preceded by up to SPIN_SECONDS of ``poll(0)`` when ``spin``."""
-    if spin and SPIN_SECONDS > 0:
-        deadline = time.perf_counter() + SPIN_SECONDS
+    After activity, callers spin ``config.Config.spin_seconds`` (PTO_SPIN_US) before
+    sleeping: waking a sleeping process costs tens of microseconds on a VM, and the next
+    message usually comes sooner. Pass 0 when idle."""
+    if spin_seconds > 0:
+        deadline = time.perf_counter() + spin_seconds
         while True:
             ready = poll(0)
             if ready or time.perf_counter() >= deadline:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import zmq
 
+from . import config
 from . import protocol as P
 from .errors import BrokerLost
-from .security import curve_dir, secure_client
+from .security import curve_dir
+from .sockets import connect
 
 
 def status(broker: str | None = None, timeout: float = 2.0,
@@ -20,17 +21,17 @@ def status(broker: str | None = None, timeout: float = 2.0,
     >>> pto.status("ipc:///tmp/pto-1000/broker-42.sock")["workers"][0]["state"]
     'idle'
     """
-    address = broker or os.environ.get("PTO_BROKER")
+    settings = config.load()
+    address = broker or settings.broker
     if not address:
         raise ValueError("no broker address: pass one or set PTO_BROKER")
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
     try:
-        keys = curve_dir(curve)
-        if keys:
-            secure_client(sock, keys)
-        sock.connect(address)
+        sock = connect(ctx, address, curve_dir(curve, settings))
+    except BaseException:
+        ctx.term()
+        raise
+    try:
         sock.send_multipart(P.encode(P.StatusRequest()))
         if not sock.poll(int(timeout * 1000)):
             raise BrokerLost(f"no broker answered at {address} within {timeout:g}s")

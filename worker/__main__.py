@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
 import sys
 
+from pto import config
 from pto.procs import die_with_parent, setup_logging
-from pto.security import curve_dir
+from pto.sockets import host_chip
 
 from .loop import Worker
 
@@ -26,13 +28,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.device if args.device is not None else args.host) < 0:
         parser.error("--device and --host must be >= 0")
-    device = args.device if args.device is not None else -1 - args.host
+    try:
+        cfg = config.load()
+    except config.ConfigError as exc:
+        parser.error(str(exc))
+    device = args.device if args.device is not None else host_chip(args.host)
     role_name = f"worker{args.device}" if args.device is not None else f"host{args.host}"
-    setup_logging(role_name, log_file=args.log_file)
-    die_with_parent(args.parent_pid)
+    setup_logging(role_name, cfg.log_level, log_file=args.log_file)
+    # SIGTERM, not SIGKILL, when the broker dies: the worker removes its status segment.
+    die_with_parent(args.parent_pid, signal.SIGTERM)
     gc.set_threshold(100_000, 50, 100)
     worker = Worker(args.broker, device, args.heartbeat, args.liveness, args.parent_pid,
-                    curve_dir(args.curve))
+                    args.curve or cfg.curve_dir, cfg.spin_seconds)
     gc.freeze()
     worker.run()
     return 0

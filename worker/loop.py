@@ -5,6 +5,12 @@ memory segments mapped once per tensor and cached until the client frees it; ker
 loaded once per (client, kernel). Results go back in batches: everything finished since
 the last report, sent when the local queue runs dry, every ``_REPORT_EVERY`` tasks, or
 after ``_REPORT_AFTER`` seconds, so dependent tasks elsewhere are never held back long.
+
+A worker's status segment (what it is running, for the broker to read if it dies) is
+unlinked by the worker itself however it exits: a normal stop, SIGTERM (which a spawned
+worker also gets when its broker dies), a broker gone silent, or an exception; the
+watchdog thread does it for a kernel that never returns. Only a SIGKILLed worker leaves
+it, for its broker (or the next one's janitor) to sweep.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pto.args import ParamType
 from pto.barrier import BarrierAborted, GroupBarrier
 from pto.dtypes import CODE_DTYPES
 from pto.procs import parent_gone, poll_with_spin, worker_address
-from pto.security import secure_client
+from pto.sockets import chip_label, connect, incoming
 from pto.taskinfo import TaskInfo, set_current
 
 from .kernels import Kernel, load_kernel
@@ -41,18 +47,17 @@ _REPORT_AFTER = 0.001
 
 class Worker:
     def __init__(self, broker: str, device: int, heartbeat: float = 0.5, liveness: int = 3,
-                 parent_pid: int | None = None, curve: str | None = None):
+                 parent_pid: int | None = None, curve: str | None = None,
+                 spin_seconds: float = 0.0):
+        """Serve ``device`` (a chip, or ``pto.sockets.host_chip(k)``) for the broker whose
+        client address is ``broker``; ``spin_seconds``: see ``pto.procs.poll_with_spin``."""
         self.device = device
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.parent_pid = parent_pid
+        self.spin_seconds = spin_seconds
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
-        if curve:
-            secure_client(self.sock, curve)
-        self.sock.connect(worker_address(broker))
+        self.sock = connect(self.ctx, worker_address(broker), curve)
         self.poller = zmq.Poller()  # Socket.poll() would build one per call
         self.poller.register(self.sock, zmq.POLLIN)
         self.owners: dict[int, str] = {}
@@ -70,8 +75,12 @@ class Worker:
         self.last_recv = time.monotonic()
         self.last_sent = 0.0
         self.stopping = False
+        self._closed = threading.Event()
         # What this worker is doing, readable by the broker after a crash (no message
         # needed): [task running now or 0, last task finished]. Tasks run in FIFO order.
+        # From here on a SIGTERM only stops the loop, which then removes the segment.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
         self.status_name = shm.segment_name(shm.new_owner(), "status")
         self._status_mm = shm.create(self.status_name, 16)
         self.status = np.frombuffer(self._status_mm, dtype=np.int64, count=2)
@@ -79,17 +88,17 @@ class Worker:
     # ---- the loop --------------------------------------------------------------------
 
     def run(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-        self._send(P.WorkerHello(self.device, os.getpid(), self.status_name))
-        if self.parent_pid is not None:
-            threading.Thread(target=self._watch_parent, name="pto-watchdog", daemon=True).start()
-        log.info("worker for %s started", self._what())
         try:
+            self._send(P.WorkerHello(self.device, os.getpid(), self.status_name))
+            if self.parent_pid is not None:
+                threading.Thread(target=self._watch_parent, name="pto-watchdog",
+                                 daemon=True).start()
+            log.info("worker for %s started", chip_label(self.device))
             while not self.stopping:
                 idle = not self.queue
                 if idle:
-                    poll_with_spin(self.poller.poll, int(self.heartbeat * 1000), self._report())
+                    spin = self.spin_seconds if self._report() else 0.0
+                    poll_with_spin(self.poller.poll, int(self.heartbeat * 1000), spin)
                 self._drain()
                 if idle:
                     self._check_timers()  # after the drain: heartbeats that came count
@@ -108,12 +117,19 @@ class Worker:
     def _watch_parent(self) -> None:
         """Exit when our broker is dead or stopped, even in the middle of a kernel that
         never returns (the main loop only looks between tasks)."""
-        while not self.stopping:
-            time.sleep(self.heartbeat)
+        while not self._closed.wait(self.heartbeat):  # (not self.stopping: SIGTERM sets it
+            # while a kernel may keep the main loop from ever stopping)
             if parent_gone(self.parent_pid) or shm.pid_state(self.parent_pid) in ("T", "Z"):
                 log.warning("broker (pid %s) is gone or stopped: exiting", self.parent_pid)
-                shm.unlink(self.status_name)
+                self._remove_leftovers()
                 os._exit(1)
+
+    def _remove_leftovers(self) -> None:
+        """Remove our status segment's name and, if our broker died, what it left in
+        /dev/shm (its group barriers: segments of owners whose process is gone)."""
+        shm.unlink(self.status_name)
+        if parent_gone(self.parent_pid):
+            shm.reap_dead_owners()
 
     def _check_timers(self) -> None:
         now = time.monotonic()
@@ -127,11 +143,9 @@ class Worker:
             self._send(P.Heartbeat())
 
     def _drain(self) -> None:
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        for frames in incoming(self.sock):
             try:
-                msg = P.decode(self.sock.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
+                msg = P.decode(frames)
             except P.ProtocolError as exc:
                 log.error("bad frame from broker: %s", exc)
                 continue
@@ -295,16 +309,17 @@ class Worker:
         self.queue = kept
 
     def _close(self) -> None:
-        self._report()
-        for key in list(self.segments):
-            self._unmap(*key)
-        self.sock.close(0)
-        self.ctx.term()
-        del self.status
-        self._status_mm.close()
-        shm.unlink(self.status_name)
-        log.info("worker for %s stopped", self._what())
-
-    def _what(self) -> str:
-        return f"chip {self.device}" if self.device >= 0 else f"host ({-1 - self.device})"
+        try:
+            self._report()
+            for key in list(self.segments):
+                self._unmap(*key)
+            self.sock.close(0)
+            self.ctx.term()
+        finally:
+            # Even if saying goodbye failed: the name must not outlive us.
+            self._closed.set()  # the watchdog's job is done
+            self._remove_leftovers()
+            del self.status
+            self._status_mm.close()
+        log.info("worker for %s stopped", chip_label(self.device))
 

@@ -1,8 +1,14 @@
-"""A broker must survive any bytes a peer sends, answer with an error, and keep serving."""
+"""A broker must survive any bytes a peer sends, answer with an error, and keep serving;
+and what it does send and receive in a real run is our msgpack, never pickle."""
 
 from __future__ import annotations
 
 import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
 
 import msgspec
 import numpy as np
@@ -12,6 +18,8 @@ import zmq
 import pto
 from pto import protocol as P
 from pto.procs import worker_address
+
+from ._util import REPO, read_line, stop_process
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -62,6 +70,8 @@ BAD_FRAMES = {
     "wrong field types": [P.VERSION, msgspec.msgpack.encode([3, [["a", "b"]]])],
     "three frames": [P.VERSION, b"", b""],
     "pickle": [P.VERSION, b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01."],
+    "pickled Hello": [P.VERSION, pickle.dumps(P.Hello(f"{os.getpid()}xaa", os.getpid()))],
+    "pickled Hello alone": [pickle.dumps(P.Hello(f"{os.getpid()}xaa", os.getpid()))],
 }
 
 
@@ -107,6 +117,8 @@ def test_tasks_naming_unknown_kernels_or_chips_fail_cleanly(broker, raw):
 def test_a_task_with_malformed_arguments_fails_alone(broker, raw):
     """The broker unpacks a task's arguments only when it links the task: bad ones fail
     that task, not the Submit it came in."""
+    # Workers up first: this raw client sends no heartbeats, so it must not wait long.
+    still_serves(broker.address)
     sock = raw(broker.address)
     sock.send_multipart(P.encode(P.Hello(f"{os.getpid()}xac", os.getpid())))
     assert isinstance(P.decode(sock.recv_multipart()), P.Welcome)
@@ -144,3 +156,97 @@ def test_bad_worker_frames_and_a_second_worker_for_a_served_device(broker, raw):
     assert isinstance(reply, P.Error) and "already served" in reply.message
     assert isinstance(P.decode(sock.recv_multipart()), P.Shutdown)
     still_serves(broker.address)
+
+
+def test_bad_worker_frames_pickled_are_refused(broker, raw):
+    sock = raw(worker_address(broker.address))
+    sock.send_multipart([P.VERSION, pickle.dumps(P.WorkerHello(0, os.getpid()))])
+    reply = P.decode(sock.recv_multipart())
+    assert isinstance(reply, P.Error) and "malformed" in reply.message
+
+
+# ---- every frame of a real run, as the broker saw it ---------------------------------------
+
+# Runs ``python -m broker`` with pto.protocol's encode and decode wrapped to record every
+# frame the broker sends and receives (clients' and workers'), written out at exit.
+RECORDING_BROKER = textwrap.dedent(
+    """
+    import atexit, sys
+    import msgspec
+    from pto import protocol as P
+
+    seen = []
+    encode, decode = P.encode, P.decode
+
+    def recording_encode(msg):
+        frames = encode(msg)
+        seen.append(["sent", frames])
+        return frames
+
+    def recording_decode(frames, broker=False):
+        seen.append(["received", [bytes(f) for f in frames]])
+        return decode(frames, broker)
+
+    P.encode, P.decode = recording_encode, recording_decode
+
+    def dump():
+        with open(sys.argv[1], "wb") as f:
+            f.write(msgspec.msgpack.encode(seen))
+
+    atexit.register(dump)
+    from broker.__main__ import main
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+def fails(x):
+    raise ValueError("on purpose")
+
+
+def traffic(ctx, args):
+    x = ctx.tensor(args["x"])
+    y = ctx.alloc(x.shape, x.dtype)
+    ctx.submit(ctx.peers()[0], "add_one", [pto.Arg.input(x), pto.Arg.output(y)])
+    ctx.submit_group(ctx.peers(), "add_one", [pto.Arg.input(x), pto.Arg.output(y)])
+    ctx.submit(ctx.peers()[1], "fails", [pto.Arg.input(x)])
+    return y
+
+
+def test_every_frame_of_a_real_run_is_strict_msgpack_and_no_pickle(tmp_path):
+    record = tmp_path / "frames.msgpack"
+    address = f"ipc://{tmp_path}/recorded.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RECORDING_BROKER, str(record), "--listen", address,
+         "--workers", "2"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    try:
+        assert read_line(proc, timeout=30) == address
+        with pto.Runtime(level="host", broker=address, trace=str(tmp_path / "t.json")) as rt:
+            rt.register("o", orch=traffic, kernels={"add_one": add_one, "fails": fails})
+            with pytest.raises(pto.TaskError, match="on purpose"):
+                rt.run("o", args={"x": np.arange(4)})
+            assert pto.status(address)["workers"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        stop_process(proc)
+        if proc.stdout:
+            proc.stdout.close()
+
+    seen = msgspec.msgpack.decode(record.read_bytes())
+    strict = {"received": msgspec.msgpack.Decoder(P.BrokerMessage),
+              "sent": msgspec.msgpack.Decoder(P.Message)}
+    kinds = set()
+    for direction, frames in seen:
+        assert len(frames) == 2 and frames[0] == P.VERSION, (direction, frames)
+        body = frames[1]
+        msg = strict[direction].decode(body)  # raises on anything but our messages
+        assert msgspec.msgpack.encode(msg) == body  # ...in their one canonical encoding
+        with pytest.raises(Exception):  # noqa: B017 - whatever pickle says, it must not load
+            pickle.loads(body)
+        kinds.add((direction, type(msg).__name__))
+    # The run exercised both sockets in both directions, group and failure included.
+    assert {("received", k) for k in ("Hello", "Attach", "RegisterKernel", "PackedSubmit",
+                                      "StatusRequest", "Bye", "WorkerHello", "Report")} <= kinds
+    assert {("sent", k) for k in ("Welcome", "Results", "StatusReply", "Dispatch",
+                                  "Shutdown")} <= kinds

@@ -1,12 +1,22 @@
-"""The broker's dependency rules, checked on the scheduler alone (no processes)."""
+"""The broker's scheduling rules, checked on the scheduler alone (no processes).
+
+Tests drive only its public methods (submit, schedule, report, cancel, worker_lost, ...)
+as the server does, and call ``validate()`` after every step, so a step that leaves the
+bookkeeping inconsistent fails where it happens.
+"""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
-from broker.scheduler import Scheduler, State
+from broker.deps import inputs_overwritten
+from broker.scheduler import Scheduler
+from broker.task import ALLOWED, IllegalTransition, State, Task, check_transition
 from pto.args import ParamType
-from pto.protocol import ArgSpec, TaskSpec
+from pto.protocol import ArgSpec, Failure, TaskSpec
+from pto.sockets import HOST_QUEUE, host_chip
 
 IN, OUT, INOUT = ParamType.INPUT, ParamType.OUTPUT, ParamType.INOUT
 KERNEL = 7
@@ -16,44 +26,137 @@ def arg(kind: ParamType, tensor: int, offset: int = 0, nbytes: int = 64) -> ArgS
     return ArgSpec(int(kind), tensor, offset, nbytes, 12, [nbytes // 4])
 
 
+def scheduler(chips=(0, 1), clients=(1,), limit: int = 100, traced: bool = False) -> Scheduler:
+    """A scheduler with one worker per chip (``limit`` in flight each) and clients."""
+    s = Scheduler(chips)
+    for chip in chips:
+        if chip >= 0:
+            s.add_worker(chip, chip, limit)
+    for client in clients:
+        s.add_client(client, traced=traced)
+        s.register_kernel(client, KERNEL, "k")
+    s.validate()
+    return s
+
+
+def holder(s: Scheduler, gid: int) -> list[int]:
+    """The workers that hold task ``gid`` now."""
+    return [w for w in range(-4, 8) if any(t.gid == gid for t in s.in_flight(w))]
+
+
 class Graph:
-    """Submit tasks as one client and watch which become ready."""
+    """One client's tasks on a scheduler; each step is followed by ``validate()``."""
 
-    def __init__(self, chips=(0, 1)):
-        self.s = Scheduler(chips)
-        self.s.kernel_names[(1, KERNEL)] = "k"
-        self.next_tid = 1
-        self.gids: dict[int, int] = {}
+    def __init__(self, chips=(0, 1), limit: int = 100):
+        self.s = scheduler(chips, limit=limit)
+        self.ids = itertools.count(1)
+        self.gids: dict[int, int] = {}  # client task id -> gid
 
-    def task(self, *args: ArgSpec, chip: int = 0) -> int:
-        tid = self.next_tid
-        self.next_tid += 1
-        self.s.submit(1, [TaskSpec(tid, chip, KERNEL, list(args))])
-        self.gids[tid] = max(self.s.tasks) if self.s.tasks else -1
-        return tid
+    def task(self, *args: ArgSpec, chip: int = 0, group: list[int] | None = None,
+             retries: int = 1) -> int:
+        task_id = next(self.ids)
+        (gid,) = self.s.submit(1, [TaskSpec(task_id, chip, KERNEL, list(args), group or [],
+                                            retries)])
+        self.gids[task_id] = gid
+        self.s.validate()
+        return task_id
 
-    def ready(self) -> set[int]:
-        return {t.tid for q in self.s.ready.values() for t in q}
+    def batch(self, n: int, *args: ArgSpec, chip: int = 0) -> list[int]:
+        """``n`` like tasks in one submission (one step)."""
+        task_ids = [next(self.ids) for _ in range(n)]
+        gids = self.s.submit(1, [TaskSpec(t, chip, KERNEL, list(args)) for t in task_ids])
+        self.gids.update(zip(task_ids, gids, strict=True))
+        self.s.validate()
+        return task_ids
 
-    def run(self, tid: int) -> None:
-        task = self.s.tasks[self.gids[tid]]
-        for chip in task.chips:
-            self.s.ready[chip].remove(task)
-        task.state, task.left = State.DISPATCHED, len(task.chips)
+    def get(self, task_id: int) -> Task | None:
+        return self.s.task(self.gids[task_id])
 
-    def finish(self, tid: int) -> None:
-        self.run(tid)
-        self.s.done(self.gids[tid])
+    def released(self) -> set[int]:
+        """Tasks that may run now: READY or DISPATCHED."""
+        return {t for t, g in self.gids.items()
+                if (task := self.s.task(g)) is not None
+                and task.state in (State.READY, State.DISPATCHED)}
 
-    def fail(self, tid: int, reason: str = "boom") -> None:
-        self.run(tid)
-        self.s.failed(self.gids[tid], reason)
+    def schedule(self) -> list[tuple[int, int, int]]:
+        """(worker, task id, rank) of what a round dispatches."""
+        out = [(w, t.task_id, r) for w, t, r, _ in self.s.schedule()]
+        self.s.validate()
+        return out
+
+    def finish(self, task_id: int) -> None:
+        self.schedule()
+        gid = self.gids[task_id]
+        workers = holder(self.s, gid)
+        assert workers, f"task {task_id} was not dispatched"
+        for w in workers:
+            self.s.report(w, [gid], [])
+            self.s.validate()
+
+    def fail(self, task_id: int, reason: str = "boom") -> None:
+        self.schedule()
+        gid = self.gids[task_id]
+        for w in holder(self.s, gid):
+            self.s.report(w, [], [Failure(gid, "k", w, reason, gid)])
+            self.s.validate()
+
+    def failures(self) -> list[Failure]:
+        results = self.s.take_results()
+        return results[1][1] if 1 in results else []
+
+
+def queued(g: Graph, chip: int) -> list[int]:
+    return [t.task_id for t in g.s.queued(chip)]
+
+
+# ---- the transition table --------------------------------------------------------------
+
+
+def test_every_transition_outside_the_table_raises():
+    task = Task(1, 1, TaskSpec(1, 0, KERNEL, []))
+    for old, new in itertools.product(State, State):
+        task.state = old
+        if new in ALLOWED[old]:
+            check_transition(task, new)
+        else:
+            with pytest.raises(IllegalTransition, match=f"{old.name} -> {new.name}"):
+                check_transition(task, new)
+
+
+def test_a_dead_workers_late_report_does_not_move_its_requeued_task():
+    g = Graph()
+    a = g.task(arg(OUT, 1))
+    g.schedule()
+    gid = g.gids[a]
+    g.s.worker_lost(0, None, "worker of chip 0 died")  # a task it held goes back: READY
+    assert g.get(a).state == State.READY
+    g.s.add_worker(0, 0, 100)  # its replacement does not hold it yet
+    g.s.report(0, [gid], [])  # (READY -> DONE would be illegal)
+    g.s.validate()
+    assert g.get(a).state == State.READY and g.s.take_results() == {}
+
+
+def test_validate_catches_inconsistent_bookkeeping():
+    g = Graph()
+    a = g.task(arg(OUT, 1))
+    b = g.task(arg(IN, 1), chip=1)
+    g.schedule()
+    g.get(a).left = 2  # as if a second member were running somewhere
+    with pytest.raises(AssertionError, match="held by as many workers"):
+        g.s.validate()
+    g.get(a).left = 1
+    g.get(b).waiting = 0  # as if it no longer waited for a
+    with pytest.raises(AssertionError, match="waiting counts"):
+        g.s.validate()
+
+
+# ---- dependencies ------------------------------------------------------------------------
 
 
 def test_independent_tasks_are_ready_at_once():
     g = Graph()
     a, b = g.task(arg(OUT, 1)), g.task(arg(OUT, 2), chip=1)
-    assert g.ready() == {a, b}
+    assert g.released() == {a, b}
 
 
 @pytest.mark.parametrize("first,second", [
@@ -67,9 +170,9 @@ def test_hazards_order_tasks(first, second):
     g = Graph()
     a = g.task(arg(first, 1))
     b = g.task(arg(second, 1), chip=1)
-    assert g.ready() == {a}
+    assert g.released() == {a}
     g.finish(a)
-    assert g.ready() == {b}
+    assert g.released() == {b}
 
 
 def test_readers_share_and_a_writer_waits_for_all():
@@ -78,11 +181,11 @@ def test_readers_share_and_a_writer_waits_for_all():
     r1, r2 = g.task(arg(IN, 1)), g.task(arg(IN, 1), chip=1)
     w2 = g.task(arg(OUT, 1))
     g.finish(w)
-    assert g.ready() == {r1, r2}
+    assert g.released() == {r1, r2}
     g.finish(r1)
-    assert g.ready() == {r2}
+    assert g.released() == {r2}
     g.finish(r2)
-    assert g.ready() == {w2}
+    assert g.released() == {w2}
 
 
 def test_disjoint_byte_ranges_do_not_conflict_and_overlaps_do():
@@ -90,19 +193,19 @@ def test_disjoint_byte_ranges_do_not_conflict_and_overlaps_do():
     lo = g.task(arg(OUT, 1, 0, 32))
     hi = g.task(arg(OUT, 1, 32, 32), chip=1)
     mid = g.task(arg(IN, 1, 16, 32))
-    assert g.ready() == {lo, hi}
+    assert g.released() == {lo, hi}
     g.finish(lo)
-    assert g.ready() == {hi}
+    assert g.released() == {hi}
     g.finish(hi)
-    assert g.ready() == {mid}
+    assert g.released() == {mid}
 
 
 def test_tensors_of_different_clients_never_conflict():
-    s = Scheduler([0])
+    s = scheduler([0], clients=(1, 2))
     for client in (1, 2):
-        s.kernel_names[(client, KERNEL)] = "k"
         s.submit(client, [TaskSpec(1, 0, KERNEL, [arg(OUT, 5)])])
-    assert len(s.ready[0]) == 2
+        s.validate()
+    assert len(s.queued(0)) == 2
 
 
 def test_failure_poisons_dependents_but_not_independent_tasks():
@@ -112,44 +215,47 @@ def test_failure_poisons_dependents_but_not_independent_tasks():
     c = g.task(arg(IN, 2), arg(OUT, 3))
     d = g.task(arg(OUT, 4), chip=1)
     g.fail(a, "ValueError: bad")
-    done, failed = g.s.take_results()[1]
+    failed = g.failures()
     assert {f.task for f in failed} == {a, b, c}
     assert all(f.root == a for f in failed)
     assert "ValueError: bad" in next(f for f in failed if f.task == c).reason
-    assert g.ready() == {d}
+    assert g.released() == {d}
 
 
 def test_reading_bytes_of_a_failed_write_fails_until_rewritten():
     g = Graph()
     a = g.task(arg(OUT, 1))
     g.fail(a)
-    g.s.take_results()
+    g.failures()
     late = g.task(arg(IN, 1))
-    assert [f.task for f in g.s.take_results()[1][1]] == [late]
+    assert [f.task for f in g.failures()] == [late]
     rewrite = g.task(arg(OUT, 1))
     reader = g.task(arg(IN, 1))
     g.finish(rewrite)
-    assert g.ready() == {reader}
+    assert g.released() == {reader}
 
 
 def test_unknown_chip_and_kernel_fail_at_submit():
-    s = Scheduler([0])
-    s.kernel_names[(1, KERNEL)] = "k"
+    s = scheduler([0])
     s.submit(1, [TaskSpec(1, 9, KERNEL, []), TaskSpec(2, 0, 99, [])])
+    s.validate()
     reasons = [f.reason for f in s.take_results()[1][1]]
     assert "unknown chip 9" in reasons[0] and "unknown kernel" in reasons[1]
 
 
-def test_dropping_a_client_forgets_its_queued_tasks():
+def test_dropping_a_client_forgets_its_queued_tasks_and_ignores_the_running_ones():
     g = Graph()
     a = g.task(arg(OUT, 1))
-    g.task(arg(IN, 1))
-    g.run(a)
+    g.task(arg(IN, 1), chip=1)  # waits in the broker
+    g.schedule()
+    (running,) = g.s.in_flight(0)
     g.s.drop_client(1)
-    assert g.ready() == set()
-    assert list(g.s.tasks) == [g.gids[a]]  # the running one finishes unreported
-    g.s.done(g.gids[a])
-    assert not g.s.tasks
+    g.s.validate()
+    assert g.released() == set() and g.s.unfinished() == {}
+    assert running.state == State.DROPPED and g.s.in_flight(0) == [running]  # still held
+    g.s.report(0, [g.gids[a]], [])  # it finishes unreported
+    g.s.validate()
+    assert g.s.in_flight(0) == [] and g.s.take_results() == {}
 
 
 def test_bookkeeping_stays_bounded_by_live_tasks():
@@ -157,72 +263,17 @@ def test_bookkeeping_stays_bounded_by_live_tasks():
     for _ in range(10_000):
         t = g.task(arg(IN, 1))
         g.finish(t)
-    uses = g.s._tensors[(1, 1)]
-    assert len(uses.reads) + len(uses.writes) < 64
-    assert not g.s.tasks
-
-
-def group(s: Scheduler, client: int, tid: int, chips: list[int], *args: ArgSpec) -> None:
-    s.submit(client, [TaskSpec(tid, chips[0], KERNEL, list(args), chips)])
-
-
-def test_a_group_waits_for_all_its_chips_and_reserves_them():
-    s = Scheduler([0, 1])
-    s.kernel_names[(1, KERNEL)] = "k"
-    s.submit(1, [TaskSpec(1, 0, KERNEL, [])])
-    group(s, 1, 2, [0, 1])
-    s.submit(1, [TaskSpec(3, 1, KERNEL, [])])  # queued behind the group on chip 1
-    out = s.schedule({0: 0, 1: 5})  # chip 0 has no credit: the group cannot start
-    assert out == []  # ...and task 3 does not overtake it
-    out = s.schedule({0: 5, 1: 5})
-    assert [(q, t.tid, r) for q, t, r in out] == [(0, 1, 0), (0, 2, 0), (1, 2, 1), (1, 3, 0)]
-
-
-def test_overlapping_groups_reach_every_chip_in_one_order():
-    s = Scheduler([0, 1, 2])
-    for client in (1, 2):
-        s.kernel_names[(client, KERNEL)] = "k"
-    group(s, 1, 1, [0, 1])
-    group(s, 2, 1, [1, 2])
-    group(s, 1, 2, [2, 0])
-    out = s.schedule({0: 9, 1: 9, 2: 9})
-    order = {chip: [(t.client, t.tid) for q, t, _ in out if q == chip] for chip in (0, 1, 2)}
-    pairs = [(1, 1), (2, 1), (1, 2)]
-    for chip_order in order.values():  # every chip sees the groups in the same global order
-        assert chip_order == [p for p in pairs if p in chip_order]
-
-
-def test_a_group_ends_when_every_member_reported_and_fails_if_one_failed():
-    s = Scheduler([0, 1])
-    s.kernel_names[(1, KERNEL)] = "k"
-    group(s, 1, 1, [0, 1], arg(OUT, 1))
-    s.submit(1, [TaskSpec(2, 0, KERNEL, [arg(IN, 1)])])
-    (_, task, _), _ = s.schedule({0: 1, 1: 1})
-    assert s.failed(task.gid, "rank 1: boom") is task and task.state == State.DISPATCHED
-    s.done(task.gid)
-    assert task.state == State.FAILED
-    failed = s.take_results()[1][1]
-    assert [f.task for f in failed] == [1, 2] and "rank 1: boom" in failed[1].reason
-
-
-def test_cancel_fails_queued_tasks_but_not_dispatched_ones():
-    g = Graph()
-    a = g.task(arg(OUT, 1))
-    b = g.task(arg(IN, 1))
-    g.run(a)
-    g.s.cancel(1, [a, b])
-    assert [f.reason for f in g.s.take_results()[1][1]] == ["cancelled"]
-    assert g.s.tasks[g.gids[a]].state == State.DISPATCHED
+    assert g.s.accesses_kept(1, 1) < 64
+    assert g.s.unfinished() == {}
 
 
 def test_a_covering_write_keeps_access_lists_short():
     g = Graph()
-    for _ in range(200):
-        readers = [g.task(arg(IN, 1), chip=1) for _ in range(20)]
+    for _ in range(60):
+        readers = g.batch(20, arg(IN, 1), chip=1)
         g.task(arg(OUT, 1))  # waits for all 20 readers, then stands for them
-    uses = g.s._tensors[(1, 1)]
-    assert len(uses.reads) == 0 and len(uses.writes) == 1
-    assert len(g.s.ready[1]) == 20 and not g.s.ready[0] and set(readers) <= set(g.gids)
+    assert g.s.accesses_kept(1, 1) == 1
+    assert len(g.s.queued(1)) == 20 and not g.s.queued(0) and set(readers) <= set(g.gids)
 
 
 def test_a_writer_after_a_failed_covering_write_still_waits_for_running_readers():
@@ -230,27 +281,108 @@ def test_a_writer_after_a_failed_covering_write_still_waits_for_running_readers(
     a = g.task(arg(OUT, 2))  # will fail
     reader = g.task(arg(IN, 1))  # reads tensor 1, keeps running
     w = g.task(arg(IN, 2), arg(OUT, 1))  # waits for a and reader; covers reader's access
-    g.run(reader)
     g.fail(a)  # w fails by propagation while reader still runs
-    assert g.s.take_results()[1][1][-1].task == w
+    assert g.failures()[-1].task == w
     x = g.task(arg(OUT, 1), chip=1)
-    assert x not in g.ready()  # must not overwrite what reader is reading
-    g.s.done(g.gids[reader])
-    assert x in g.ready()
+    assert x not in g.released()  # must not overwrite what reader is reading
+    g.finish(reader)
+    assert x in g.released()
 
 
-# ---- successors queued behind their predecessors on the same chip ------------------------
+# ---- groups --------------------------------------------------------------------------------
 
 
-def queued(g: Graph, chip: int) -> list[int]:
-    return [t.tid for t in g.s.ready[chip]]
+def test_a_group_waits_for_all_its_chips_and_reserves_them():
+    s = Scheduler([0, 1])
+    s.add_worker(0, 0, 1)  # room for one task
+    s.add_worker(1, 1, 5)
+    s.add_client(1)
+    s.register_kernel(1, KERNEL, "k")
+    s.submit(1, [TaskSpec(1, 0, KERNEL, []), TaskSpec(2, 0, KERNEL, [], [0, 1]),
+                 TaskSpec(3, 1, KERNEL, [])])  # 3 is queued behind the group on chip 1
+    s.validate()
+    out = s.schedule()  # chip 0 is then full: the group cannot start...
+    s.validate()
+    assert [(w, t.task_id) for w, t, _, _ in out] == [(0, 1)]  # ...nor task 3 overtake it
+    s.report(0, [out[0][1].gid], [])
+    s.validate()
+    out = s.schedule()
+    s.validate()
+    assert [(w, t.task_id, r) for w, t, r, _ in out] == [(0, 2, 0), (1, 2, 1), (1, 3, 0)]
+    (group_task,) = {t for _, t, _, _ in out if t.task_id == 2}
+    assert [b for _, t, _, b in out] == [group_task.gid, group_task.gid, 0]  # its barrier
+
+
+def test_overlapping_groups_reach_every_chip_in_one_order():
+    s = scheduler([0, 1, 2], clients=(1, 2), limit=9)
+    for client, task_id, chips in [(1, 1, [0, 1]), (2, 1, [1, 2]), (1, 2, [2, 0])]:
+        s.submit(client, [TaskSpec(task_id, chips[0], KERNEL, [], chips)])
+        s.validate()
+    order: dict[int, list[tuple[int, int]]] = {0: [], 1: [], 2: []}
+    for _ in range(5):  # a group starts only on idle chips: one round each
+        out = s.schedule()
+        s.validate()
+        for w, t, _, _ in out:
+            order[w].append((t.client, t.task_id))
+        for w, t, _, _ in out:
+            s.report(w, [t.gid], [])
+            s.validate()
+    pairs = [(1, 1), (2, 1), (1, 2)]
+    for chip_order in order.values():  # every chip sees the groups in the same global order
+        assert chip_order == [p for p in pairs if p in chip_order] and chip_order
+    assert s.unfinished() == {}
+
+
+def test_a_group_ends_when_every_member_reported_and_fails_if_one_failed():
+    g = Graph()
+    grp = g.task(arg(OUT, 1), group=[0, 1])
+    after = g.task(arg(IN, 1))
+    g.schedule()
+    gid = g.gids[grp]
+    g.s.report(1, [], [Failure(gid, "k", 1, "rank 1: boom", gid)])
+    g.s.validate()
+    assert g.get(grp).state == State.DISPATCHED
+    assert g.s.take_barrier_orders() == ([gid], [])  # members waiting at it give up
+    g.s.report(0, [gid], [])
+    g.s.validate()
+    assert g.get(grp) is None and g.s.take_barrier_orders() == ([], [gid])
+    failed = g.failures()
+    assert [f.task for f in failed] == [grp, after] and "rank 1: boom" in failed[1].reason
+
+
+def test_a_groups_failure_names_the_member_that_failed_not_one_that_followed():
+    g = Graph(chips=(0, 1, 2))
+    grp = g.task(group=[0, 1, 2])
+    g.schedule()
+    gid = g.gids[grp]
+    for w, reason, root in [(0, "rank 0 of 3: BarrierAborted", 0),
+                            (1, "rank 1 of 3: ValueError: boom", gid),
+                            (2, "rank 2 of 3: BarrierAborted", 0)]:
+        g.s.report(w, [], [Failure(gid, "k", w, reason, root)])
+        g.s.validate()
+    (failure,) = g.failures()
+    assert failure.reason == "rank 1 of 3: ValueError: boom"
+
+
+# ---- cancelling, and tasks queued behind their predecessors on one chip ------------------
+
+
+def test_cancel_fails_queued_tasks_and_names_the_dispatched_ones():
+    g = Graph()
+    a = g.task(arg(OUT, 1))
+    b = g.task(arg(IN, 1), chip=1)
+    g.schedule()
+    assert g.s.cancel(1, [a, b]) == [(0, g.gids[a])]  # its worker may still drop it
+    g.s.validate()
+    assert [f.reason for f in g.failures()] == ["cancelled"]
+    assert g.get(a).state == State.DISPATCHED
 
 
 def test_a_chain_on_one_chip_is_queued_at_once_in_order_naming_its_predecessors():
     g = Graph()
     chain = [g.task(arg(INOUT, 1)) for _ in range(5)]
     assert queued(g, 0) == chain
-    tasks = list(g.s.ready[0])
+    tasks = g.s.queued(0)
     assert tasks[0].after is None
     assert [t.after for t in tasks[1:]] == [[p.gid] for p in tasks[:-1]]
     assert all(t.state == State.READY for t in tasks)
@@ -261,17 +393,17 @@ def test_a_successor_on_another_chip_waits_in_the_broker():
     a = g.task(arg(OUT, 1))
     b = g.task(arg(IN, 1), chip=1)
     c = g.task(arg(IN, 1), arg(OUT, 2), chip=1)
-    assert g.ready() == {a}
+    assert g.released() == {a}
     g.finish(a)
-    assert queued(g, 1) == [b, c] and g.s.tasks[g.gids[b]].after is None
+    assert queued(g, 1) == [b, c] and g.get(b).after is None
 
 
 def test_a_successor_behind_a_dispatched_predecessor_is_queued_too():
     g = Graph()
     a = g.task(arg(OUT, 1))
-    g.run(a)
+    g.schedule()
     b = g.task(arg(IN, 1))
-    assert queued(g, 0) == [b] and g.s.tasks[g.gids[b]].after == [g.gids[a]]
+    assert queued(g, 0) == [b] and g.get(b).after == [g.gids[a]]
 
 
 def test_a_successor_with_a_remote_predecessor_waits_only_for_that_one():
@@ -283,7 +415,7 @@ def test_a_successor_with_a_remote_predecessor_waits_only_for_that_one():
     g.finish(local)  # queued behind it already counted: not counted again
     assert queued(g, 0) == []
     g.finish(remote)
-    assert queued(g, 0) == [both] and g.s.tasks[g.gids[both]].after == [g.gids[local]]
+    assert queued(g, 0) == [both] and g.get(both).after == [g.gids[local]]
 
 
 def test_a_pending_predecessor_brings_its_local_successors_along_when_ready():
@@ -297,71 +429,120 @@ def test_a_pending_predecessor_brings_its_local_successors_along_when_ready():
     assert queued(g, 0) == [a, b, c]
 
 
-def test_a_failed_predecessor_fails_successors_queued_behind_it():
+def test_a_failed_predecessor_fails_successors_queued_behind_it_and_ignores_their_reports():
     g = Graph()
     a, b, c = (g.task(arg(INOUT, 1)) for _ in range(3))
-    g.fail(a, "ValueError: bad")
-    failed = g.s.take_results()[1][1]
-    assert [f.task for f in failed] == [a, b, c] and all(f.root == a for f in failed)
-    assert queued(g, 0) == []
+    g.fail(a, "ValueError: bad")  # b and c were dispatched behind it
+    failed = g.failures()
+    assert [(f.task, f.root) for f in failed] == [(a, a), (b, a), (c, a)]
+    for t in (b, c):  # the worker skips them and says so: nothing more to report
+        gid = g.gids[t]
+        g.s.report(0, [], [Failure(gid, "k", 0, "not run: a task it depends on failed", gid)])
+        g.s.validate()
+    assert g.failures() == [] and g.s.in_flight(0) == []
 
 
-def test_a_dispatched_successor_fails_with_the_root_cause_and_its_report_is_ignored():
-    g = Graph()
-    a, b = g.task(arg(INOUT, 1)), g.task(arg(INOUT, 1))
-    out = g.s.schedule({0: 2, 1: 0})
-    assert [t.tid for _, t, _ in out] == [a, b]
-    gid_a, gid_b = g.gids[a], g.gids[b]
-    g.s.failed(gid_a, "boom")
-    assert g.s.failed(gid_b, "not run: a task it depends on failed") is None
-    failed = g.s.take_results()[1][1]
-    assert [(f.task, f.root) for f in failed] == [(a, a), (b, a)]
+def test_host_tasks_and_groups_never_queue_behind():
+    s = scheduler([0, 1, HOST_QUEUE])
+    s.submit(1, [TaskSpec(1, HOST_QUEUE, KERNEL, [arg(OUT, 1)]),
+                 TaskSpec(2, HOST_QUEUE, KERNEL, [arg(IN, 1)])])
+    s.validate()
+    assert [t.task_id for t in s.queued(HOST_QUEUE)] == [1]
+    s.submit(1, [TaskSpec(3, 0, KERNEL, [arg(OUT, 2)]),
+                 TaskSpec(4, 0, KERNEL, [arg(IN, 2)], group=[0, 1])])
+    s.validate()
+    assert [t.task_id for t in s.queued(0)] == [3] and not s.queued(1)
+
+
+def test_host_workers_share_one_queue_one_task_each():
+    s = scheduler([HOST_QUEUE])
+    for k in range(2):
+        s.add_worker(host_chip(k), HOST_QUEUE, 1)
+    s.submit(1, [TaskSpec(i, HOST_QUEUE, KERNEL, [arg(OUT, i)]) for i in (1, 2, 3)])
+    s.validate()
+    out = s.schedule()
+    s.validate()
+    assert sorted(w for w, _, _, _ in out) == [-2, -1] and len(s.queued(HOST_QUEUE)) == 1
+
+
+def test_traced_tasks_report_their_times_with_their_results():
+    s = scheduler([0], traced=True)
+    (first,) = s.submit(1, [TaskSpec(1, 0, KERNEL, [arg(OUT, 1)])])
+    (second,) = s.submit(1, [TaskSpec(2, 0, KERNEL, [arg(IN, 1)])])
+    s.schedule()
+    s.report(0, [first, second], [], [(first, 0, 10.0, 11.0), (second, 0, 11.0, 12.0)])
+    s.validate()
+    done, _, times = s.take_results()[1]
+    assert done == [1, 2] and [(t.task, t.start, t.deps) for t in times] == [
+        (1, 10.0, []), (2, 11.0, [1])]
+    assert all(t.ready <= t.dispatch for t in times)
+
+
+# ---- a worker's death --------------------------------------------------------------------
 
 
 def test_requeued_tasks_keep_their_order_and_are_not_counted_twice():
     g = Graph()
     a, b = g.task(arg(INOUT, 1)), g.task(arg(INOUT, 1))
-    out = g.s.schedule({0: 2, 1: 0})
-    g.s.requeue([t for _, t, _ in out])  # their worker died before starting them
+    g.schedule()
+    g.s.worker_lost(0, (0, 0), "worker of chip 0 died")  # before starting either
+    g.s.validate()
     assert queued(g, 0) == [a, b]
-    g.s.schedule({0: 2, 1: 0})
-    g.s.done(g.gids[a])
-    g.s.done(g.gids[b])
-    assert g.s.take_results()[1][0] == [a, b] and not g.s.tasks
+    g.s.add_worker(0, 0, 100)
+    g.finish(a)
+    g.finish(b)
+    assert g.s.take_results()[1][0] == [a, b] and g.s.unfinished() == {}
 
 
-def test_host_tasks_and_groups_never_queue_behind():
-    s = Scheduler([0, 1, -1])
-    s.kernel_names[(1, KERNEL)] = "k"
-    s.submit(1, [TaskSpec(1, -1, KERNEL, [arg(OUT, 1)]), TaskSpec(2, -1, KERNEL, [arg(IN, 1)])])
-    assert [t.tid for t in s.ready[-1]] == [1]
-    s.submit(1, [TaskSpec(3, 0, KERNEL, [arg(OUT, 2)]),
-                 TaskSpec(4, 0, KERNEL, [arg(IN, 2)], group=[0, 1])])
-    assert [t.tid for t in s.ready[0]] == [3] and not s.ready[1]
+def test_a_started_task_reruns_while_it_has_retries_then_fails_as_lost():
+    g = Graph()
+    a = g.task(arg(IN, 1), arg(OUT, 2), retries=1)
+    for attempt in range(2):
+        g.schedule()
+        gid = g.gids[a]
+        g.s.worker_lost(0, (gid, 0), "worker of chip 0 (pid 9) died (killed by SIGKILL)",
+                        "; worker log: /x")
+        g.s.validate()
+        g.s.add_worker(0, 0, 100)
+        assert (g.get(a) is not None) == (attempt == 0)
+    (failure,) = g.failures()
+    assert failure.lost and failure.reason == (
+        "worker of chip 0 (pid 9) died (killed by SIGKILL) while running kernel 'k'"
+        "; worker log: /x")
+
+
+def test_a_started_task_that_overwrites_its_inputs_is_not_rerun():
+    g = Graph()
+    a = g.task(arg(INOUT, 1), retries=3)
+    g.schedule()
+    g.s.worker_lost(0, (g.gids[a], 0), "died")
+    g.s.validate()
+    assert [f.task for f in g.failures()] == [a]
+
+
+def test_a_group_member_on_a_dead_worker_fails_the_group_and_aborts_its_barrier():
+    g = Graph()
+    grp = g.task(group=[0, 1])
+    g.schedule()
+    gid = g.gids[grp]
+    g.s.worker_lost(1, None, "died")
+    g.s.validate()
+    assert g.s.take_barrier_orders() == ([gid], [])
+    g.s.report(0, [], [Failure(gid, "k", 0, "rank 0 of 2: BarrierAborted", 0)])
+    g.s.validate()
+    assert g.s.take_barrier_orders() == ([gid], [gid])
+    (failure,) = g.failures()
+    assert failure.lost and "died" in failure.reason
 
 
 def test_inputs_overwritten_by_a_later_task_only_on_overlapping_bytes_of_one_client():
-    s = Scheduler([0])
-    s.kernel_names[(1, KERNEL)] = "k"
-    s.kernel_names[(2, KERNEL)] = "k"
-    s.submit(1, [TaskSpec(1, 0, KERNEL, [arg(IN, 1, 0, 32), arg(OUT, 2)]),
-                 TaskSpec(2, 0, KERNEL, [arg(OUT, 1, 32, 32)]),
-                 TaskSpec(3, 0, KERNEL, [arg(INOUT, 1, 16, 32)]),
-                 TaskSpec(4, 0, KERNEL, [arg(IN, 1), arg(OUT, 3)])])
-    s.submit(2, [TaskSpec(1, 0, KERNEL, [arg(OUT, 1)])])
-    reader, disjoint, overlapping, other_reader = (s.tasks[g] for g in (1, 2, 3, 4))
-    other_client = s.tasks[5]
-    assert not Scheduler.inputs_overwritten(reader, [disjoint, other_reader, other_client])
-    assert Scheduler.inputs_overwritten(reader, [disjoint, overlapping])
-
-
-def test_a_groups_failure_names_the_member_that_failed_not_one_that_followed():
-    s = Scheduler([0, 1, 2])
-    s.kernel_names[(1, KERNEL)] = "k"
-    group(s, 1, 1, [0, 1, 2])
-    (_, task, _), *_ = s.schedule({0: 1, 1: 1, 2: 1}, {0, 1, 2})
-    s.failed(task.gid, "rank 0 of 3: BarrierAborted", followed=True)
-    s.failed(task.gid, "rank 1 of 3: ValueError: boom")
-    s.failed(task.gid, "rank 2 of 3: BarrierAborted", followed=True)
-    (failure,) = s.take_results()[1][1]
-    assert failure.reason == "rank 1 of 3: ValueError: boom"
+    s = scheduler([0], clients=(1, 2))
+    gids = s.submit(1, [TaskSpec(1, 0, KERNEL, [arg(IN, 1, 0, 32), arg(OUT, 2)]),
+                        TaskSpec(2, 0, KERNEL, [arg(OUT, 1, 32, 32)]),
+                        TaskSpec(3, 0, KERNEL, [arg(INOUT, 1, 16, 32)]),
+                        TaskSpec(4, 0, KERNEL, [arg(IN, 1), arg(OUT, 3)])])
+    gids += s.submit(2, [TaskSpec(1, 0, KERNEL, [arg(OUT, 1)])])
+    s.validate()
+    reader, disjoint, overlapping, other_reader, other_client = (s.task(g) for g in gids)
+    assert not inputs_overwritten(reader, [disjoint, other_reader, other_client])
+    assert inputs_overwritten(reader, [disjoint, overlapping])

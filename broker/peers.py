@@ -1,0 +1,85 @@
+"""The broker's record of each connected peer: clients and workers (``broker.server``
+keeps them; the scheduler keeps their tasks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pto import protocol as P
+from pto import shm
+from pto.sockets import HOST_QUEUE
+
+
+@dataclass
+class ClientPeer:
+    identity: bytes
+    index: int
+    owner: str
+    pid: int
+    last_seen: float
+    last_sent: float = 0.0
+    identities: list[bytes] = field(default_factory=list)  # its sockets: results go to the first
+
+    def __post_init__(self) -> None:
+        self.identities.append(self.identity)
+
+
+class WorkerStatus:
+    """A worker's status block ([running task, last finished task], see worker.loop),
+    mapped when the worker connects: a janitor that unlinks the name after the worker died
+    cannot hide what it was doing."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._mm = None
+        if name:
+            try:
+                self._mm = shm.open_existing(name)
+            except Exception:  # noqa: BLE001 - not there: we know nothing
+                self._mm = None
+
+    def read(self) -> tuple[int, int] | None:
+        if self._mm is None:
+            return None
+        running, finished = np.frombuffer(self._mm, dtype=np.int64, count=2).tolist()
+        return running, finished
+
+    def release(self) -> None:
+        """Unmap it, and unlink the name in case the worker could not (SIGKILL)."""
+        if self.name:
+            shm.unlink(self.name)
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+
+
+@dataclass
+class WorkerPeer:
+    """A connected worker: a chip's (device >= 0), or a host worker's
+    (``pto.sockets.host_chip(k)``). What it holds is the scheduler's (``in_flight``)."""
+
+    identity: bytes
+    device: int
+    pid: int
+    last_seen: float
+    last_sent: float = 0.0
+    clients: set[int] = field(default_factory=set)  # client infos it has been sent
+    kernels: set[tuple[int, int]] = field(default_factory=set)  # kernels it has been sent
+    # to send with the next batch
+    frees: list[P.TensorRef] = field(default_factory=list)
+    gone: list[int] = field(default_factory=list)  # clients whose state to drop
+    cancels: list[int] = field(default_factory=list)  # gids of queued tasks to drop
+    status: WorkerStatus = field(default_factory=lambda: WorkerStatus(""))
+    done: int = 0
+    failed: int = 0
+
+    @property
+    def queue(self) -> int:
+        """The ready queue it takes tasks from: its chip's, or the one of every host worker."""
+        return self.device if self.device >= 0 else HOST_QUEUE
+
+    def has_news(self) -> bool:
+        """Something to send even without tasks."""
+        return bool(self.frees or self.gone or self.cancels)

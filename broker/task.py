@@ -1,0 +1,95 @@
+"""A task as the broker tracks it, and the states it may move between.
+
+``ALLOWED`` is the one table of legal state changes; ``Scheduler._move`` is the one place
+a state changes and checks it, so a change outside the table is a bug that raises
+``IllegalTransition`` at once instead of corrupting the bookkeeping quietly.
+
+    PENDING ----> READY ----> DISPATCHED ----> DONE
+       |            |          |   |   ^
+       |            |          |   +---+--(its worker died before or while running it:
+       +------------+----------+--> FAILED   requeued, READY again)
+       +------------+----------+--> DROPPED  (its client went away)
+
+A DISPATCHED task stays in its workers' in-flight sets until each member reports, even
+once FAILED (a predecessor failed while it was queued on the worker) or DROPPED (its
+client left): the worker still holds it and counts it against its credit.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from pto.protocol import Failure, PackedTaskSpec, TaskSpec, pack_args
+from pto.sockets import HOST_QUEUE
+
+
+class State(IntEnum):
+    # Ordered: below DONE means unfinished (dependency scans compare against DONE).
+    PENDING = 0  # waiting for predecessors
+    READY = 1  # in the ready queue of each of its chips
+    DISPATCHED = 2  # sent to the workers of its chips
+    DONE = 3
+    FAILED = 4
+    DROPPED = 5  # its client is gone: nobody wants its result
+
+
+ALLOWED: dict[State, frozenset[State]] = {
+    State.PENDING: frozenset({State.READY, State.FAILED, State.DROPPED}),
+    State.READY: frozenset({State.DISPATCHED, State.FAILED, State.DROPPED}),
+    State.DISPATCHED: frozenset({State.DONE, State.FAILED, State.READY, State.DROPPED}),
+    State.DONE: frozenset(),
+    State.FAILED: frozenset(),
+    State.DROPPED: frozenset(),
+}
+# The same, indexed by state value: the check on the dispatch path is one tuple index.
+_NEXT: tuple[frozenset[State], ...] = tuple(ALLOWED[s] for s in State)
+
+
+class IllegalTransition(RuntimeError):
+    """A state change outside ``ALLOWED``: a bug in the broker, never bad input."""
+
+
+def check_transition(task: Task, new: State) -> None:
+    if new not in _NEXT[task.state]:
+        raise IllegalTransition(
+            f"task {task.gid} (client {task.client} task {task.task_id}): "
+            f"{State(task.state).name} -> {new.name} is not an allowed transition")
+
+
+class Task:
+    """A task, or a group task: one member per chip in ``chips``, started together.
+
+    ``gid`` is the broker-global task id (what workers see); ``task_id`` is the id its
+    client gave it (what results name). Tensor ids appear only inside ``args``.
+    """
+
+    __slots__ = ("gid", "client", "task_id", "chip", "chips", "kernel", "args", "state",
+                 "waiting", "dependents", "after", "root", "left", "failure", "retries",
+                 "trace")
+
+    def __init__(self, gid: int, client: int, spec: TaskSpec | PackedTaskSpec):
+        self.gid = gid
+        self.client = client
+        self.task_id = spec.task
+        self.chip = spec.chip
+        self.chips: tuple[int, ...] = tuple(spec.group) if spec.group else (spec.chip,)
+        self.left = 0  # members still running, once dispatched
+        # (reason, lost, followed) of the first member failure, preferring a member's own
+        # failure to one that only followed another's (a BarrierAborted)
+        self.failure: tuple[str, bool, bool] | None = None
+        self.retries = spec.retries
+        self.trace: list | None = None  # [ready, dispatch, dep task ids] of a traced client
+        self.kernel = spec.kernel
+        self.args = pack_args(spec.args)  # msgpack: unpacked only when needed
+        self.state = State.PENDING
+        self.waiting = 0  # predecessors not yet done, nor queued ahead of it on its chip
+        self.dependents: list[Task] = []
+        self.after: list[int] | None = None  # gids of predecessors queued ahead on its chip
+        self.root: Failure | None = None  # set when FAILED
+
+
+def queued_behind(task: Task, dep: Task) -> bool:
+    """Whether ``task`` may wait for its predecessor ``dep`` on its worker instead of in the
+    broker: both are single tasks of one chip (FIFO there), not host sub-tasks (which any
+    host worker may take)."""
+    return len(task.chips) == 1 and task.chips == dep.chips and task.chip != HOST_QUEUE

@@ -1,0 +1,164 @@
+"""Plumbing every pto process shares: its sockets, draining them, its children's
+environment, and how host workers are numbered.
+
+The client (``pto.connection``, ``pto.status``), the broker (``broker.server``) and the
+workers (``worker.loop``) all open their ZeroMQ sockets here, so the options that keep a
+peer safe (no linger on close, frames capped at ``protocol.MAX_FRAME_BYTES``, CURVE when
+asked, ipc endpoints only the user can reach) are set in one place, and drain them with
+``incoming``.
+
+Chips and host workers share one number line: chip ``c >= 0`` is a simulated chip; host
+worker ``k`` (the ``k``-th process that runs ``ctx.submit_host`` sub-tasks) is chip
+``host_chip(k) == -1 - k``. Host sub-tasks are submitted to ``HOST_QUEUE`` (-1), the one
+queue every host worker takes from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from .protocol import MAX_FRAME_BYTES
+from .security import secure_client, secure_server
+from .shm import pid_alive
+
+HOST_QUEUE = -1  # the chip of a host sub-task: a queue any host worker takes from
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout
+
+
+def host_chip(k: int) -> int:
+    """The chip number of host worker ``k`` (``k >= 0``)."""
+    if k < 0:
+        raise ValueError(f"host worker index must be >= 0, not {k}")
+    return -1 - k
+
+
+def is_host_chip(chip: int) -> bool:
+    """Whether ``chip`` names a host worker (or the host queue) rather than a chip."""
+    return chip < 0
+
+
+def host_index(chip: int) -> int:
+    """``k`` of the host worker numbered ``chip`` (the inverse of ``host_chip``)."""
+    if chip >= 0:
+        raise ValueError(f"chip {chip} is not a host worker")
+    return -1 - chip
+
+
+def chip_label(chip: int) -> str:
+    """How logs and errors name a worker: ``chip 3`` or ``host worker 0``."""
+    return f"chip {chip}" if chip >= 0 else f"host worker {-1 - chip}"
+
+
+def _common(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.LINGER, 0)  # closing never waits for a dead peer
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # a huge frame drops its sender
+
+
+def connect(ctx: zmq.Context, address: str, curve: str | None = None) -> zmq.Socket:
+    """A DEALER connected to ``address``, with CURVE keys from directory ``curve`` if given
+    (resolve ``PTO_CURVE_DIR`` with ``pto.security.curve_dir`` first)."""
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        _common(sock)
+        if curve:
+            secure_client(sock, curve)
+        sock.connect(address)
+    except BaseException:
+        sock.close(0)  # else the context's term() would wait for it
+        raise
+    return sock
+
+
+def bind_routers(ctx: zmq.Context, addresses: list[str],
+                 curve: str | None = None) -> tuple[list[zmq.Socket], ThreadAuthenticator | None]:
+    """ROUTERs bound to ``addresses`` (one each), and the CURVE authenticator guarding
+    them when ``curve`` names a key directory (stop it after closing the sockets).
+
+    An ipc endpoint left by a dead broker is replaced; a new one is created 0600.
+    """
+    socks = []
+    for _ in addresses:
+        sock = ctx.socket(zmq.ROUTER)
+        _common(sock)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a message to a gone peer is dropped
+        socks.append(sock)
+    auth = secure_server(ctx, socks, curve) if curve else None
+    try:
+        for sock, address in zip(socks, addresses, strict=True):
+            _bind(sock, address)
+    except BaseException:
+        for sock in socks:
+            sock.close(0)
+        if auth is not None:
+            auth.stop()
+        raise
+    return socks, auth
+
+
+def _bind(sock: zmq.Socket, address: str) -> None:
+    if not address.startswith("ipc://"):
+        sock.bind(address)
+        return
+    path = address[len("ipc://"):]
+    if os.path.exists(path):
+        os.unlink(path)  # a stale endpoint of a dead broker
+    old = os.umask(0o077)
+    try:
+        sock.bind(address)
+    finally:
+        os.umask(old)
+
+
+def incoming(sock: zmq.Socket, limit: int = 0) -> Iterator[list[bytes]]:
+    """The multipart messages ``sock`` holds now, without blocking; at most ``limit`` of
+    them when ``limit`` > 0 (bounds a round's work so timers stay on time)."""
+    count = 0
+    # Asking first is cheaper than the zmq.Again exception of an empty socket.
+    while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        yield frames
+        count += 1
+        if count == limit:
+            return
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a broker or worker we start: ours, with this checkout
+    importable even when pto is not installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def remove_endpoint(address: str) -> None:
+    """Remove an ipc endpoint's file (a broker's, when it stops)."""
+    if address.startswith("ipc://") and os.path.exists(address[len("ipc://"):]):
+        os.unlink(address[len("ipc://"):])
+
+
+def remove_stale_endpoints(address: str) -> None:
+    """Remove the ipc endpoints next to ``address`` that brokers killed before they could
+    clean up left behind (named broker-<pid>.sock or <pid>x<hex>.sock, with a .w twin
+    for workers), judged by whether <pid> still runs."""
+    if not address.startswith("ipc://"):
+        return
+    directory = os.path.dirname(address[len("ipc://"):])
+    if not directory or not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if not name.endswith((".sock", ".sock.w")):
+            continue
+        head = name.removeprefix("broker-").split(".", 1)[0].split("x", 1)[0]
+        if head.isdigit() and not pid_alive(int(head)):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
