@@ -27,12 +27,7 @@ def explode(x, y):
     raise ValueError("kernel-exploded-4b1e")
 
 
-def touch(x, y, path):
-    open(path, "w").close()
-    y[...] = x
-
-
-KERNELS = {"scale": scale, "explode": explode, "touch": touch}
+KERNELS = {"scale": scale, "explode": explode}
 
 
 def scaled(ctx, args):
@@ -51,10 +46,9 @@ def exploding(ctx, args):
 
 
 def touching(ctx, args):
-    x = ctx.tensor(args["x"])
-    y = ctx.alloc(x.shape, x.dtype)
-    ctx.submit(ctx.peers()[0], "touch", [In(x), Out(y), S(args["path"])])
-    return y
+    """Leaves a file behind (the host is this machine), then scales: proof that it ran."""
+    open(args["path"], "w").close()
+    return scaled(ctx, args)
 
 
 def raising_orchestration(ctx, args):
@@ -181,7 +175,7 @@ def test_a_ref_of_another_runtime_is_refused(l4, cluster):
         other.run("keeps_a_ref")
         foreign = kept.pop()
         assert isinstance(foreign, pto.Ref)
-        with pytest.raises((TypeError, ValueError), match="another runtime|other runtime"):
+        with pytest.raises((TypeError, ValueError), match="another .*runtime"):
             _run_submitting(l4, "uses_foreign_ref", 0, "scaled", args={"x": foreign})
         del foreign
 
