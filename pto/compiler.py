@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import prebuilt
+from . import config, prebuilt
 from .compile_inputs import Input, InputReader, Source, check_names
 from .errors import CompileError
 from .package import CompiledPackage, KernelRef, kernel_registration, load_sim_kernel
@@ -110,7 +110,7 @@ def compile(platform: str = "sim", kernels: Iterable[Any] = (), orch: Any = None
 def cache_dir() -> Path:
     """Where packages are cached: ``PTO_CACHE_DIR``, else ``$XDG_CACHE_HOME/pto`` or
     ``~/.cache/pto``."""
-    explicit = os.environ.get("PTO_CACHE_DIR")
+    explicit = config.load().cache_dir
     if explicit:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from . import config
 from .args import ParamType
 from .dtypes import dtype_code
 
@@ -71,9 +72,9 @@ class TaskCtx(ctypes.Structure):
 
 def default_cores() -> int:
     """Cores of a simulated chip: ``PTO_SIM_CORES``, else the CPUs this process may use."""
-    env = os.environ.get("PTO_SIM_CORES")
-    if env:
-        return max(1, int(env))
+    cores = config.load().sim_cores  # read at chip creation: tests and tools set it late
+    if cores:
+        return cores
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
