@@ -4,15 +4,20 @@ L3 entries run on the hosts; a tensor one host produced reaches a run on the oth
 through Ray's object store and must match numpy; on one host it is handed over without a
 copy (the consumer sees the producer's very segment); runs overlap through ``rt.submit``;
 ``ref[0]`` / ``ref["k"]`` pick parts of a run's result; one L3 orchestration serves both
-``level="host"`` (numpy in) and ``level="cluster"`` (Refs in).
+``level="host"`` (numpy in) and ``level="cluster"`` (Refs in). What runs shows: ``trace=``
+(a track per host, its chips within, transfers with their bytes) and ``pto status --cluster``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import gc
+import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +25,7 @@ import pytest
 import pto
 
 pytestmark = pytest.mark.timeout(120)
+REPO = Path(__file__).resolve().parents[2]
 In, Out, S = pto.Arg.input, pto.Arg.output, pto.Arg.scalar
 
 
@@ -99,8 +105,17 @@ def met(ctx, args):
     return out
 
 
-ENTRIES = {"scaled": scaled, "summed": summed, "added": added, "produce_named": produce_named,
-           "segment_name": segment_name, "parts": parts, "met": met}
+def held(ctx, args):
+    """Waits (bounded) until the file ``args`` exists: a run that stays in flight."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(args) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.path.exists(args)
+
+
+ENTRIES = {"held": held, "scaled": scaled, "summed": summed, "added": added,
+           "produce_named": produce_named, "segment_name": segment_name, "parts": parts,
+           "met": met}
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +296,72 @@ def test_intermediates_are_freed_once_no_ref_remains(l4, cluster):
 
     left = wait_until(grown)
     assert not left, f"tensors no Ref names still held on the hosts: {left}"
+
+
+# -- what runs show --------------------------------------------------------------------------
+
+def test_trace_has_a_track_per_host_with_its_chips_and_transfers(cluster, tmp_path):
+    path = tmp_path / "cluster-trace.json"
+    data = np.ones(1024, dtype=np.float32)
+
+    def traced(ctx, args):
+        y = ctx.submit(0, "scaled", args={"x": args, "factor": 2.0})
+        return ctx.submit(1, "summed", args=y)  # y crosses from host 0 to host 1
+
+    with pto.Runtime(level="cluster", cluster=cluster.address, trace=str(path)) as traced_rt:
+        traced_rt.register("scaled", orch=scaled, kernels=KERNELS)
+        traced_rt.register("summed", orch=summed, kernels=KERNELS)
+        traced_rt.register("traced", orch=traced)
+        np.testing.assert_allclose(traced_rt.run("traced", args=data), [2048.0])
+    events = json.loads(path.read_text())["traceEvents"]
+    processes = {e["pid"]: e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    host_pid = {h: next(pid for pid, name in processes.items() if name.startswith(f"host {h}"))
+                for h in (0, 1)}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    for h, pid in host_pid.items():
+        runs = [e for e in events if e["pid"] == pid and e.get("cat") == "l3run"]
+        assert runs, f"no L3 run on host {h}'s track"
+        chip_tracks = [name for (p, _), name in threads.items() if p == pid and "chip" in name]
+        assert chip_tracks, f"host {h} shows no chip track: {threads}"
+        kernels = [e for e in events if e["pid"] == pid and e.get("ph") == "X"]
+        assert kernels, f"no kernel ran on host {h}'s chips in the trace"
+    transfers = [e for e in events if e.get("cat") == "transfer" and e.get("ph") in ("b", "X")]
+    assert [e["pid"] for e in transfers] == [host_pid[1]], transfers
+    assert transfers[0]["args"]["bytes"] == data.nbytes
+    assert transfers[0]["args"]["from_host"] == 0
+
+
+def test_pto_status_lists_hosts_chips_and_running_runs(l4, cluster, tmp_path):
+    release = tmp_path / "release"
+
+    def holds(ctx, args):
+        return ctx.submit(1, "held", args=args)
+
+    l4.register("holds", orch=holds)
+    future = l4.submit("holds", args=str(release))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the run is seen in flight (it starts within moments)
+            proc = subprocess.run([sys.executable, "-m", "pto", "status", "--cluster",
+                                   cluster.address], capture_output=True, text=True,
+                                  timeout=90, env=env)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            if ": held for" in proc.stdout or time.monotonic() > deadline:
+                break
+        text = proc.stdout
+        assert "2 pto host node(s)" in text, text
+        for h in (0, 1):
+            assert f"host {h}: " in text and "chips [0, 1]" in text, text
+        assert ": held for" in text, f"the run in flight is not listed:\n{text}"
+        as_json = subprocess.run([sys.executable, "-m", "pto", "status", "--cluster",
+                                  cluster.address, "--json"], capture_output=True, text=True,
+                                 timeout=90, env=env)
+        st = json.loads(as_json.stdout)
+        assert [n["chips"] for n in st["hosts"]] == [2, 2]
+    finally:
+        release.touch()
+    assert future.result(timeout=60) is True
