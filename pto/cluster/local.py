@@ -18,9 +18,11 @@ crashed host's shared-memory segments vanish with it, as they would with the mac
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from types import TracebackType
 
 import psutil
@@ -69,9 +71,10 @@ class LocalCluster:
         self._ray = Cluster(initialize_head=False, shutdown_at_exit=True)
         try:
             # The head: the GCS, Ray's state API server (no dashboard UI), no autoscaler.
-            self._ray.add_node(num_cpus=0, include_dashboard=False, no_monitor=True,
-                               temp_dir=self._dir, object_store_memory=_MIN_STORE_MIB << 20,
-                               _system_config=dict(_HEALTH_CHECKS), **_NODE_DEFAULTS)
+            with _quiet("ray._private.utils"):  # "Overwriting previous Ray address" chatter
+                self._ray.add_node(num_cpus=0, include_dashboard=False, no_monitor=True,
+                                   temp_dir=self._dir, object_store_memory=_MIN_STORE_MIB << 20,
+                                   _system_config=dict(_HEALTH_CHECKS), **_NODE_DEFAULTS)
             self._address: str = self._ray.address
             self._host_nodes = self._start_hosts(cpus_per_host, object_store_mib << 20)
         except BaseException:
@@ -211,6 +214,18 @@ def _kill_all(procs: list[psutil.Process]) -> None:
     for owner in {shm.owner_of(name) for name in names}:
         if shm.owner_pid(owner) in killed:
             shm.unlink_owner(owner)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Hold a logger to warnings for the duration."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _disconnect_driver(address: str | None) -> None:

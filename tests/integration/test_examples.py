@@ -10,7 +10,8 @@ import pytest
 from ._util import REPO
 
 EXAMPLES = ["examples/pipeline.py", "examples/vector_add/run.py", "examples/matmul/run.py",
-            "examples/allreduce/run.py", "examples/prebuilt/run.py"]
+            "examples/allreduce/run.py", "examples/prebuilt/run.py",
+            "examples/cluster.py"]
 
 
 @pytest.mark.timeout(180)
