@@ -128,8 +128,9 @@ class Worker:
         """Remove our status segment's name and, if our broker died, what it left in
         /dev/shm (its group barriers: segments of owners whose process is gone)."""
         shm.unlink(self.status_name)
-        if parent_gone(self.parent_pid):
-            shm.reap_dead_owners()
+        reaped = shm.reap_dead_owners() if parent_gone(self.parent_pid) else 0
+        log.info("removed status segment %s (and %d of a dead broker's)", self.status_name,
+                 reaped)
 
     def _check_timers(self) -> None:
         now = time.monotonic()

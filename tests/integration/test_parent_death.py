@@ -1,7 +1,9 @@
-"""A killed client takes its embedded broker, its workers and its segments with it."""
+"""A killed client takes its embedded broker, its workers and its segments with it; a
+killed broker (embedded or external) leaves nothing of its own or its workers' behind."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +13,8 @@ import pytest
 
 from ._util import (
     REPO,
+    SHM_DIR,
+    descendants,
     kill_all,
     read_line,
     shm_path,
@@ -106,3 +110,95 @@ def test_kill_9_parent_while_kernels_run(tmp_path):
         assert wait_until(mark.exists, timeout=20), "the kernel never started"
 
     run_and_kill(BUSY_PARENT, str(mark), ready=ready)
+
+
+# ---- a killed broker ----------------------------------------------------------------------
+
+# A client whose group task is stuck in its kernel on both chips (so the broker holds a
+# group barrier and each worker is busy) when the broker is killed.
+GROUP_CLIENT = textwrap.dedent(
+    """
+    import os, sys, time, numpy as np, pto
+
+    MARK, BROKER = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
+
+    def stuck(x):
+        open(f"{MARK}.{pto.task().rank}", "w").close()
+        time.sleep(600)
+
+    def orch(ctx, args):
+        ctx.submit_group(ctx.peers(), "stuck", [pto.Arg.input(ctx.tensor(args["x"]))])
+
+    rt = pto.Runtime(level="host", platform="sim", devices=[0, 1], broker=BROKER)
+    rt.register("o", orch=orch, kernels={"stuck": stuck})
+    print(os.getpid(), flush=True)
+    try:
+        rt.run("o", args={"x": np.arange(8.0)})   # blocks until the broker dies
+    except pto.BrokerLost:
+        print("lost", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def owned_by(pids: set[int]) -> list[str]:
+    """Our segments and semaphores in /dev/shm whose owner is one of ``pids``."""
+    out = []
+    for name in os.listdir(SHM_DIR):
+        bare = name.removeprefix("sem.")
+        if not bare.startswith("pto_"):
+            continue
+        head = bare[len("pto_"):].split("x", 1)[0]
+        if head.isdigit() and int(head) in pids:
+            out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("how", ["embedded", "external"])
+def test_kill_9_broker_leaves_nothing_of_it_or_its_workers_within_5s(tmp_path, how):
+    mark = tmp_path / "started"
+    external = None
+    argv = [str(mark)]
+    if how == "external":
+        address = f"ipc://{tmp_path}/killed.sock"
+        external = subprocess.Popen(
+            [sys.executable, "-m", "broker", "--listen", address, "--workers", "2",
+             "--log-dir", str(tmp_path / "logs")],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        assert read_line(external, timeout=30) == address
+        argv.append(address)
+    client = subprocess.Popen([sys.executable, "-c", GROUP_CLIENT, *argv], cwd=REPO,
+                              stdout=subprocess.PIPE)
+    kids: list[psutil.Process] = []
+    try:
+        assert int(read_line(client, timeout=40)) == client.pid
+        started = [tmp_path / f"started.{rank}" for rank in (0, 1)]
+        assert wait_until(lambda: all(p.exists() for p in started), timeout=20), \
+            "the group never started"
+        broker = psutil.Process(external.pid if external else next(
+            p.pid for p in descendants(client.pid) if "broker" in " ".join(p.cmdline())))
+        workers = broker.children()
+        kids = [broker, *workers]
+        pids = {p.pid for p in kids}
+        left = owned_by(pids)
+        # Before: the broker's group barrier (state and semaphores), each worker's status.
+        assert any("_b" in n for n in left) and sum("_status" in n for n in left) >= 2, left
+        log_files = [(cmd := w.cmdline())[cmd.index("--log-file") + 1] for w in workers]
+        broker.kill()
+        survivors = wait_dead(workers, timeout=6)
+        assert survivors == [], f"outlived their broker: {[w.cmdline() for w in survivors]}"
+        assert wait_until(lambda: not owned_by(pids), timeout=5), \
+            f"left behind by a killed broker and its workers: {owned_by(pids)}"
+        # ...removed by the workers themselves (another broker's janitor might have too).
+        for log_file in log_files:
+            text = open(log_file).read()
+            assert "removed status segment" in text, text[-2000:]
+        assert read_line(client, timeout=10) == "lost"  # the blocked run noticed
+    finally:
+        stop_process(client)
+        if external is not None:
+            stop_process(external)
+        kill_all(kids)
+        for proc in (client, external):
+            if proc is not None and proc.stdout:
+                proc.stdout.close()
