@@ -180,7 +180,7 @@ class StatusRequest(Struct, tag=8):
 
 
 class StatusReply(Struct, tag=14):
-    status: str  # JSON: see broker.server.Broker.status
+    status: str  # JSON: see broker.status.broker_status
 
 
 class Bye(Struct, tag=6):
