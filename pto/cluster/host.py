@@ -22,6 +22,7 @@ at close). Keeping it there, not in every run's arguments, keeps a run's Ray cal
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tempfile
@@ -255,8 +256,12 @@ class HostActor:
         """No Ref to these runs remains: drop their handles (their segments go when no
         run of this host still uses them)."""
         with self._lock:
-            for run_id in run_ids:
-                self._kept.pop(run_id, None)
+            dropped = [self._kept.pop(run_id, None) for run_id in run_ids]
+        del dropped
+        # The L3 runtime's finished run keeps its return value in a reference cycle (its
+        # Future's done-callback holds the run); collect it now rather than at some later
+        # allocation, so the segments go when the driver drops its last Ref.
+        gc.collect()
 
     # ---- observability and life ----------------------------------------------------------
 
