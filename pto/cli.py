@@ -1,6 +1,7 @@
 """The ``pto`` command: ``pto status``, ``pto trace summarize FILE``, ``pto keygen DIR``.
 
     pto status [--broker ADDR] [--json] [--timeout S]   what a broker is doing
+    pto status --cluster ADDRESS [--json]               a Ray cluster's pto hosts (L4)
     pto trace summarize run.json [--top N] [--json]     busy %, critical path, top kernels
     pto keygen DIR [--force]                            CURVE keys for a tcp broker
 
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from . import config
 from .errors import BrokerLost
 
 
@@ -29,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except _Failed as exc:
+    except (_Failed, config.ConfigError) as exc:
         print(f"pto {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -53,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds to wait for an answer (default 2)")
     p.add_argument("--curve", metavar="DIR",
                    help="CURVE keys for a tcp broker (default: $PTO_CURVE_DIR)")
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="a Ray cluster's address: list its pto hosts, chips and L3 runs")
     p.set_defaults(func=_cmd_status)
 
     t = sub.add_parser("trace", help="work with trace files (Runtime(trace=...), PTO_TRACE)")
@@ -93,14 +97,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from .status import status
 
-    address = args.broker or os.environ.get("PTO_BROKER")
+    if args.cluster:
+        return _cmd_cluster_status(args)
+    settings = config.load()
+    address = args.broker or settings.broker
     if not address:
         raise _Failed("no broker address: pass --broker ADDR or set PTO_BROKER")
     try:
-        st = status(address, timeout=args.timeout, curve=args.curve)
+        st = status(address, timeout=args.timeout, curve=args.curve or settings.curve_dir)
     except BrokerLost as exc:
         hint = ""
-        if address.startswith("tcp://") and not (args.curve or os.environ.get("PTO_CURVE_DIR")):
+        if address.startswith("tcp://") and not (args.curve or settings.curve_dir):
             hint = " (a tcp broker started with --curve needs --curve DIR or PTO_CURVE_DIR)"
         raise _Failed(f"{exc}{hint}") from None
     except (zmq.ZMQError, OSError, ValueError) as exc:
@@ -109,6 +116,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2, sort_keys=True))
     else:
         print(format_status(st))
+    return 0
+
+
+def _cmd_cluster_status(args: argparse.Namespace) -> int:
+    from .cluster.status import cluster_status, format_cluster_status
+    from .errors import PtoError
+
+    try:
+        st = cluster_status(args.cluster, timeout=args.timeout)
+    except PtoError as exc:
+        raise _Failed(str(exc)) from None
+    print(json.dumps(st, indent=2, sort_keys=True) if args.json else format_cluster_status(st))
     return 0
 
 

@@ -1,19 +1,32 @@
 """The client's link to the broker: two DEALER sockets and one I/O thread.
 
-Requests (registrations, task batches, frees, cancels) leave on ``tx`` straight from the
-thread that makes them, under a lock, so a run costs no thread hop on the way out.
-Results arrive on ``rx``, which one thread at a time drives (polls, decodes, hands to
-``on_message``): normally the I/O thread, but a caller blocked in ``wait_until`` (as
-``rt.run`` is) takes ``rx`` over, so its result wakes it directly instead of waking the
-I/O thread that then wakes it. Whoever drives also sends heartbeats and declares the
-broker lost when it stays silent for ``heartbeat * liveness`` seconds or its process is
-gone, so no wait on a result can hang on a dead broker. The broker knows ``tx`` as the
-same client from its first message, ``Attach``.
+Requests (registrations, task batches, frees, cancels, heartbeats) leave on ``tx`` from the
+thread that makes them. Results arrive on ``rx``, which one thread at a time drives (polls,
+decodes, hands to ``on_message``): the I/O thread, or a caller blocked in ``wait_until``
+(as ``rt.run`` is), which takes ``rx`` over so its result wakes it directly instead of
+waking the I/O thread that then wakes it. Heartbeats and the broker's liveness are the I/O
+thread's job, on its own clock, whoever drives ``rx``. The broker knows ``tx`` as the same
+client from its first message, ``Attach``.
+
+Locking rules (every lock here is held for bookkeeping only, never across user code):
+- ``_cv`` guards who drives ``rx`` (``_driver``), the callers waiting, ``lost`` and
+  ``_stop``. Only the driver touches ``rx``; it blocks only in its poll, which ``_wake_fd``
+  (I/O thread) or ``_halt_fd`` (loss, close: written once, never read) interrupts.
+- ``_tx_lock`` guards ``tx`` for one send; nothing is taken while holding it.
+- ``on_message`` and ``on_lost`` run on the driver with no lock of ours held; they may
+  take the runtime lock (pto/runbook.py) briefly, but never run user code: futures are
+  resolved later, by a thread holding none of these locks and not driving ``rx``.
+- Order: ``_cv`` or ``_tx_lock`` may be held when a GC finalizer takes the runtime lock;
+  so nobody holding the runtime lock takes ``_cv`` or ``_tx_lock`` or calls in here
+  (finalizers only append to ``_frees`` and write ``_wake_fd``).
+- Who may block: callers in ``wait_until`` (on ``_cv`` or their poll), the I/O thread (its
+  poll). A caller never waits for the I/O thread to run user code: it never does.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -24,13 +37,15 @@ import zmq
 
 from . import protocol as P
 from .errors import BrokerLost, ProtocolError
-from .security import secure_client
 from .shm import pid_alive, pid_state
+from .sockets import connect, incoming
 
 log = logging.getLogger("pto.client")
 
-# After a caller stops driving rx, the I/O thread waits this long before taking it back.
+# After the last caller stops driving rx, the I/O thread waits this long before taking it
+# back, polling at this period meanwhile: calls back to back then cost it no wake-up each.
 _LINGER = 0.005
+_IO = -1  # _driver when the I/O thread drives rx (callers are thread idents)
 
 
 class Connection:
@@ -40,22 +55,33 @@ class Connection:
         self.address = address
         self._watch = watch  # returns why the broker is gone, or None
         self.ctx = zmq.Context()
-        self.rx = self._socket(curve)
-        self.tx = self._socket(curve)
-        self._rx_poller = zmq.Poller()  # Socket.poll() would build one per call
-        self._rx_poller.register(self.rx, zmq.POLLIN)
+        opened: list[zmq.Socket] = []
+        try:
+            for _ in range(2):
+                opened.append(connect(self.ctx, address, curve))
+        except BaseException:
+            for sock in opened:
+                sock.close(0)
+            self.ctx.term()  # waits for every socket of the context: all closed now
+            raise
+        self.rx, self.tx = opened
         self._tx_lock = threading.Lock()
         # (tensor, kept) appended by GC finalizers too: sent with the next batch
         self._frees: deque[tuple[int, bool]] = deque()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._stop = False
-        self._thread: threading.Thread | None = None
-        self._rx_lock = threading.Lock()  # held by the thread driving rx
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # to the I/O thread
+        self._halt_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # to every poll
+        self._rx_poller = zmq.Poller()  # the callers' (Socket.poll() would build one per call)
+        self._rx_poller.register(self.rx, zmq.POLLIN)
+        self._rx_poller.register(self._halt_fd, zmq.POLLIN)
+        self._cv = threading.Condition()
+        self._driver: int | None = None
         self._callers = 0  # callers in wait_until: the I/O thread leaves rx to them
-        self._callers_changed = threading.Condition()
         self._caller_left = 0.0
-        self._io_polling = False  # the I/O thread is (about to be) in its poll on rx
+        self._stop = False
+        self._losing = False
+        self._fds_closed = False
         self.lost: BrokerLost | None = None
+        self._thread: threading.Thread | None = None
         self.on_message: Callable[[P.Message], None] = lambda msg: None
         self.on_lost: Callable[[BrokerLost], None] = lambda exc: None
         try:
@@ -69,17 +95,7 @@ class Connection:
         # On this host a busy broker may be silent for a while: watch its process instead.
         self._broker_pid = self.welcome.pid if address.startswith("ipc://") else 0
         self._last_recv = self._last_sent = time.monotonic()
-        self._tick = min(self.heartbeat, 0.25)
-        self._next_check = 0.0  # liveness is checked once per tick, not per message
-
-    def _socket(self, curve: str | None) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
-        if curve:
-            secure_client(sock, curve)
-        sock.connect(self.address)
-        return sock
+        self._tick = min(self.heartbeat, 0.25)  # how often the I/O thread checks liveness
 
     def _handshake(self, owner: str, timeout: float, trace: bool) -> P.Welcome:
         self.rx.send_multipart(P.encode(P.Hello(owner, os.getpid(), trace)))
@@ -108,7 +124,9 @@ class Connection:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            self._pump(min(left, 0.1))
+            if self._rx_poller.poll(int(min(left, 0.1) * 1000)):
+                self._drain()
+            self._check_liveness(time.monotonic())
         return True
 
     def start(self) -> None:
@@ -119,40 +137,62 @@ class Connection:
         """Drive ``rx`` on the calling thread until ``done()`` (True) or timeout (False).
 
         Callers that block on a result use this rather than an Event the I/O thread sets:
-        the answer then wakes one thread, not two. A broker declared lost here is reported
-        through ``on_lost`` as from the I/O thread.
+        the answer then wakes one thread, not two. While another thread drives, this one
+        sleeps until that one has handled a batch or let go. Returns at once when the
+        broker is lost or the connection closed (``done()`` then says how it ended).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._callers_changed:
+        me = threading.get_ident()
+        with self._cv:
             self._callers += 1
-        if self._io_polling:  # after our increment (see _io_loop): it lets go of rx
+            io_drives = self._driver == _IO
+        if io_drives:  # it lets go of rx when woken (see _io_loop)
             os.eventfd_write(self._wake_fd, 1)
         try:
-            while not done():
-                if self.lost is not None or self._stop:
-                    return done()
-                left = self._tick if deadline is None else deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                # Another caller, or the I/O thread finishing its poll, may hold rx.
-                if not self._rx_lock.acquire(timeout=min(left, 0.01)):
-                    continue
-                try:
-                    while not done() and self.lost is None and not self._stop:
-                        left = self._tick if deadline is None else deadline - time.monotonic()
-                        if left <= 0:
+            while True:
+                with self._cv:
+                    while self._driver is not None:
+                        if done() or self.lost is not None or self._stop:
+                            break
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
                             return False
-                        self._pump(min(left, self._tick))
+                        self._cv.wait(left)  # the driver notifies as it handles or lets go
+                    if done():
+                        return True
+                    if self.lost is not None or self._stop:
+                        return False
+                    if deadline is not None and deadline <= time.monotonic():
+                        return False
+                    self._driver = me
+                try:
+                    self._drive(done, deadline)
                 finally:
-                    self._rx_lock.release()
-            return True
+                    with self._cv:
+                        self._driver = None
+                        self._cv.notify_all()
         except BrokerLost as exc:
             self._declare_lost(exc)
             return done()
         finally:
-            with self._callers_changed:
+            with self._cv:
                 self._callers -= 1
                 self._caller_left = time.monotonic()
+
+    def _drive(self, done: Callable[[], bool], deadline: float | None) -> None:
+        """As the driver: poll and drain ``rx`` until ``done()``, the deadline, loss or close."""
+        while not done() and self.lost is None and not self._stop:
+            wait_ms = -1  # no deadline: the halt fd ends the poll on loss or close
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                wait_ms = math.ceil(left * 1000)
+            if self._rx_poller.poll(wait_ms):
+                self._drain()
+                if self._callers > 1:  # others wait for results this batch may hold
+                    with self._cv:
+                        self._cv.notify_all()
 
     # ---- called from any thread --------------------------------------------------------
 
@@ -166,6 +206,7 @@ class Connection:
         with self._tx_lock:
             self._send_frees()
             self.tx.send_multipart(frames)
+            self._last_sent = time.monotonic()
 
     def free(self, tensor: int, kept: bool = False) -> None:
         """Tell the broker (and so the workers) a tensor is gone, or its segment ``kept``
@@ -185,12 +226,17 @@ class Connection:
             self.tx.send_multipart(P.encode(P.FreeTensors(gone, kept)))
 
     def close(self, bye: bool = True) -> None:
-        self._stop = True
-        if self._thread is not None:
-            os.eventfd_write(self._wake_fd, 1)
-            with self._callers_changed:
-                self._callers_changed.notify_all()
+        with self._cv:
+            if self._fds_closed:
+                return
+            self._stop = True
+            self._cv.notify_all()
+            os.eventfd_write(self._halt_fd, 1)
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        with self._cv:  # a caller still driving rx lets go at once (the halt woke it)
+            self._cv.wait_for(lambda: self._driver is None, timeout=5)
+            self._driver = _IO
         if bye and self.lost is None:
             with self._tx_lock:
                 self._send_frees()
@@ -198,66 +244,72 @@ class Connection:
         self._close_sockets()
 
     def _close_sockets(self) -> None:
+        with self._cv:  # _declare_lost writes _halt_fd under it
+            self._fds_closed = True
         if not self.rx.closed:
             self.rx.close(0)
             self.tx.close(linger=200)  # let a Bye leave
             self.ctx.term()
             os.close(self._wake_fd)
+            os.close(self._halt_fd)
 
     # ---- the I/O thread ----------------------------------------------------------------
 
     def _io_loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.rx, zmq.POLLIN)
-        poller.register(self._wake_fd, zmq.POLLIN)
+        drive = zmq.Poller()
+        for fd in (self.rx, self._wake_fd, self._halt_fd):
+            drive.register(fd, zmq.POLLIN)
+        idle = zmq.Poller()  # while a caller drives rx: frees, liveness, heartbeats
+        for fd in (self._wake_fd, self._halt_fd):
+            idle.register(fd, zmq.POLLIN)
+        next_check = 0.0
         try:
             while not self._stop and self.lost is None:
-                # Set before looking at _callers, which callers bump before looking at
-                # this: either we see them, or they see us polling and wake us.
-                self._io_polling = True
-                if self._callers or time.monotonic() - self._caller_left < _LINGER:
-                    # A caller drives rx. Lingering a little after it leaves spares a
-                    # wake-up per call when calls come back to back.
-                    self._io_polling = False
-                    with self._callers_changed:
-                        self._callers_changed.wait(_LINGER)
-                    self._send_frees_if_free()
+                now = time.monotonic()
+                if now >= next_check:
+                    self._check_liveness(now)
+                    next_check = now + self._tick
+                with self._cv:
+                    lingering = now - self._caller_left < _LINGER
+                    take = self._driver is None and not self._callers and not lingering
+                    if take:
+                        self._driver = _IO
+                wait_ms = int(max(0.0, next_check - now) * 1000) + 1
+                if not take:
+                    # A caller drives rx (or just did: it may come right back).
+                    self._handle_wake(idle.poll(min(wait_ms, int(_LINGER * 1000))))
                     continue
-                with self._rx_lock:
-                    wait = max(0.0, self._next_check - time.monotonic())
-                    ready = dict(poller.poll(int(wait * 1000) + 1))
-                    self._io_polling = False
-                    if self._wake_fd in ready:
-                        try:
-                            os.eventfd_read(self._wake_fd)
-                        except BlockingIOError:
-                            pass
-                    self._send_frees_if_free()
+                try:
+                    ready = self._handle_wake(drive.poll(wait_ms))
                     if self.rx in ready:
                         self._drain()
-                    self._check_liveness_when_due()
+                finally:
+                    with self._cv:
+                        self._driver = None
+                        if self._callers:
+                            self._cv.notify_all()
         except BrokerLost as exc:
             self._declare_lost(exc)
         except Exception as exc:  # noqa: BLE001 - never die silently with waiters blocked
             log.exception("client I/O thread failed")
             self._declare_lost(BrokerLost(f"client I/O failed: {exc!r}"))
 
-    def _send_frees_if_free(self) -> None:
+    def _handle_wake(self, events: list) -> dict:
+        ready = dict(events)
+        if self._wake_fd in ready:
+            try:
+                os.eventfd_read(self._wake_fd)
+            except BlockingIOError:
+                pass
         if self._frees and self._tx_lock.acquire(blocking=False):
             try:
                 self._send_frees()
             finally:
                 self._tx_lock.release()
-
-    def _pump(self, timeout: float) -> None:
-        """Poll rx once (up to ``timeout`` s), handle what came, check liveness if due."""
-        if self._rx_poller.poll(int(max(0.0, timeout) * 1000)):
-            self._drain()
-        self._check_liveness_when_due()
+        return ready
 
     def _drain(self) -> None:
-        while self.rx.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            frames = self.rx.recv_multipart(zmq.NOBLOCK)
+        for frames in incoming(self.rx):
             self._last_recv = time.monotonic()
             try:
                 msg = P.decode(frames)
@@ -270,11 +322,8 @@ class Connection:
                 log.error("broker error: %s", msg.message)
             self.on_message(msg)
 
-    def _check_liveness_when_due(self) -> None:
-        now = time.monotonic()
-        if now < self._next_check:
-            return
-        self._next_check = now + self._tick
+    def _check_liveness(self, now: float) -> None:
+        """Raise BrokerLost if the broker is gone; send a heartbeat when one is due."""
         why = self._watch() if self._watch else None
         if why:
             raise BrokerLost(f"broker at {self.address} is gone: {why}")
@@ -283,15 +332,27 @@ class Connection:
         silent = now - self._last_recv
         limit = self.heartbeat * self.liveness
         # A silent local broker that is running (state R) is busy, not lost: give it longer.
-        if self._broker_pid and pid_state(self._broker_pid) == "R":
+        if silent > limit and self._broker_pid and pid_state(self._broker_pid) == "R":
             limit *= 20
         if silent > limit:
             raise BrokerLost(f"broker at {self.address} silent for {silent:.1f}s")
         if now - self._last_sent > self.heartbeat:
-            self.rx.send_multipart(P.encode(P.Heartbeat()))
-            self._last_sent = now
+            with self._tx_lock:
+                self.tx.send_multipart(P.encode(P.Heartbeat()))
+                self._last_sent = now
 
     def _declare_lost(self, exc: BrokerLost) -> None:
+        """Once: let the runtime end every run (``on_lost``), then wake every waiter."""
+        with self._cv:
+            if self._losing:
+                return
+            self._losing = True
         log.error("%s", exc)
-        self.lost = exc
-        self.on_lost(exc)
+        try:
+            self.on_lost(exc)
+        finally:
+            with self._cv:
+                self.lost = exc
+                self._cv.notify_all()
+                if not self._fds_closed:
+                    os.eventfd_write(self._halt_fd, 1)

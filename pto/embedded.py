@@ -8,8 +8,9 @@ import signal
 import subprocess
 import sys
 
-from . import shm
+from . import config, shm
 from .procs import runtime_dir
+from .sockets import child_env
 
 
 class EmbeddedBroker:
@@ -19,17 +20,16 @@ class EmbeddedBroker:
     which then closes it), watches our pid, and exits with its workers if we die.
     """
 
-    def __init__(self, devices: list[int], owner: str):
-        base = runtime_dir()
+    def __init__(self, devices: list[int], owner: str, settings: config.Config):
+        self._keep_logs = settings.keep_logs  # PTO_KEEP_LOGS
+        base = runtime_dir(settings.runtime_dir)
         self.address = f"ipc://{base}/{owner}.sock"
         self.log_dir = os.path.join(base, f"logs-{owner}")
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
         cmd = [sys.executable, "-m", "broker", "--listen", self.address,
                "--devices", ",".join(map(str, devices)), "--parent-pid", str(os.getpid()),
                "--log-dir", self.log_dir]
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env = child_env()  # the broker reads its own PTO_* settings from it
         with open(os.path.join(self.log_dir, "broker.out"), "ab") as out:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                          env=env, start_new_session=True)
@@ -49,5 +49,5 @@ class EmbeddedBroker:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         shm.reap_dead_owners()  # what a killed broker's workers could not remove themselves
-        if not keep_logs and not os.environ.get("PTO_KEEP_LOGS"):
+        if not keep_logs and not self._keep_logs:
             shutil.rmtree(self.log_dir, ignore_errors=True)

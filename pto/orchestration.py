@@ -2,7 +2,8 @@
 
 Every ``submit`` checks its arguments at once (so an error names the call that made it)
 and queues a task record; records leave for the broker in batches, the last when the
-orchestration returns (``Runtime._start``).
+orchestration returns (``finish``, called by ``Runtime``). The context reaches the runtime
+only through its ``RunHost`` (pto/run.py).
 """
 
 from __future__ import annotations
@@ -12,17 +13,16 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from . import protocol as P
 from .args import Arg, ParamType
 from .dtypes import dtype_code
-from .tensor import Segment, TensorHandle, normalize_shape
-
-if TYPE_CHECKING:
-    from .runtime import Runtime, _Registration, _Run
+from .run import PendingTask, Registration, Run, RunHost
+from .sockets import HOST_QUEUE
+from .tensor import TensorHandle, normalize_shape, segment_of, usable_segment
 
 _FLUSH_EVERY = 256  # task records per Submit message while an orchestration runs
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
@@ -40,17 +40,22 @@ class OrchContext:
     ...     return y
     """
 
-    def __init__(self, rt: Runtime, run: _Run, reg: _Registration):
-        self._rt = rt
+    def __init__(self, host: RunHost, run: Run, reg: Registration):
+        self._host = host
         self._run = run
         self._reg = reg
-        self._pending: list[tuple[P.TaskSpec, str, list[Segment]]] = []
+        self._pending: list[PendingTask] = []
         self._scopes = 0
         self._ended = False  # set when the orchestration returns: the run takes no more tasks
 
     def peers(self) -> list[int]:
         """The chips (device ids) this runtime can submit to."""
-        return list(self._rt.devices)
+        return list(self._host.devices)
+
+    def finish(self) -> None:
+        """The orchestration has returned (or raised): send what is queued, take no more."""
+        self._ended = True
+        self._flush()
 
     # ---- tensors -----------------------------------------------------------------------
 
@@ -70,13 +75,13 @@ class OrchContext:
         if nbytes > _MAX_TENSOR_BYTES:
             raise ValueError(f"a tensor of shape {dims} and dtype {dt} needs {nbytes} bytes, more "
                              f"than the {_MAX_TENSOR_BYTES} a tensor may have")
-        store = self._rt._store
+        store = self._host.store
         if store.backlog > 0:
             self._flush()  # the tasks that will shrink the backlog must be on their way
-            store.wait_for_room(lambda: self._rt._conn.lost)
+            self._host.wait_for_room()
         handle = TensorHandle(store.create(nbytes, zero), dims, dt)
         if self._scopes:
-            self._run.scoped.append(weakref.ref(handle._seg))
+            self._run.scoped.append(weakref.ref(segment_of(handle)))
         return handle
 
     def tensor(self, array: Any) -> TensorHandle:
@@ -149,11 +154,11 @@ class OrchContext:
         It runs in a host worker process of the broker (not in this process), with the
         same arguments, dependencies and failure rules as a kernel on a chip.
         """
-        kid = self._rt._host_kernel(fn)
-        self._add(-1, [], kid, getattr(fn, "__qualname__", repr(fn)), args, retries)
+        kid = self._host.host_kernel(fn)
+        self._add(HOST_QUEUE, [], kid, getattr(fn, "__qualname__", repr(fn)), args, retries)
 
     def _check_chip(self, chip: Any) -> None:
-        devices = self._rt.devices
+        devices = self._host.devices
         if not isinstance(chip, (int, np.integer)) or isinstance(chip, bool) or chip not in devices:
             raise ValueError(f"unknown chip {chip!r}; this runtime has chips {devices}")
 
@@ -192,27 +197,23 @@ class OrchContext:
                 continue
             handle = self._as_handle(arg, i, kernel)
             handles.append(handle)
-            specs.append(P.ArgSpec(int(arg.kind), handle._seg.tid, handle._offset,
+            specs.append(P.ArgSpec(int(arg.kind), segment_of(handle).tensor_id, handle.offset,
                                    handle.nbytes, handle.dtype_code, list(handle.shape)))
-        segments = [h._seg for h in handles]
-        with self._rt._lock:
-            for seg in segments:  # from now on the task keeps the segment alive
-                seg.users += 1
-        spec = P.TaskSpec(next(self._rt._task_ids), chip, kid, specs, group, retries)
-        if self._rt._trace is not None:
-            self._rt._trace.submitted(spec.task, kernel, group or [chip],
-                                      sum(h.nbytes for h in handles), time.monotonic())
-        self._pending.append((spec, kernel, segments))
+        segments = [segment_of(h) for h in handles]
+        self._host.store.use(segments)  # from now on the task keeps the segments alive
+        spec = P.TaskSpec(self._host.new_task_id(), chip, kid, specs, group, retries)
+        nbytes = sum(arg_spec.nbytes for arg_spec in specs)
+        self._pending.append(PendingTask(spec, kernel, segments, nbytes, time.monotonic()))
         if len(self._pending) >= _FLUSH_EVERY:
             self._flush()
 
     def _as_handle(self, arg: Arg, i: int, kernel: str) -> TensorHandle:
         value = arg.value
         if isinstance(value, TensorHandle):
-            if value._seg.store is not self._rt._store:
+            if segment_of(value).store is not self._host.store:
                 raise ValueError(f"argument {i} of {kernel!r}: tensor {value.name} belongs to "
                                  "another runtime")
-            value._check()
+            usable_segment(value)  # or TensorFreed
             return value
         if isinstance(value, np.ndarray):
             known = self._run.array_handles.get(id(value))
@@ -233,7 +234,7 @@ class OrchContext:
     def _flush(self) -> None:
         if self._pending:
             batch, self._pending = self._pending, []
-            self._rt._send_tasks(self._run, batch)
+            self._host.send_tasks(self._run, batch)
 
 
 def _scalar(value: Any, i: int, kernel: str) -> int | float | bool:

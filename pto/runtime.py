@@ -3,9 +3,10 @@
 The life of a run: ``submit`` calls the orchestration function in the calling thread; each
 ``ctx.submit`` checks its arguments at once and queues a task record; records go to the
 broker in batches (pto/orchestration.py, and when the orchestration returns). The broker
-resolves dependencies and dispatches; the I/O thread receives results and, when the last
-task of a run ends, completes the run's ``Future`` with the orchestration's return value,
-or with ``TaskError`` naming the first failure.
+resolves dependencies and dispatches; results come back over pto/connection.py into the
+``RunBook`` (pto/runbook.py), which ends the run when its last task has ended; then its
+``Future`` gets the orchestration's return value, or ``TaskError`` naming the first
+failure, from a thread that holds no lock: the one waiting for it, or a completion thread.
 """
 
 from __future__ import annotations
@@ -13,64 +14,29 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
-import os
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from . import config, shm
 from . import protocol as P
-from . import shm
 from .connection import Connection
 from .embedded import EmbeddedBroker
-from .errors import BrokerLost, PtoError, TaskError, WorkerLost
+from .errors import BrokerLost, PtoError
 from .orchestration import OrchContext
 from .pickling import pickle_by_value
+from .run import Registration, Run
+from .runbook import RunBook
 from .security import curve_dir
-from .tensor import Segment, TensorHandle, TensorStore
+from .tensor import TensorStore
 from .trace import TraceRecorder
 
 log = logging.getLogger("pto.runtime")
-
-# Unfinished tasks per runtime before submitting waits: bounds client and broker memory
-# when an orchestration submits faster than the chips run.
-MAX_OUTSTANDING = int(os.environ.get("PTO_MAX_OUTSTANDING_TASKS", 100_000))
-
-
-@dataclass
-class _Registration:
-    name: str
-    orch: Callable[..., Any]
-    kernel_ids: dict[str, int]
-
-
-@dataclass(eq=False)
-class _Run:
-    """One call of an orchestration and the tasks it submitted."""
-
-    future: Future
-    outstanding: int = 0
-    submitted: int = 0
-    orch_done: bool = False
-    value: Any = None
-    error: BaseException | None = None
-    failures: list[P.Failure] = field(default_factory=list)
-    copy_back: list[tuple[np.ndarray, TensorHandle]] = field(default_factory=list)
-    array_handles: dict[int, tuple[np.ndarray, TensorHandle]] = field(default_factory=dict)
-    scoped: list[weakref.ref] = field(default_factory=list)  # segments allocated in a scope
-
-
-@dataclass(slots=True)
-class _TaskRecord:
-    run: _Run
-    kernel: str
-    chip: int
-    segments: list[Segment]
 
 
 class Runtime:
@@ -117,38 +83,36 @@ class Runtime:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self._closed = True  # until fully started, close() has nothing to do
-        self._lock = threading.RLock()
+        settings = config.load()
         self._owner = shm.new_owner()
         self._embedded: EmbeddedBroker | None = None
-        address = broker or os.environ.get("PTO_BROKER")
+        address = broker or settings.broker
         if address:
             _check_address(address)
         else:
-            self._embedded = EmbeddedBroker(devices or [0], self._owner)
+            self._embedded = EmbeddedBroker(devices or [0], self._owner, settings)
             address = self._embedded.address
-        trace = trace or os.environ.get("PTO_TRACE") or None
+        trace = trace or settings.trace
         self._trace = TraceRecorder(trace) if trace else None
+        keys = None if self._embedded else curve_dir(curve, settings)  # ipc needs none
         try:
             self._conn = Connection(address, self._owner, timeout,
                                     watch=self._embedded.exit_reason if self._embedded else None,
-                                    trace=self._trace is not None,
-                                    curve=curve_dir(curve) if not self._embedded else None)
+                                    trace=self._trace is not None, curve=keys)
             self.devices = self._wait_for_devices(devices, timeout)
         except BaseException:
             if self._embedded:
                 self._embedded.stop(keep_logs=True)
             raise
         self.address = address
-        self._store = TensorStore(self._owner, self._lock, self._conn.free)
-        self._registry: dict[str, _Registration] = {}
+        self._store = TensorStore(self._owner, threading.RLock(), self._conn.free, settings)
+        self._registry: dict[str, Registration] = {}
         self._kernel_ids = itertools.count(1)
-        self._task_ids = itertools.count(1)
-        self._tasks: dict[int, _TaskRecord] = {}
-        self._room = threading.Condition(self._lock)  # notified as tasks end
-        self._runs: set[_Run] = set()
         self._host_kernels: dict[int, tuple[Callable[..., Any], int]] = {}  # id(fn) -> (fn, id)
-        self._conn.on_message = self._on_message
-        self._conn.on_lost = self._on_lost
+        self._book = RunBook(self._conn, self._store, self.devices, self._trace,
+                             self._host_kernel, settings.max_outstanding_tasks)
+        self._conn.on_message = self._book.on_message
+        self._conn.on_lost = self._book.fail_all
         self._closed = False
         self._conn.start()
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -210,7 +174,7 @@ class Runtime:
             messages.append(P.RegisterKernel(kid, kname, kind, blob))
         for msg in messages:
             self._conn.send(msg)
-        self._registry[name] = _Registration(name, orch, kernel_ids)
+        self._registry[name] = Registration(name, orch, kernel_ids)
 
     # ---- running -----------------------------------------------------------------------
 
@@ -221,33 +185,28 @@ class Runtime:
         """
         return self._start(name, args).future
 
-    def _start(self, name: str, args: Any) -> _Run:
+    def _start(self, name: str, args: Any) -> Run:
         self._check_open()
         reg = self._registry.get(name)
         if reg is None:
             raise KeyError(f"no orchestration registered as {name!r}; "
                            f"registered: {sorted(self._registry)}")
-        future: Future = Future()
-        run = _Run(future)
-        with self._lock:
-            self._runs.add(run)
-        ctx = OrchContext(self, run, reg)
+        run = self._book.new_run()
+        run.future.add_done_callback(lambda f: f.cancelled() and self._cancel(run))
+        ctx = OrchContext(self._book, run, reg)
         try:
             value = reg.orch(ctx, args)
-            ctx._ended = True
-            ctx._flush()
+            ctx.finish()
         except BaseException as exc:
-            ctx._ended = True
             # Tasks submitted before the error still run (as if each submit were sent at
             # once); the run then raises the orchestration's error once they have ended.
             try:
-                ctx._flush()
+                ctx.finish()
             except PtoError:
                 pass
-            self._orch_finished(run, error=exc)
+            self._book.orch_finished(run, error=exc)
         else:
-            self._orch_finished(run, value=value)
-        future.add_done_callback(lambda f: f.cancelled() and self._cancel(run))
+            self._book.orch_finished(run, value=value)
         return run
 
     def run(self, name: str, args: Any = None, progress: bool = False,
@@ -260,44 +219,17 @@ class Runtime:
         """
         run = self._start(name, args)
         if progress:
-            _show_progress(run, self._conn.wait_until)
+            _show_progress(run, self._book.wait)
         # This thread receives the results itself while it waits: one wake-up less.
-        if not self._conn.wait_until(run.future.done, timeout) and not run.future.done():
+        if not self._book.wait(run, timeout) and not run.future.done():
             run.future.cancel()
             raise TimeoutError(f"run of {name!r} did not finish within {timeout:g}s; "
                                "its tasks not yet started were cancelled")
         return run.future.result()
 
-    def _orch_finished(self, run: _Run, value: Any = None, error: BaseException | None = None):
-        keep = {id(h._seg) for h in _handles_in(value)} if error is None else set()
-        for ref in run.scoped:
-            seg = ref()
-            if seg is not None and id(seg) not in keep:
-                self._store.release(seg)
-        run.scoped = []
-        with self._lock:
-            run.orch_done, run.value, run.error = True, value, error
-            finished = run.outstanding == 0
-        if finished:
-            self._complete(run)
-
-    def _send_tasks(self, run: _Run, batch: list[tuple[P.TaskSpec, str, list[Segment]]]) -> None:
-        with self._lock:
-            while len(self._tasks) >= MAX_OUTSTANDING and self._conn.lost is None:
-                self._room.wait(0.25)
-            if self._conn.lost is not None:
-                raise self._conn.lost
-            for spec, kernel, segments in batch:
-                self._tasks[spec.task] = _TaskRecord(run, kernel, spec.chip, segments)
-            run.outstanding += len(batch)
-            run.submitted += len(batch)
-        self._conn.send(P.Submit([spec for spec, _, _ in batch]))
-
-    def _cancel(self, run: _Run) -> None:
-        with self._lock:
-            tids = [tid for tid, record in self._tasks.items() if record.run is run]
-        if tids and self._conn.lost is None and not self._closed:
-            self._conn.send(P.Cancel(tids))
+    def _cancel(self, run: Run) -> None:
+        if not self._closed:
+            self._book.cancel(run)
 
     def _host_kernel(self, fn: Callable[..., Any]) -> int:
         """The kernel id of a host sub-task function, registering it on first use."""
@@ -312,73 +244,6 @@ class Runtime:
         self._host_kernels[id(fn)] = (fn, kid)  # keeps fn alive, so id(fn) stays unique
         return kid
 
-    # ---- results (I/O thread) ----------------------------------------------------------
-
-    def _on_message(self, msg: P.Message) -> None:
-        if not isinstance(msg, P.Results):
-            return
-        if self._trace is not None:
-            self._trace.results(msg)
-        finished = []
-        with self._lock:
-            for tid in msg.done:
-                run = self._task_ended(tid)
-                if run is not None and run.outstanding == 0 and run.orch_done:
-                    finished.append(run)
-            for failure in msg.failed:
-                record = self._tasks.get(failure.task)
-                run = self._task_ended(failure.task)
-                if run is not None:
-                    run.failures.append(failure)
-                    if record is not None and not failure.kernel:
-                        failure.kernel = record.kernel
-                    if run.outstanding == 0 and run.orch_done:
-                        finished.append(run)
-            self._room.notify_all()
-        for run in finished:
-            self._complete(run)
-
-    def _task_ended(self, tid: int) -> _Run | None:
-        record = self._tasks.pop(tid, None)
-        if record is None:
-            return None
-        for seg in record.segments:
-            self._store.release_use(seg)
-        record.run.outstanding -= 1
-        return record.run
-
-    def _complete(self, run: _Run) -> None:
-        with self._lock:
-            if run not in self._runs:
-                return
-            self._runs.discard(run)
-        if not run.future.set_running_or_notify_cancel():
-            # Cancelled: nobody gets the value, so its tensors must not outlive the run.
-            run.value = None
-            run.copy_back.clear()
-            run.array_handles.clear()
-            return
-        if run.error is not None:
-            run.future.set_exception(run.error)
-        elif run.failures:
-            run.future.set_exception(_task_error(run.failures))
-        else:
-            try:
-                for array, handle in run.copy_back:
-                    array[...] = handle.numpy()
-            except BaseException as exc:
-                run.future.set_exception(exc)
-            else:
-                run.future.set_result(run.value)
-
-    def _on_lost(self, exc: BrokerLost) -> None:
-        with self._lock:
-            runs, self._runs = list(self._runs), set()
-            self._tasks.clear()
-        for run in runs:
-            if run.future.set_running_or_notify_cancel():
-                run.future.set_exception(exc)
-
     # ---- life --------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -392,13 +257,15 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
+        # Runs still in flight end first, so their waiters see why instead of a closed socket.
+        self._book.fail_all(BrokerLost("the runtime was closed while this run was in flight"))
         self._conn.close()
         if self._trace is not None:
             try:
                 self._trace.write()
             except OSError as exc:
                 log.error("cannot write trace %s: %s", self._trace.path, exc)
-        self._on_lost(BrokerLost("the runtime was closed while this run was in flight"))
+        self._book.close()  # resolves the futures still queued while their tensors exist
         self._store.close()
         if self._embedded is not None:
             self._embedded.stop()
@@ -420,15 +287,14 @@ class Runtime:
         return f"<pto.Runtime host {self.address} {state}>"
 
 
-def _show_progress(run: _Run, wait_until: Callable[[Callable[[], bool], float], bool],
-                   width: int = 30) -> None:
+def _show_progress(run: Run, wait: Callable[[Run, float], bool], width: int = 30) -> None:
     """Draw ``[#####.....] done/total tasks`` on stderr until the run ends (only the final
     line when stderr is not a terminal)."""
     live = sys.stderr.isatty()
     while True:
         total = run.submitted
         done = total - run.outstanding
-        finished = run.future.done()
+        finished = run.finished
         if live or finished:
             filled = width * done // total if total else width
             bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks"
@@ -436,7 +302,7 @@ def _show_progress(run: _Run, wait_until: Callable[[Callable[[], bool], float], 
             sys.stderr.flush()
         if finished:
             return
-        wait_until(run.future.done, 0.1)
+        wait(run, 0.1)
 
 
 def _python_kernel(what: str, fn: Callable[..., Any]) -> bytes:
@@ -483,25 +349,6 @@ def _check_devices(devices: Any) -> list[int]:
     if len(set(out)) != len(out):
         raise ValueError(f"devices must not repeat: {devices!r}")
     return [int(d) for d in out]
-
-
-def _handles_in(value: Any, depth: int = 0) -> Iterator[TensorHandle]:
-    """Tensor handles in a return value (through lists, tuples, sets and dict values)."""
-    if isinstance(value, TensorHandle):
-        yield value
-    elif depth < 8 and isinstance(value, (list, tuple, set, frozenset)):
-        for item in value:
-            yield from _handles_in(item, depth + 1)
-    elif depth < 8 and isinstance(value, dict):
-        for item in value.values():
-            yield from _handles_in(item, depth + 1)
-
-
-def _task_error(failures: list[P.Failure]) -> TaskError:
-    roots = [f for f in failures if f.root == f.task] or failures
-    first = min(roots, key=lambda f: f.task)
-    cls = WorkerLost if first.lost else TaskError
-    return cls(first.kernel, first.chip, first.reason, failed=len(failures))
 
 
 def _close_at_exit(ref: weakref.ref) -> None:

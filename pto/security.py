@@ -15,9 +15,16 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from . import config
 
-def curve_dir(explicit: str | None = None) -> str | None:
-    return explicit or os.environ.get("PTO_CURVE_DIR") or None
+
+def curve_dir(explicit: str | None = None,
+              settings: config.Config | None = None) -> str | None:
+    """The CURVE key directory to use: ``explicit``, else ``PTO_CURVE_DIR`` (from
+    ``settings``, or read now), else None (no CURVE)."""
+    if explicit:
+        return explicit
+    return (settings or config.load()).curve_dir
 
 
 def _load(path: str) -> tuple[bytes, bytes | None]:

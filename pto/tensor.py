@@ -252,6 +252,12 @@ def segment_of(handle: TensorHandle) -> Segment:
     return handle._seg
 
 
+def usable_segment(handle: TensorHandle) -> Segment:
+    """``segment_of(handle)``, or ``TensorFreed`` if the handle may no longer be used."""
+    handle._check()
+    return handle._seg
+
+
 def _unmap(mapping: _Mapping) -> None:
     """Unmap now unless a numpy view still uses the mapping (then it goes with the view)."""
     mm = mapping.mm

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol as P
+from .sockets import chip_label, host_index, is_host_chip
 
 
 @dataclass
@@ -56,10 +57,10 @@ class TraceRecorder:
             {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "pto"}}]
         tracks: set[int] = set()
         ends: dict[int, tuple[int, float]] = {}  # task -> (track, end) of its last member
-        for tid, rec in tasks.items():
+        for task, rec in tasks.items():
             for m in rec.members:
                 tracks.add(m.chip)
-                args = {"task": tid, "rank": m.rank, "world": len(rec.chips),
+                args = {"task": task, "rank": m.rank, "world": len(rec.chips),
                         "bytes": rec.nbytes, "submit_us": _us(rec.submit),
                         "ready_us": _us(m.ready), "dispatch_us": _us(m.dispatch),
                         "deps": m.deps}
@@ -70,12 +71,12 @@ class TraceRecorder:
                 events.append({"ph": "X", "name": rec.kernel, "cat": "task", "pid": 1,
                                "tid": _track(m.chip), "ts": _us(m.start),
                                "dur": max(_us(m.end) - _us(m.start), 0.001), "args": args})
-                if tid not in ends or ends[tid][1] < m.end:
-                    ends[tid] = (m.chip, m.end)
+                if task not in ends or ends[task][1] < m.end:
+                    ends[task] = (m.chip, m.end)
             if rec.failure and not rec.members:  # never ran: a mark where it was submitted
                 events.append({"ph": "i", "s": "g", "name": f"{rec.kernel} (not run)",
                                "pid": 1, "tid": _track(rec.chips[0]), "ts": _us(rec.submit),
-                               "args": {"task": tid, "failure": rec.failure}})
+                               "args": {"task": task, "failure": rec.failure}})
         flow = 0
         for rec in tasks.values():
             for m in rec.members:
@@ -89,9 +90,8 @@ class TraceRecorder:
                     events.append({"ph": "f", "bp": "e", "id": flow, "name": "dep", "cat": "dep",
                                    "pid": 1, "tid": _track(m.chip), "ts": _us(m.start)})
         for chip in sorted(tracks):
-            name = f"chip {chip}" if chip >= 0 else f"host worker {-1 - chip}"
             events.append({"ph": "M", "name": "thread_name", "pid": 1, "tid": _track(chip),
-                           "args": {"name": name}})
+                           "args": {"name": chip_label(chip)}})
         return events
 
     def write(self, path: str | None = None) -> str:
@@ -107,4 +107,4 @@ def _us(seconds: float) -> float:
 
 def _track(chip: int) -> int:
     # Track ids from 1 (some Perfetto versions merge track 0 into 1); host workers last.
-    return chip + 1 if chip >= 0 else 1000 - chip
+    return 1001 + host_index(chip) if is_host_chip(chip) else chip + 1

@@ -119,7 +119,7 @@ def test_a_failed_write_does_not_poison_the_next_tensor_on_that_segment(rt4):
 
 
 def test_the_cache_is_bounded_and_unlinked_at_close(monkeypatch):
-    monkeypatch.setattr(pto.tensor, "POOL_BYTES", 3 * MIB)
+    monkeypatch.setenv("PTO_SEGMENT_POOL_BYTES", str(3 * MIB))  # read at start
 
     def five(ctx, args):
         return [ctx.alloc(MIB // 8, np.float64) for _ in range(5)]
@@ -135,7 +135,7 @@ def test_the_cache_is_bounded_and_unlinked_at_close(monkeypatch):
 
 
 def test_no_cache_when_its_size_is_zero(monkeypatch):
-    monkeypatch.setattr(pto.tensor, "POOL_BYTES", 0)
+    monkeypatch.setenv("PTO_SEGMENT_POOL_BYTES", "0")
     with pto.Runtime(level="host", platform="sim", devices=[0]) as rt:
         rt.register("cache_off", orch=lambda ctx, args: ctx.alloc(N, np.float64))
         h = rt.run("cache_off")

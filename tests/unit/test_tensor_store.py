@@ -33,11 +33,11 @@ def test_small_segments_are_unlinked_and_large_ones_kept(store):
     store.release(small)
     store.release(big)
     assert not exists(small.name) and not exists(big.name)
-    assert exists(shm.cache_name(store.owner, big.tid)) and store.pooled == 2 * MIB
-    assert store.notes == [(small.tid, False), (big.tid, True)]
+    assert exists(shm.cache_name(store.owner, big.tensor_id)) and store.pooled == 2 * MIB
+    assert store.notes == [(small.tensor_id, False), (big.tensor_id, True)]
     again = store.create(2 * MIB)
-    assert again.tid == big.tid and exists(again.name) and store.pooled == 0
-    assert store.create(3 * MIB).tid != big.tid  # another size: a new segment
+    assert again.tensor_id == big.tensor_id and exists(again.name) and store.pooled == 0
+    assert store.create(3 * MIB).tensor_id != big.tensor_id  # another size: a new segment
 
 
 def test_reuse_zeroes_unless_told_the_bytes_will_all_be_written(store):
@@ -45,25 +45,25 @@ def test_reuse_zeroes_unless_told_the_bytes_will_all_be_written(store):
     seg.buf[:] = 9
     store.release(seg)
     zeroed = store.create(MIB)
-    assert zeroed.tid == seg.tid and not zeroed.buf.any()
+    assert zeroed.tensor_id == seg.tensor_id and not zeroed.buf.any()
     zeroed.buf[:] = 9
     store.release(zeroed)
     raw = store.create(MIB, zero=False)
-    assert raw.tid == seg.tid and raw.buf[0] == 9
+    assert raw.tensor_id == seg.tensor_id and raw.buf[0] == 9
 
 
 def test_a_segment_viewed_here_is_not_kept(store):
     seg = store.create(MIB)
     view = seg.buf[10:20]
     store.release(seg)
-    assert store.pooled == 0 and store.notes == [(seg.tid, False)]
+    assert store.pooled == 0 and store.notes == [(seg.tensor_id, False)]
     assert view.size == 10  # still readable: the mapping goes with the view
 
 
 def test_a_full_shm_drops_kept_segments_and_retries(store, monkeypatch):
     seg = store.create(2 * MIB)
     store.release(seg)
-    kept = shm.cache_name(store.owner, seg.tid)
+    kept = shm.cache_name(store.owner, seg.tensor_id)
     real_create, calls = shm.create, []
 
     def full_once(name, nbytes):
@@ -75,7 +75,7 @@ def test_a_full_shm_drops_kept_segments_and_retries(store, monkeypatch):
     monkeypatch.setattr(shm, "create", full_once)
     other = store.create(5 * MIB)
     assert len(calls) == 2 and exists(other.name)
-    assert not exists(kept) and store.pooled == 0 and (seg.tid, False) in store.notes
+    assert not exists(kept) and store.pooled == 0 and (seg.tensor_id, False) in store.notes
 
 
 def test_out_of_memory_with_nothing_kept_is_raised(store, monkeypatch):
@@ -90,7 +90,7 @@ def test_out_of_memory_with_nothing_kept_is_raised(store, monkeypatch):
 def test_close_unlinks_live_and_kept_segments(store):
     live, kept = store.create(2 * MIB), store.create(2 * MIB)
     store.release(kept)
-    names = [live.name, shm.cache_name(store.owner, kept.tid)]
+    names = [live.name, shm.cache_name(store.owner, kept.tensor_id)]
     assert all(map(exists, names))
     store.close()
     assert not any(map(exists, names))
@@ -99,7 +99,7 @@ def test_close_unlinks_live_and_kept_segments(store):
 def test_a_kept_segment_removed_behind_our_back_is_replaced(store):
     seg = store.create(2 * MIB)
     store.release(seg)
-    os.unlink(shm.SHM_DIR + shm.cache_name(store.owner, seg.tid))
+    os.unlink(shm.SHM_DIR + shm.cache_name(store.owner, seg.tensor_id))
     again = store.create(2 * MIB)
-    assert again.tid != seg.tid and exists(again.name)
-    assert store.notes[-1] == (seg.tid, False)  # workers drop their mapping of the old one
+    assert again.tensor_id != seg.tensor_id and exists(again.name)
+    assert store.notes[-1] == (seg.tensor_id, False)  # workers drop their mapping of the old one
