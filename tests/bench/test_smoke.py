@@ -1,5 +1,8 @@
 """Smoke test of the benchmark suite: ``python -m benchmarks --quick`` runs and writes
 results of the expected shape. No timing thresholds: figures on a shared machine vary.
+
+The chart (results.png) needs matplotlib, which only the ``bench`` extra installs: where
+it is missing, the chart's test is skipped (saying so) and the run must say it drew none.
 """
 
 from __future__ import annotations
@@ -34,14 +37,22 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def test_quick_noop_and_roundtrip(tmp_path):
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, list[str]]:
+    """One ``--quick`` run of the noop and roundtrip cases, shared by the tests below."""
+    out = tmp_path_factory.mktemp("bench")
     systems = _importable_systems()
     env = {k: v for k, v in os.environ.items() if k != "PTO_BROKER"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--cases", "noop,roundtrip",
-         "--repeats", "1", "--systems", ",".join(systems), "--out", str(tmp_path)],
+         "--repeats", "1", "--systems", ",".join(systems), "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc, out, systems
+
+
+def test_quick_noop_and_roundtrip(quick_run):
+    proc, tmp_path, systems = quick_run
     assert "1. no-op throughput" in proc.stdout and "2. single-task round trip" in proc.stdout
 
     result = json.loads((tmp_path / "results.json").read_text())
@@ -61,4 +72,14 @@ def test_quick_noop_and_roundtrip(tmp_path):
         assert pto_row["ratio_to_pto"] == pytest.approx(1.0)
     for target in result["targets"]:
         assert isinstance(target["met"], bool) and target["target"] and target["detail"]
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "no chart: matplotlib is not installed" in proc.stdout
+        assert not (tmp_path / "results.png").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                    reason="the chart needs matplotlib, from the bench extra: "
+                           "pip install -e '.[bench]'")
+def test_quick_run_draws_the_chart(quick_run):
+    _, tmp_path, _ = quick_run
     assert (tmp_path / "results.png").stat().st_size > 0
