@@ -52,7 +52,7 @@ def test_doc_block_runs(code, tmp_path):
 
 def test_the_docs_exist_and_readme_links_them():
     readme = (REPO / "README.md").read_text()
-    for name in ("architecture", "api", "operator", "migration"):
+    for name in ("architecture", "api", "operator", "migration", "cluster"):
         assert (DOCS / f"{name}.md").exists()
         assert f"(docs/{name}.md)" in readme
 
