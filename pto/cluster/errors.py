@@ -65,7 +65,9 @@ def from_ray(exc: BaseException, host_of_actor: dict[str, int], host: int) -> Ba
         actor = getattr(exc, "actor_id", None)
         lost = host_of_actor.get(actor, host) if isinstance(actor, str) else host
         return HostLostError(lost, _actor_reason(exc))
-    if isinstance(exc, rex.ObjectLostError):
+    if isinstance(exc, rex.ActorUnschedulableError | rex.NodeDiedError):
+        return HostLostError(host, f"its Ray node is gone ({type(exc).__name__})")
+    if isinstance(exc, rex.ObjectLostError | rex.WorkerCrashedError):
         return HostLostError(host, f"a result on it was lost ({type(exc).__name__})")
     return exc
 
