@@ -122,3 +122,12 @@ def test_importing_pto_reads_no_variable():
                                "PTO_RELEASE_BACKLOG_BYTES": "x", "PTO_SEGMENT_POOL_BYTES": "x",
                                "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, cwd=REPO)
     assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
+
+
+def test_a_runtime_with_a_bad_variable_fails_before_starting_anything(monkeypatch):
+    import pto
+
+    monkeypatch.delenv("PTO_BROKER", raising=False)
+    monkeypatch.setenv("PTO_MAX_OUTSTANDING_TASKS", "lots")
+    with pytest.raises(config.ConfigError, match="PTO_MAX_OUTSTANDING_TASKS='lots'"):
+        pto.Runtime(level="host", platform="sim", devices=[0])
