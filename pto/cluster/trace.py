@@ -1,11 +1,12 @@
 """One Chrome trace-event JSON (Perfetto) for a cluster runtime.
 
-Layout: process 0 is the driver (a track of L4 runs); process ``h + 1`` is host ``h``,
-holding an "L3 runs" track, a "transfers in" track (each cross-host fetch: source host,
-bytes, time in Ray, time of the copy into shm) and that host's per-chip tracks exactly as
-its L3 runtime traced them (pto/trace.py). Runs and transfers overlap, so they are async
-slices (``b``/``e``). Each host's times are its ``time.monotonic()`` shifted to wall-clock
-time with the offset it reports; everything is then relative to the first event.
+Layout: process 0 is the driver (a track of L4 runs, one of L3 submits); process
+``h + 1`` is host ``h``, holding an "L3 runs" track, a "transfers in" track (each
+cross-host fetch: source host, bytes, time in Ray, time of the copy into shm) and that
+host's per-chip tracks exactly as its L3 runtime traced them (pto/trace.py). Runs and
+transfers overlap, so they are async slices (``b``/``e``). Each host's times are its
+``time.monotonic()`` shifted to wall-clock time with the offset it reports; everything is
+then relative to the first event.
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ class ClusterTrace:
         self.path = path
         self._lock = threading.Lock()
         self._l4: list[tuple[str, float, float, str | None]] = []
+        self._submits: list[tuple[int, int, str, float]] = []
 
     def submitted(self, run_id: int, host: int, entry: str, t: float) -> None:
-        """An L3 run was sent (the host records when it ran; nothing to keep here yet)."""
+        """An L3 run was sent to ``host`` at wall-clock time ``t`` (the host records when
+        it ran)."""
+        with self._lock:
+            self._submits.append((run_id, host, entry, t))
 
     def l4_run(self, name: str, start: float, end: float, error: BaseException | None) -> None:
         with self._lock:
@@ -46,8 +51,8 @@ class ClusterTrace:
             except ray.exceptions.RayError as exc:  # a lost host: its part is gone with it
                 hosts.append({"host": host, "lost": f"{type(exc).__name__}"})
         with self._lock:
-            l4 = list(self._l4)
-        events = build_events(l4, hosts, [f"{n.ip} {n.node_id[:8]}" for n in nodes])
+            l4, submits = list(self._l4), list(self._submits)
+        events = build_events(l4, hosts, [f"{n.ip} {n.node_id[:8]}" for n in nodes], submits)
         path = path or self.path
         with open(path, "w") as f:
             json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
@@ -55,13 +60,19 @@ class ClusterTrace:
 
 
 def build_events(l4: list[tuple[str, float, float, str | None]], hosts: list[dict[str, Any]],
-                 node_names: list[str]) -> list[dict[str, Any]]:
-    """The trace events for the driver's L4 runs and each host's records (wall-clock s)."""
+                 node_names: list[str], submits: list[tuple[int, int, str, float]] = ()
+                 ) -> list[dict[str, Any]]:
+    """The trace events for the driver's L4 runs and L3 submits and each host's records
+    (times in wall-clock seconds)."""
     events: list[dict[str, Any]] = [_meta("process_name", 0, None, "pto driver (L4)"),
-                                    _meta("thread_name", 0, 1, "L4 runs")]
+                                    _meta("thread_name", 0, 1, "L4 runs"),
+                                    _meta("thread_name", 0, 2, "L3 submits")]
     for i, (name, start, end, error) in enumerate(l4):
         args = {"error": error} if error else {}
         events += _async(name, "l4run", i + 1, 0, 1, start * 1e6, end * 1e6, args)
+    for run_id, host, entry, t in submits:
+        events.append({"ph": "i", "s": "t", "name": f"{entry} -> host {host}", "cat": "submit",
+                       "pid": 0, "tid": 2, "ts": t * 1e6, "args": {"run": run_id}})
     for rec in hosts:
         host = rec["host"]
         pid = host + 1

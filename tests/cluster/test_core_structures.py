@@ -140,7 +140,8 @@ def test_the_trace_has_a_process_per_host_with_runs_transfers_and_chips():
          "chips": [{"ph": "s", "id": 1, "pid": 1, "tid": 1, "ts": 2.2e6}]},
         {"host": 2, "lost": "ActorDiedError"},
     ]
-    events = build_events([("l4", 1000.5, 1004.0, None)], hosts, ["ip a", "ip b", "ip c"])
+    events = build_events([("l4", 1000.5, 1004.0, None)], hosts, ["ip a", "ip b", "ip c"],
+                          [(1, 0, "produce", 1000.6), (2, 1, "reduce", 1000.7)])
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
     assert names == {0: "pto driver (L4)", 1: "host 0 (ip a)", 2: "host 1 (ip b)",
                      3: "host 2 (ip c) lost: ActorDiedError"}
@@ -150,6 +151,9 @@ def test_the_trace_has_a_process_per_host_with_runs_transfers_and_chips():
     transfer = next(e for e in events if e.get("cat") == "transfer" and e["ph"] == "b")
     assert transfer["pid"] == 2 and transfer["args"]["bytes"] == 64
     assert transfer["args"]["ray_us"] == 250000.0 and transfer["args"]["copy_us"] == 250000.0
+    submits = [e for e in events if e.get("cat") == "submit"]
+    assert [(e["pid"], e["name"]) for e in submits] == [(0, "produce -> host 0"),
+                                                        (0, "reduce -> host 1")]
     fill_ev = next(e for e in events if e.get("name") == "fill")
     assert fill_ev["pid"] == 1
     # host times are shifted by their offset to one clock, then made relative to the first
