@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 from . import report
-from .child import SYSTEMS
+from .child import SYSTEMS, cases_of
 from .common import CASES, Config
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "benchmarks" / "launch.py"
-ORDER = ("floor", "pool", "executor", "pto", "ray", "dask")
+ORDER = ("floor", "pool", "executor", "pto", "ray", "dask", "cluster")
 
 
 def _csv(text: str, allowed) -> list[str]:
@@ -161,13 +161,15 @@ def main(argv=None) -> int:
           flush=True)
     system_cases = [c for c in a.cases if c != "launch"]
     for key in [k for k in ORDER if k in a.systems] if system_cases else []:
+        if not cases_of(key, system_cases):
+            continue
         needs = SYSTEMS[key][2]
         if needs and importlib.util.find_spec(needs) is None:
             result["skipped"][key] = f"{needs} is not installed (pip install -e '.[bench]')"
             print(f"  {key}: skipped ({needs} not installed)", flush=True)
             continue
         t = time.monotonic()
-        got = run_system(key, system_cases, cfg, logs, timeout)
+        got = run_system(key, cases_of(key, system_cases), cfg, logs, timeout)
         for case, rows in got["rows"].items():
             result["cases"][case]["rows"] += rows
         if got["errors"]:

@@ -130,6 +130,16 @@ def scaling(system, cfg) -> list[dict]:
     return rows
 
 
+def cluster(system, cfg) -> list[dict]:
+    """L4 on a 2-host LocalCluster, pto and plain Ray on the same nodes (only the cluster
+    system: benchmarks/cluster_system.py holds the case, which needs Ray)."""
+    if not hasattr(system, "handoff_l4"):
+        return []
+    from .cluster_system import cluster_case
+
+    return cluster_case(system, cfg)
+
+
 def fairness(system, cfg) -> list[dict]:
     """A small client's single-task runs while another client of the same broker floods
     ``flood_tasks`` no-op tasks on 2 chips, next to the same runs with the broker idle

@@ -26,7 +26,19 @@ SYSTEMS = {
     "pto": ("benchmarks.pto_system", "PtoSystem", "pto"),
     "ray": ("benchmarks.ray_system", "RaySystem", "ray"),
     "dask": ("benchmarks.dask_system", "DaskSystem", "distributed"),
+    "cluster": ("benchmarks.cluster_system", "ClusterSystem", "ray"),
 }
+# systems that run only some cases, and cases only they run
+ONLY_CASES = {"cluster": ("cluster",)}
+
+
+def cases_of(system: str, cases: list[str]) -> list[str]:
+    """The cases of ``cases`` that ``system`` runs."""
+    own = ONLY_CASES.get(system)
+    if own is not None:
+        return [c for c in cases if c in own]
+    exclusive = {c for only in ONLY_CASES.values() for c in only}
+    return [c for c in cases if c not in exclusive]
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 MiB = 1 << 20
 
-CASES = ("noop", "roundtrip", "chain", "handoff", "scaling", "fairness", "launch")
+CASES = ("noop", "roundtrip", "chain", "handoff", "scaling", "fairness", "launch", "cluster")
 
 
 @dataclass
@@ -27,6 +27,11 @@ class Config:
     # while a small client times single-task runs, for at most ``fairness_limit_s``
     flood_tasks: int = 400_000
     fairness_limit_s: float = 120.0
+    # cluster (L4 on a 2-host LocalCluster, pto and plain Ray side by side)
+    cluster_handoff_mib: list[int] = field(default_factory=lambda: [1, 64, 256])
+    cluster_chain: int = 50  # consecutive same-host L3 runs in one L4 run
+    cluster_trips: int = 200  # actor calls / empty L4 runs per repeat
+    cluster_runs: int = 1_000  # small L3 runs from one L4 orchestration
     seed: int = 7
 
     @classmethod
@@ -35,7 +40,8 @@ class Config:
             return cls(repeats=repeats or 5)
         return cls(quick=True, repeats=repeats or 3, noop_tasks=2_000, trips=300,
                    chain_tasks=200, handoff_mib=[1, 64], scaling_tasks=[1_000, 10_000],
-                   flood_tasks=40_000, fairness_limit_s=60.0)
+                   flood_tasks=40_000, fairness_limit_s=60.0, cluster_handoff_mib=[1, 64],
+                   cluster_chain=20, cluster_trips=50, cluster_runs=200)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -48,13 +48,30 @@ def _target(text: str, met: bool, detail: str, issue: int = 7) -> dict:
 
 
 def targets(cases: dict) -> list[dict]:
-    """Issue 7's and issue 14's targets that this run's rows can decide."""
-    return _targets_7(cases) + _targets_14(cases)
+    """Issues 7's, 14's and 13's targets that this run's rows can decide."""
+    return _targets_7(cases) + _targets_14(cases) + _targets_13(cases)
 
 
 def _row_of(cases: dict, case: str, system: str) -> dict | None:
     return next((r for r in cases.get(case, {}).get("rows", [])
                  if r["system"] == system and "error" not in r), None)
+
+
+def _targets_13(cases: dict) -> list[dict]:
+    rows = [r for r in cases.get("cluster", {}).get("rows", []) if r["system"] == "pto-l4"]
+    out = []
+    for r in [r for r in rows if "size_mib" in r]:
+        out.append(_target(f"L4 cross-host handoff {r['size_mib']} MiB <= 1.25x plain Ray",
+                           r["ratio_to_ray"] <= 1.25, f"{r['ms']:.1f} ms, "
+                           f"{r['ratio_to_ray']:.2f}x Ray's", 13))
+    same = next((r for r in rows if "handoffs" in r), None)
+    if same:
+        out.append(_target("L4 same-host consecutive runs copy 0 bytes", same["bytes_copied"] == 0,
+                           f"{same['bytes_copied']:,} B over {same['handoffs']} handoffs", 13))
+        out.append(_target("L4 same-host run overhead <= 2x a bare Ray actor round trip",
+                           same["ratio_to_ray"] <= 2, f"{same['us']:.0f} us per run, "
+                           f"{same['ratio_to_ray']:.2f}x the actor call's", 13))
+    return out
 
 
 def _targets_14(cases: dict) -> list[dict]:
@@ -193,6 +210,10 @@ TABLES = {
         ("broker MiB peak", "broker_peak_rss_mib", "{:.1f}"),
         ("peak live", "peak_live_tasks", "{:,}"), ("B/live task", "bytes_per_live_task",
                                                    "{:,.0f}")]),
+    "cluster": ("8. L4 on a 2-host LocalCluster: pto and plain Ray on the same two nodes", [
+        ("ms", "ms", "{:.2f}"), ("us", "us", "{:.0f}"), ("runs/s", "runs_per_s", "{:,.0f}"),
+        ("vs Ray", "ratio_to_ray", "{:.2f}x"), ("bytes copied", "bytes_copied", "{:,}"),
+        ("open ms", "open_ms", "{:.0f}")]),
     "fairness": ("6. fairness: a small client's 1-task runs while another client floods (pto)", [
         ("runs", "runs", "{:,}"), ("p50 ms", "median_ms", "{:.2f}"), ("p99 ms", "p99_ms",
                                                                       "{:.2f}"),
@@ -211,6 +232,11 @@ NOTES = {
                "Pools: counted pickled bytes. Ray/Dask: by design (not measured).",
     "scaling": "B/live task = (broker peak RSS - idle RSS) / peak live tasks (submitted - "
                "finished, sampled every 5 ms with the RSS).",
+    "cluster": "vs Ray = pto time / plain Ray time (<1: pto is faster). Handoff bytes copied: "
+               "pto = producer shm -> its object store + object store -> consumer shm (from "
+               "rt.stats()); Ray = the producer's result into the object store; both also "
+               "have Ray's node-to-node transfer. Same-host run = (chain of K - chain of 0) / "
+               "K, each run one task on the Ref it got (bytes copied from rt.stats()).",
     "fairness": "one broker, 2 chips; the flood is a second client process (many_noops over "
                 "both chips, bounded in time); the small client's runs are timed from the "
                 "flood's start to its end.",
@@ -253,7 +279,7 @@ def print_tables(result: dict) -> None:
         for case, msg in errs.items():
             print(f"\nERROR {key} {case}: {msg}")
     if result["targets"]:
-        print("\ntargets of issues 7 and 14 (this run):")
+        print("\ntargets of issues 7, 14 and 13 (this run):")
         for t in result["targets"]:
             print(f"  [{'met' if t['met'] else 'MISSED':>6}] #{t.get('issue', 7)} {t['target']}: "
                   f"{t['detail']}")
