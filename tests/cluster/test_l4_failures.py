@@ -216,6 +216,10 @@ def test_a_crashed_host_fails_its_runs_within_seconds_and_the_other_host_serves(
     job0 = {**job, "host": 0, "args": {**job["args"], "sleep": 0.0, "log": str(tmp_path / "h0")}}
     np.testing.assert_array_equal(runtime.run("on_host", args=job0), data * 2.0)
     assert cluster.alive_hosts() == [0]
+    with pytest.raises(ValueError, match="already killed"):
+        cluster.kill_host(1)
+    with pytest.raises(ValueError, match="no host 2"):
+        cluster.kill_host(2)
     assert not _running(doomed)
     assert not segments_of(doomed), "the crashed host's shared memory outlived it"
     assert host_pids(cluster)  # host 0 is up
