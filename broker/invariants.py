@@ -6,7 +6,8 @@ broker never does. Each failed check raises AssertionError saying which rule bro
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
+from collections.abc import Iterable
 
 from .task import State, Task, queued_behind
 
@@ -19,7 +20,7 @@ def _fail(rule: str, task: Task | None = None) -> None:
     raise AssertionError(f"scheduler invariant broken: {rule}{where}")
 
 
-def check(tasks: dict[int, Task], ready: dict[int, deque[Task]],
+def check(tasks: dict[int, Task], ready: dict[int, Iterable[Task]],
           workers: list[tuple[int, int, dict[int, Task]]], barriers: set[int]) -> None:
     """``workers``: (worker, queue, in-flight gid -> task) of each connected worker."""
     for gid, t in tasks.items():

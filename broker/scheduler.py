@@ -13,6 +13,11 @@ the broker for a predecessor that is queued ahead of it on the same chip: it is 
 right behind it and names it in ``after``; the worker skips it if that predecessor
 failed. A chain of tasks on one chip thus costs no broker round trip per task.
 Dependencies themselves are ``broker.deps``'s.
+
+Clients share the chips fairly: each chip's ready queue (``broker.ready.ReadyQueue``)
+keeps a FIFO per client and serves the clients round-robin, one task per turn, so a
+client's small run is not queued behind another client's flood (what a worker already
+holds, at most its credit, still runs first: workers run in the order sent).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pto.sockets import HOST_QUEUE
 
 from .deps import Accesses, inputs_overwritten, overwrites
 from .invariants import check as check_invariants
+from .ready import ReadyQueue
 from .task import State, Task, check_transition, queued_behind
 
 log = logging.getLogger("pto.broker")
@@ -53,7 +59,7 @@ class Scheduler:
     def __init__(self, queues: Iterable[int] = ()):
         self._gids = itertools.count(1)
         self._tasks: dict[int, Task] = {}  # unfinished tasks by gid
-        self._ready: dict[int, deque[Task]] = {q: deque() for q in queues}
+        self._ready: dict[int, ReadyQueue] = {q: ReadyQueue() for q in queues}
         self._accesses = Accesses()
         self._workers: dict[int, _Worker] = {}
         self._queue_workers: dict[int, list[_Worker]] = {}
@@ -88,7 +94,7 @@ class Scheduler:
         slot = _Worker(worker, queue, limit)
         self._workers[worker] = slot
         self._queue_workers.setdefault(queue, []).append(slot)
-        self._ready.setdefault(queue, deque())
+        self._ready.setdefault(queue, ReadyQueue())
 
     def drop_client(self, client: int) -> None:
         """Forget a client: its tasks are DROPPED (dispatched ones stay in flight until
@@ -206,11 +212,14 @@ class Scheduler:
     def schedule(self) -> list[Assignment]:
         """Take ready work within each worker's room (its limit less what it holds).
 
-        Queues are FIFO. A group at the head of a queue reserves it: nothing behind it
-        goes until the group heads the queue of every one of its chips and every one of
-        those chips is idle (its worker holds no task), and then all its members go at
-        once, so they start together. Groups thus reach every worker in one global order,
-        so two groups sharing chips can never wait on each other.
+        Each queue is a ``broker.ready.ReadyQueue``: a FIFO per client, the clients
+        taking turns one task at a time, so one client's flood never holds another's task
+        back by more than a turn. A group reserves its chips for its client: nothing of
+        another client goes to them until the group heads its client's FIFO on every one
+        of its chips and every one of those chips is idle (its worker holds no task), and
+        then all its members go at once, so they start together. The group that became
+        ready first reserves all its chips, so two groups sharing chips never wait on
+        each other.
         """
         credit: dict[int, int] = {}
         idle: set[int] = set()
@@ -226,23 +235,23 @@ class Scheduler:
             progress = False
             for chip, queue in self._ready.items():
                 while queue and credit.get(chip, 0) > 0:
-                    task = queue[0]
+                    task = queue.head()
                     if len(task.chips) == 1:
-                        queue.popleft()
+                        queue.pop(task)
                         credit[chip] -= 1
                         idle.discard(chip)
                         self._move(task, State.DISPATCHED)
                         task.left = 1
                         out.append((self._assign(chip, task), task, 0, 0))
                         continue
-                    if not all(self._ready[c] and self._ready[c][0] is task
+                    if not all(self._ready[c].head() is task
                                and credit.get(c, 0) > 0 and c in idle for c in task.chips):
                         break
                     self._move(task, State.DISPATCHED)
                     task.left = len(task.chips)
                     self._barriers.add(task.gid)
                     for rank, c in enumerate(task.chips):
-                        self._ready[c].popleft()
+                        self._ready[c].pop(task)
                         credit[c] -= 1
                         idle.discard(c)
                         out.append((self._assign(c, task), task, rank, task.gid))
@@ -298,6 +307,8 @@ class Scheduler:
 
     def validate(self) -> None:
         """Check every invariant (slow: for tests); AssertionError names the broken one."""
+        for queue, ready in self._ready.items():
+            ready.check(queue)
         check_invariants(self._tasks, self._ready, [(w.worker, w.queue, w.inflight)
                                          for w in self._workers.values()], self._barriers)
 

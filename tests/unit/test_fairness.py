@@ -1,0 +1,226 @@
+"""Fairness between clients in each chip's ready queue, on the scheduler alone (no
+processes): one client floods, another's task goes within one round-robin turn; groups
+still start, in one global order, even next to a flood."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.ready import ReadyQueue
+from broker.scheduler import Scheduler
+from pto.args import ParamType
+from pto.protocol import ArgSpec, TaskSpec
+
+KERNEL = 7
+FLOOD, SMALL, THIRD = 1, 2, 3
+
+
+class Broker:
+    """A scheduler with a worker per chip (each holding at most ``limit`` tasks) and
+    clients that submit independent tasks; every step is followed by ``validate``."""
+
+    def __init__(self, chips=(0, 1), limit: int = 4, clients=(FLOOD, SMALL, THIRD)):
+        self.s = Scheduler(chips)
+        for client in clients:
+            self.s.add_client(client)
+            self.s.register_kernel(client, KERNEL, "k")
+        for chip in chips:
+            self.s.add_worker(chip, chip, limit)
+        self.next_tid = {c: 1 for c in clients}
+        self.held: dict[int, list[int]] = {c: [] for c in chips}  # gids per worker
+        self.order: list[tuple[int, int]] = []  # (client, task id) in dispatch order
+
+    def submit(self, client: int, n: int = 1, chip: int = 0, group=(),
+               tensor: int | None = None) -> list[int]:
+        specs = []
+        for _ in range(n):
+            tid = self.next_tid[client]
+            self.next_tid[client] += 1
+            args = [] if tensor is None else [ArgSpec(int(ParamType.INOUT), tensor, 0, 8, 12,
+                                                      [1])]
+            specs.append(TaskSpec(tid, chip, KERNEL, args, list(group)))
+        self.s.submit(client, specs)
+        self.s.validate()
+        return [spec.task for spec in specs]
+
+    def dispatch(self) -> list[tuple[int, int]]:
+        """One scheduling round: (client, task id) of each member sent, in order."""
+        got = []
+        for worker, task, rank, _barrier in self.s.schedule():
+            self.held[worker].append(task.gid)
+            if rank == 0:
+                got.append((task.client, task.task_id))
+        self.order += got
+        self.s.validate()
+        return got
+
+    def finish(self, chip: int, count: int | None = None) -> None:
+        """The worker of ``chip`` reports its oldest ``count`` tasks (all) done."""
+        held = self.held[chip]
+        count = len(held) if count is None else count
+        done, self.held[chip] = held[:count], held[count:]
+        self.s.report(chip, done, [])
+        self.s.validate()
+
+    def results(self) -> dict[int, list[int]]:
+        return {c: done for c, (done, _failed, _times) in self.s.take_results().items()}
+
+
+def test_a_small_clients_task_goes_within_one_turn_of_a_flood():
+    b = Broker(chips=(0,), limit=4)
+    b.submit(FLOOD, 1000)
+    assert b.dispatch() == [(FLOOD, t) for t in (1, 2, 3, 4)]
+    (small,) = b.submit(SMALL)
+    b.finish(0, 2)  # room for two: one turn each
+    assert b.dispatch() == [(FLOOD, 5), (SMALL, small)]
+
+
+def test_clients_take_turns_one_task_each():
+    b = Broker(chips=(0,), limit=1)
+    b.submit(FLOOD, 5)
+    b.submit(SMALL, 2)
+    b.submit(THIRD, 2)
+    while b.s.has_ready():
+        b.dispatch()
+        b.finish(0)
+    assert [c for c, _ in b.order] == [FLOOD, SMALL, THIRD, FLOOD, SMALL, THIRD,
+                                       FLOOD, FLOOD, FLOOD]
+
+
+def test_each_client_keeps_its_own_order():
+    b = Broker(chips=(0,), limit=3)
+    b.submit(FLOOD, 20)
+    b.submit(SMALL, 20)
+    while b.s.has_ready():
+        b.dispatch()
+        b.finish(0)
+    for client in (FLOOD, SMALL):
+        assert [t for c, t in b.order if c == client] == list(range(1, 21))
+
+
+def _run_out(b: Broker, chips=(0, 1)) -> None:
+    """Dispatch and finish until nothing is queued or held."""
+    while b.s.has_ready() or any(b.held.values()):
+        b.dispatch()
+        for chip in chips:
+            b.finish(chip)
+
+
+def test_every_task_of_every_client_ends():
+    b = Broker(chips=(0, 1), limit=8)
+    b.submit(FLOOD, 100, chip=0)
+    b.submit(FLOOD, 100, chip=1)
+    b.submit(SMALL, 3, chip=1)
+    _run_out(b)
+    done = b.results()
+    assert sorted(done[FLOOD]) == list(range(1, 201)) and sorted(done[SMALL]) == [1, 2, 3]
+
+
+def test_a_small_clients_chain_across_chips_ends_while_the_flood_is_still_queued():
+    """Each task of the small client waits for the one before (INOUT on one tensor, chips
+    alternating): every step gets its turn, so the chain ends long before the flood."""
+    b = Broker(chips=(0, 1), limit=2)
+    b.submit(FLOOD, 500, chip=0)
+    b.submit(FLOOD, 500, chip=1)
+    b.dispatch()
+    steps = [b.submit(SMALL, chip=i % 2, tensor=1)[0] for i in range(6)]
+    done: list[int] = []
+    while len(done) < len(steps):
+        b.finish(0, 1)
+        b.finish(1, 1)
+        b.dispatch()
+        done += b.results().get(SMALL, [])
+    assert done == steps
+    assert [t for c, t in b.order if c == SMALL] == steps
+    left = b.s.unfinished()[FLOOD]
+    assert left > 900, f"the flood had only {left} tasks left: the chain waited behind it"
+
+
+def test_a_group_starts_next_to_a_flood_of_singles():
+    b = Broker(chips=(0, 1), limit=4)
+    b.submit(FLOOD, 1000, chip=0)
+    b.submit(FLOOD, 1000, chip=1)
+    b.dispatch()
+    (group,) = b.submit(SMALL, chip=0, group=(0, 1))
+    b.finish(0)
+    b.finish(1)
+    got = b.dispatch()
+    # Both chips idle and the group reserving them: it goes first, the flood after it.
+    assert got[0] == (SMALL, group) and got[1:] and all(c == FLOOD for c, _ in got[1:])
+
+
+def test_a_group_reserves_its_chips_until_they_are_idle():
+    b = Broker(chips=(0, 1), limit=4)
+    b.submit(FLOOD, 1000, chip=0)
+    b.submit(FLOOD, 1000, chip=1)
+    b.dispatch()
+    (group,) = b.submit(SMALL, chip=0, group=(0, 1))
+    b.finish(0)  # chip 1's worker still holds four flood tasks
+    assert b.dispatch() == []  # nothing goes to chip 0 either: it must stay idle
+    b.finish(1)
+    assert b.dispatch()[0] == (SMALL, group)
+
+
+def test_two_clients_groups_on_shared_chips_never_wait_on_each_other():
+    """Client FLOOD's group is queued behind its own single on chip 1; SMALL's group heads
+    SMALL's queues on both chips. The group that became ready first starts first."""
+    b = Broker(chips=(0, 1), limit=4)
+    b.submit(FLOOD, 1, chip=1)  # a single ahead of FLOOD's group on chip 1
+    (first,) = b.submit(FLOOD, chip=0, group=(0, 1))
+    (second,) = b.submit(SMALL, chip=0, group=(1, 0))
+    for _ in range(10):
+        b.dispatch()
+        b.finish(0)
+        b.finish(1)
+        if not b.s.has_ready():
+            break
+    groups = [(c, t) for c, t in b.order if (c, t) in ((FLOOD, first), (SMALL, second))]
+    assert groups == [(FLOOD, first), (SMALL, second)]
+
+
+def test_a_client_that_leaves_takes_its_queue_and_the_others_go_on():
+    b = Broker(chips=(0,), limit=1)
+    b.submit(FLOOD, 50)
+    b.submit(SMALL, 2)
+    b.dispatch()
+    b.s.drop_client(FLOOD)
+    b.s.validate()
+    while b.s.has_ready():
+        b.finish(0)
+        b.dispatch()
+    assert [t for c, t in b.order if c == SMALL] == [1, 2]
+
+
+def test_a_dead_workers_unstarted_tasks_go_back_first_of_their_client():
+    b = Broker(chips=(0,), limit=3)
+    b.submit(FLOOD, 10)
+    b.submit(SMALL, 3)
+    assert b.dispatch() == [(FLOOD, 1), (SMALL, 1), (FLOOD, 2)]
+    b.s.worker_lost(0, (0, 0), "worker of chip 0 died")  # none of them had started
+    b.s.validate()
+    b.held[0] = []
+    b.s.add_worker(0, 0, 3)
+    b.order = []
+    _run_out(b, chips=(0,))
+    assert [t for c, t in b.order if c == FLOOD] == list(range(1, 11))
+    assert [t for c, t in b.order if c == SMALL] == [1, 2, 3]
+
+
+def test_ready_queue_refuses_a_pop_out_of_turn_and_a_requeued_group():
+    q = ReadyQueue()
+    s = Scheduler([0, 1])
+    s.add_client(1)
+    s.register_kernel(1, KERNEL, "k")
+    s.submit(1, [TaskSpec(1, 0, KERNEL, []), TaskSpec(2, 0, KERNEL, []),
+                 TaskSpec(3, 0, KERNEL, [], [0, 1])])
+    first, second, group = s.queued(0)
+    s.validate()
+    q.append(first)
+    q.append(second)
+    with pytest.raises(ValueError, match="not the head"):
+        q.pop(second)
+    with pytest.raises(ValueError, match="never requeued"):
+        q.appendleft(group)
+    q.pop(first)
+    assert q.head() is second and len(q) == 1
+    q.check(0)
