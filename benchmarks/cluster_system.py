@@ -218,52 +218,70 @@ def _median_s(fn, *args, repeats: int) -> float:
 
 
 def cluster_case(system: ClusterSystem, cfg) -> list[dict]:
+    """Every measurement, each in its own section: one that fails is an error row, and the
+    others still run."""
     rows = [{"system": "cluster", "label": "LocalCluster(hosts=2, chips=2) start / runtime open",
-             "kind": "setup", "ms": system.start_s * 1e3,
-             "open_ms": system.open_s * 1e3}]
-    reps = cfg.repeats
-    for mib in cfg.cluster_handoff_mib:
-        nbytes = mib * MiB
-        for name, fn in ((PTO, system.handoff_l4), (RAY, system.handoff_ray)):
-            value = fn(nbytes)
-            if value != nbytes // 8:
-                raise AssertionError(f"{name} cross-host handoff of {mib} MiB summed to {value}")
-        before = system._moved()
-        t_pto = _median_s(system.handoff_l4, nbytes, repeats=reps)
-        after = system._moved()
-        runs = reps + 1
-        into_shm = (after["bytes_in"] - before["bytes_in"]) // runs
-        # producer shm -> its node's object store (the fetch's put), then store -> consumer shm
-        pto_copied = 2 * into_shm
-        t_ray = _median_s(system.handoff_ray, nbytes, repeats=reps)
-        rows.append(_row(PTO, f"handoff {mib} MiB host 0 -> 1", size_mib=mib, ms=t_pto * 1e3,
-                         ratio_to_ray=t_pto / t_ray, bytes_copied=pto_copied))
-        rows.append(_row(RAY, f"handoff {mib} MiB node 0 -> 1", size_mib=mib, ms=t_ray * 1e3,
-                         bytes_copied=nbytes))
-    k = cfg.cluster_chain
-    before = system._moved()
-    t_k = _median_s(system.chain_l4, k, repeats=reps)
-    t_0 = _median_s(system.chain_l4, 0, repeats=reps)
-    after = system._moved()
-    t_trip = _median_s(lambda: [system.actor_trip() for _ in range(cfg.cluster_trips)],
-                       repeats=reps) / cfg.cluster_trips
-    per_run = (t_k - t_0) / k
-    rows.append(_row(PTO, f"same-host run, chain of {k} on host 0", us=per_run * 1e6,
-                     ratio_to_ray=per_run / t_trip,
-                     bytes_copied=after["bytes_in"] - before["bytes_in"],
-                     handoffs=after["local_handoffs"] - before["local_handoffs"]))
-    rows.append(_row(RAY, "actor call round trip (node 0)", us=t_trip * 1e6))
-    t_empty = _median_s(lambda: [system.empty_l4() for _ in range(cfg.cluster_trips)],
-                        repeats=reps) / cfg.cluster_trips
-    t_empty_ray = _median_s(lambda: [system.empty_ray() for _ in range(cfg.cluster_trips)],
-                            repeats=reps) / cfg.cluster_trips
-    rows.append(_row(PTO, "empty L4 run over 2 hosts", us=t_empty * 1e6,
-                     ratio_to_ray=t_empty / t_empty_ray))
-    rows.append(_row(RAY, "an actor call on each node", us=t_empty_ray * 1e6))
-    n = cfg.cluster_runs
-    t_many = _median_s(system.many_l4, n, repeats=reps)
-    t_many_ray = _median_s(system.many_ray, n, repeats=reps)
-    rows.append(_row(PTO, f"{n:,} small L3 runs from one L4 run", runs_per_s=n / t_many,
-                     ratio_to_ray=t_many / t_many_ray))
-    rows.append(_row(RAY, f"{n:,} small tasks over 2 nodes", runs_per_s=n / t_many_ray))
+             "kind": "setup", "ms": system.start_s * 1e3, "open_ms": system.open_s * 1e3}]
+    sections = [(f"handoff {mib} MiB", _handoff, mib) for mib in cfg.cluster_handoff_mib]
+    sections += [("same-host runs", _same_host, None), ("empty L4 run", _empty, None),
+                 (f"{cfg.cluster_runs:,} small runs", _many, None)]
+    for what, measure, arg in sections:
+        try:
+            rows += measure(system, cfg, arg)
+        except Exception as exc:  # noqa: BLE001 - a failed measurement is a result
+            rows.append(_row(PTO, what, error=f"{type(exc).__name__}: {exc}"))
     return rows
+
+
+def _handoff(system: ClusterSystem, cfg, mib: int) -> list[dict]:
+    nbytes = mib * MiB
+    for name, fn in ((PTO, system.handoff_l4), (RAY, system.handoff_ray)):
+        value = fn(nbytes)
+        if value != nbytes // 8:
+            raise AssertionError(f"{name} cross-host handoff of {mib} MiB summed to {value}")
+    before = system._moved()
+    t_pto = _median_s(system.handoff_l4, nbytes, repeats=cfg.repeats)
+    after = system._moved()
+    into_shm = (after["bytes_in"] - before["bytes_in"]) // (cfg.repeats + 1)
+    # producer shm -> its node's object store (the fetch's put), then store -> consumer shm
+    pto_copied = 2 * into_shm
+    t_ray = _median_s(system.handoff_ray, nbytes, repeats=cfg.repeats)
+    return [_row(PTO, f"handoff {mib} MiB host 0 -> 1", size_mib=mib, ms=t_pto * 1e3,
+                 ratio_to_ray=t_pto / t_ray, bytes_copied=pto_copied),
+            _row(RAY, f"handoff {mib} MiB node 0 -> 1", size_mib=mib, ms=t_ray * 1e3,
+                 bytes_copied=nbytes)]
+
+
+def _same_host(system: ClusterSystem, cfg, _) -> list[dict]:
+    k, trips = cfg.cluster_chain, cfg.cluster_trips
+    before = system._moved()
+    t_k = _median_s(system.chain_l4, k, repeats=cfg.repeats)
+    t_0 = _median_s(system.chain_l4, 0, repeats=cfg.repeats)
+    after = system._moved()
+    t_trip = _median_s(lambda: [system.actor_trip() for _ in range(trips)],
+                       repeats=cfg.repeats) / trips
+    per_run = (t_k - t_0) / k
+    return [_row(PTO, f"same-host run, chain of {k} on host 0", us=per_run * 1e6,
+                 ratio_to_ray=per_run / t_trip,
+                 bytes_copied=after["bytes_in"] - before["bytes_in"],
+                 handoffs=after["local_handoffs"] - before["local_handoffs"]),
+            _row(RAY, "actor call round trip (node 0)", us=t_trip * 1e6)]
+
+
+def _empty(system: ClusterSystem, cfg, _) -> list[dict]:
+    trips = cfg.cluster_trips
+    t_pto = _median_s(lambda: [system.empty_l4() for _ in range(trips)],
+                      repeats=cfg.repeats) / trips
+    t_ray = _median_s(lambda: [system.empty_ray() for _ in range(trips)],
+                      repeats=cfg.repeats) / trips
+    return [_row(PTO, "empty L4 run over 2 hosts", us=t_pto * 1e6, ratio_to_ray=t_pto / t_ray),
+            _row(RAY, "an actor call on each node", us=t_ray * 1e6)]
+
+
+def _many(system: ClusterSystem, cfg, _) -> list[dict]:
+    n = cfg.cluster_runs
+    t_pto = _median_s(system.many_l4, n, repeats=cfg.repeats)
+    t_ray = _median_s(system.many_ray, n, repeats=cfg.repeats)
+    return [_row(PTO, f"{n:,} small L3 runs from one L4 run", runs_per_s=n / t_pto,
+                 ratio_to_ray=t_pto / t_ray),
+            _row(RAY, f"{n:,} small tasks over 2 nodes", runs_per_s=n / t_ray)]

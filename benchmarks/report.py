@@ -59,7 +59,10 @@ def _row_of(cases: dict, case: str, system: str) -> dict | None:
 
 def _targets_13(cases: dict) -> list[dict]:
     rows = [r for r in cases.get("cluster", {}).get("rows", []) if r["system"] == "pto-l4"]
-    out = []
+    failed = [r for r in rows if "error" in r]
+    out = [_target("every L4 measurement runs", False,
+                   "; ".join(f"{r['label']}: {r['error']}" for r in failed), 13)] if failed else []
+    rows = [r for r in rows if "error" not in r]
     for r in [r for r in rows if "size_mib" in r]:
         out.append(_target(f"L4 cross-host handoff {r['size_mib']} MiB <= 1.25x plain Ray",
                            r["ratio_to_ray"] <= 1.25, f"{r['ms']:.1f} ms, "
@@ -265,7 +268,8 @@ def print_tables(result: dict) -> None:
         print(" " * width + "".join(f"{h:>16}" for h, _, _ in cols))
         for r in rows:
             if "error" in r:
-                what = f"{r['size_mib']} MiB" if "size_mib" in r else f"{r.get('tasks', 0):,} tasks"
+                what = (f"{r['size_mib']} MiB" if "size_mib" in r else
+                        f"{r['tasks']:,} tasks" if "tasks" in r else "")
                 print(f"{r['label']:<{width}}  {what}: ERROR {r['error']}")
                 continue
             print(f"{r['label']:<{width}}" + "".join(f"{_fmt(r, k, f):>16}" for _, k, f in cols))
