@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pto.args import ParamType
 from pto.protocol import ArgSpec, Failure, unpack_args
 
-from .task import State, Task
+from .task import DONE, FAILED, Task
 
 _READS = frozenset({ParamType.INPUT, ParamType.INOUT})
 _WRITES = frozenset({ParamType.OUTPUT, ParamType.INOUT, ParamType.OUTPUT_EXISTING})
@@ -41,9 +41,9 @@ class _Access:
         """Unfinished tasks this failed write had been ordered after."""
         out: list[Task] = []
         for acc in self.shadow or ():
-            if acc.task.state < State.DONE:
+            if acc.task.state < DONE:
                 out.append(acc.task)
-            elif acc.task.state == State.FAILED:
+            elif acc.task.state == FAILED:
                 out.extend(acc.live_behind())
         return out
 
@@ -60,8 +60,8 @@ class _TensorUses:
 
     def compact(self) -> None:
         # Done accesses constrain nothing; dropping them lazily keeps this O(1) amortized.
-        self.reads = [a for a in self.reads if a.task.state < State.DONE]
-        self.writes = [a for a in self.writes if a.task.state != State.DONE]
+        self.reads = [a for a in self.reads if a.task.state < DONE]
+        self.writes = [a for a in self.writes if a.task.state != DONE]
         self.compact_at = max(16, 2 * (len(self.reads) + len(self.writes)))
 
 
@@ -87,16 +87,16 @@ class Accesses:
             reads, writes = arg.kind in _READS, arg.kind in _WRITES
             for acc in uses.writes:
                 if acc.start < end and start < acc.end:
-                    if acc.task.state == State.FAILED:
+                    if acc.task.state == FAILED:
                         if reads and poison is None:
                             poison = acc.task.root
                         if writes:
                             deps.update(acc.live_behind())
-                    elif acc.task.state < State.DONE:
+                    elif acc.task.state < DONE:
                         deps.add(acc.task)
             if writes:
                 for acc in uses.reads:
-                    if acc.start < end and start < acc.end and acc.task.state < State.DONE:
+                    if acc.start < end and start < acc.end and acc.task.state < DONE:
                         deps.add(acc.task)
                 # Accesses this write covers go into its shadow (a covered failed write's
                 # poisoned bytes are replaced by this write).
@@ -105,7 +105,7 @@ class Accesses:
                     kept = []
                     for acc in getattr(uses, kind):
                         if start <= acc.start and acc.end <= end:
-                            if acc.task.state < State.DONE:
+                            if acc.task.state < DONE:
                                 shadow.append(acc)
                         else:
                             kept.append(acc)

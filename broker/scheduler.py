@@ -35,7 +35,19 @@ from pto.sockets import HOST_QUEUE
 from .deps import Accesses, inputs_overwritten, overwrites
 from .invariants import check as check_invariants
 from .ready import ReadyQueue
-from .task import State, Task, check_transition, queued_behind
+from .task import (
+    DISPATCHED,
+    DONE,
+    DROPPED,
+    FAILED,
+    NEXT_STATES,
+    PENDING,
+    READY,
+    State,
+    Task,
+    check_transition,
+    queued_behind,
+)
 
 log = logging.getLogger("pto.broker")
 
@@ -101,9 +113,9 @@ class Scheduler:
         their worker reports them), its tensors, kernel names and results go."""
         for task in [t for t in self._tasks.values() if t.client == client]:
             task.dependents = []
-            if task.state == State.READY:
+            if task.state == READY:
                 self._unqueue(task)
-            self._move(task, State.DROPPED)
+            self._move(task, DROPPED)
         self._accesses.drop_client(client)
         for key in [k for k in self._kernel_names if k[0] == client]:
             del self._kernel_names[key]
@@ -155,9 +167,9 @@ class Scheduler:
         on_workers = []
         for task in [t for t in self._tasks.values() if t.client == client
                      and t.task_id in wanted]:
-            if task.state in (State.PENDING, State.READY):
+            if task.state in (PENDING, READY):
                 self._fail(task, None, "cancelled")
-            elif task.state == State.DISPATCHED and len(task.chips) == 1:
+            elif task.state == DISPATCHED and len(task.chips) == 1:
                 on_workers.extend((w.worker, task.gid) for w in self._workers.values()
                                   if task.gid in w.inflight)
         return on_workers
@@ -185,7 +197,7 @@ class Scheduler:
             (gids.index(g) + 1 for g in status if g in gids), default=0)
         requeue = []
         for i, task in enumerate(tasks):
-            if task.state != State.DISPATCHED or len(task.chips) > 1:
+            if task.state != DISPATCHED or len(task.chips) > 1:
                 reason = (f"{died} while running kernel {self.kernel_name(task)!r}{hint}")
                 self._member_left(task, (reason, True, False))
             elif i >= started:
@@ -200,7 +212,7 @@ class Scheduler:
                 reason = (f"{died} while running kernel {self.kernel_name(task)!r}{hint}")
                 self._member_left(task, (reason, True, False))
         for task in reversed(requeue):  # back at the head of its queue, in the order sent
-            self._move(task, State.READY)
+            self._move(task, READY)
             task.left = 0
             self._ready[task.chip].appendleft(task)
 
@@ -240,14 +252,14 @@ class Scheduler:
                         queue.pop(task)
                         credit[chip] -= 1
                         idle.discard(chip)
-                        self._move(task, State.DISPATCHED)
+                        self._move(task, DISPATCHED)
                         task.left = 1
                         out.append((self._assign(chip, task), task, 0, 0))
                         continue
                     if not all(self._ready[c].head() is task
                                and credit.get(c, 0) > 0 and c in idle for c in task.chips):
                         break
-                    self._move(task, State.DISPATCHED)
+                    self._move(task, DISPATCHED)
                     task.left = len(task.chips)
                     self._barriers.add(task.gid)
                     for rank, c in enumerate(task.chips):
@@ -316,14 +328,15 @@ class Scheduler:
 
     def _move(self, task: Task, new: State) -> None:
         """The one place a task's state changes."""
-        check_transition(task, new)
+        if new not in NEXT_STATES[task.state]:
+            check_transition(task, new)  # raises IllegalTransition
         if task.trace is not None:
-            if new == State.READY and task.state == State.PENDING:
+            if new == READY and task.state == PENDING:
                 task.trace[0] = time.monotonic()
-            elif new == State.DISPATCHED:
+            elif new == DISPATCHED:
                 task.trace[1] = time.monotonic()
         task.state = new
-        if new >= State.DONE:
+        if new >= DONE:
             del self._tasks[task.gid]
 
     def _link(self, task: Task) -> None:
@@ -352,7 +365,7 @@ class Scheduler:
             return
         for dep in deps:
             dep.dependents.append(task)
-            if queued_behind(task, dep) and dep.state in (State.READY, State.DISPATCHED):
+            if queued_behind(task, dep) and dep.state in (READY, DISPATCHED):
                 task.after = task.after or []
                 task.after.append(dep.gid)
             else:
@@ -364,12 +377,12 @@ class Scheduler:
         todo = deque([task])
         while todo:
             task = todo.popleft()
-            self._move(task, State.READY)
+            self._move(task, READY)
             for chip in task.chips:
                 self._ready[chip].append(task)
             # Successors on the same chip may now queue right behind it.
             for dep in task.dependents:
-                if dep.state == State.PENDING and queued_behind(dep, task):
+                if dep.state == PENDING and queued_behind(dep, task):
                     dep.after = dep.after or []
                     dep.after.append(task.gid)
                     dep.waiting -= 1
@@ -380,7 +393,7 @@ class Scheduler:
         """One member of ``task`` reported (or its worker died: ``failure`` says why,
         (reason, lost, followed)); it ends once every member has."""
         task.left -= 1
-        if task.state == State.DISPATCHED:
+        if task.state == DISPATCHED:
             if failure is not None:
                 # Prefer a member's own failure to one that only followed another's.
                 if task.failure is None or (task.failure[2] and not failure[2]):
@@ -398,13 +411,13 @@ class Scheduler:
             self._closes.append(task.gid)
 
     def _done(self, task: Task) -> None:
-        self._move(task, State.DONE)
+        self._move(task, DONE)
         self._result(task.client)[0].append(task.task_id)
         for dep in task.dependents:
             if queued_behind(dep, task):
                 continue  # it stopped waiting for this task when queued behind it
             dep.waiting -= 1
-            if dep.waiting == 0 and dep.state == State.PENDING:
+            if dep.waiting == 0 and dep.state == PENDING:
                 self._ready_now(dep)
         task.dependents = []
 
@@ -417,7 +430,7 @@ class Scheduler:
         stack = [(task, root)]
         while stack:
             t, cause = stack.pop()
-            if t.state >= State.DONE:
+            if t.state >= DONE:
                 continue
             name = self.kernel_name(t)
             if cause is None:
@@ -431,9 +444,9 @@ class Scheduler:
                     f" failed: {cause.reason}",
                     cause.root, cause.lost,
                 )
-            if t.state == State.READY:
+            if t.state == READY:
                 self._unqueue(t)
-            self._move(t, State.FAILED)
+            self._move(t, FAILED)
             self._result(t.client)[1].append(failure)
             for dep in t.dependents:
                 stack.append((dep, t.root))
