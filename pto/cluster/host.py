@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 import cloudpickle
+import ray
 
 from ..errors import BrokerLost, TaskError
 from ..tensor import TensorHandle
@@ -39,6 +40,11 @@ from .refs import TensorDesc, fill, instances_in, map_instances
 from .shipping import unpack_registration
 
 NAMESPACE = "pto"
+# Calls that must never queue behind runs (a run may be waiting for a peer's ``fetch``:
+# with both hosts' run threads all waiting on each other, fetches in the same pool would
+# deadlock) get threads of their own.
+CONTROL = "control"
+CONTROL_THREADS = 4
 # Bound on waiting for another host's tensor; Ray fails the wait sooner when that host dies.
 FETCH_TIMEOUT_S = 600.0
 
@@ -78,8 +84,6 @@ class HostActor:
     """Owns host ``host``'s L3 runtime (``chips`` chips) and the tensors its runs returned."""
 
     def __init__(self, host: int, chips: int, session: str, timeout: float, trace: bool):
-        import ray
-
         from ..runtime import Runtime
 
         self.host = host
@@ -87,8 +91,9 @@ class HostActor:
         self._lock = threading.Lock()
         self._trace_dir = tempfile.mkdtemp(prefix=f"pto-trace-h{host}-") if trace else None
         l3_trace = os.path.join(self._trace_dir, "l3.json") if self._trace_dir else None
-        self.rt = Runtime(level="host", devices=list(range(chips)), timeout=timeout,
-                          trace=l3_trace)
+        self._new_l3 = lambda: Runtime(level="host", devices=list(range(chips)),
+                                       timeout=timeout, trace=l3_trace)
+        self.rt = self._new_l3()
         ctx = ray.get_runtime_context()
         self._restarted = bool(ctx.was_current_actor_reconstructed)
         self._node = ctx.get_node_id()
@@ -103,6 +108,7 @@ class HostActor:
 
     # ---- set-up ------------------------------------------------------------------------
 
+    @ray.method(concurrency_group=CONTROL)
     def info(self) -> dict[str, Any]:
         return {"host": self.host, "node": self._node, "actor": self._actor, "pid": os.getpid(),
                 "chips": list(self.rt.devices), "restarted": self._restarted}
@@ -143,10 +149,11 @@ class HostActor:
         with self._lock:
             self._running[run_id] = (entry, time.time())
         error = None
+        rt = self.rt  # the L3 runtime this run uses (replaced if its broker is lost)
         try:
             args = fill(template, values)
             fetched = self._fetch_all(instances_in(args, TensorDesc), run_id)
-            value = self.rt.run(entry, (args, fetched))
+            value = rt.run(entry, (args, fetched))
             return self._keep(run_id, value)
         except TaskError as exc:
             error = exc.reason
@@ -154,6 +161,7 @@ class HostActor:
                                 run_id) from None
         except BrokerLost as exc:
             error = str(exc)
+            self._replace_l3(rt)
             raise HostLostError(self.host, f"its L3 broker was lost: {exc}", run_id) from None
         except HostLostError as exc:
             error = str(exc)
@@ -172,6 +180,20 @@ class HostActor:
                 if self._trace_dir:
                     self._runs.append({"run": run_id, "entry": entry, "start": start,
                                        "end": end, "error": error})
+
+    def _replace_l3(self, lost: Any) -> None:
+        """The L3 runtime ``lost`` lost its broker: start a new one, so this host serves
+        again (the tensors kept in the old one are gone: runs needing them get HostLost)."""
+        with self._lock:
+            if self.rt is not lost:
+                return  # another run's thread replaced it already
+            entries, self._registered = sorted(self._registered), set()
+            self._kept.clear()
+            self.rt = self._new_l3()
+        lost.close()
+        for entry in entries:
+            if entry not in self._registered:
+                self.register(entry, registration(self.session, entry))
 
     def _keep(self, run_id: int, value: Any) -> Any:
         handles: list[TensorHandle] = []
@@ -199,7 +221,6 @@ class HostActor:
 
     def _fetch_all(self, descs: list[TensorDesc], run_id: int) -> dict[tuple[int, int], Any]:
         """Other hosts' tensors among ``descs``, through Ray (started at once, then awaited)."""
-        import ray
         import ray.exceptions as rex
 
         wanted: dict[tuple[int, int], TensorDesc] = {}
@@ -240,18 +261,18 @@ class HostActor:
     def _peer(self, host: int) -> Any:
         peer = self._peers.get(host)
         if peer is None:
-            import ray
-
             peer = self._peers[host] = ray.get_actor(actor_name(self.session, host),
                                                      namespace=NAMESPACE)
         return peer
 
+    @ray.method(concurrency_group=CONTROL)
     def fetch(self, key: tuple[int, int]) -> Any:
         """The bytes of a kept tensor, as a numpy view Ray copies into its object store."""
         handle = self._kept_handle(TensorDesc(self.host, tuple(key), f"(run {key[0]})", (),
                                               "", 0, 0))
         return handle.numpy()
 
+    @ray.method(concurrency_group=CONTROL)
     def release(self, run_ids: list[int]) -> None:
         """No Ref to these runs remains: drop their handles (their segments go when no
         run of this host still uses them)."""
@@ -265,6 +286,7 @@ class HostActor:
 
     # ---- observability and life ----------------------------------------------------------
 
+    @ray.method(concurrency_group=CONTROL)
     def status(self) -> dict[str, Any]:
         now = time.time()
         with self._lock:
@@ -274,10 +296,12 @@ class HostActor:
             stats = dict(self._stats)
         return {**self.info(), "running": running, "kept_tensors": kept, "stats": stats}
 
+    @ray.method(concurrency_group=CONTROL)
     def stats(self) -> dict[str, int]:
         with self._lock:
             return dict(self._stats)
 
+    @ray.method(concurrency_group=CONTROL)
     def trace(self) -> dict[str, Any]:
         """This host's trace records: its L3 runs, transfers into it, its chips' events.
         Times are ``time.monotonic()`` here; ``offset`` turns them into wall-clock time."""

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PtoError
-from .host import NAMESPACE, HostActor, actor_name
+from .host import CONTROL, CONTROL_THREADS, NAMESPACE, HostActor, actor_name
 
 INDEX_RESOURCE = "pto_host_index_"
 INDEX_LABEL = "pto.host"
-MAX_CONCURRENT_RUNS = 32  # threads of a host actor: L3 runs (and fetches) at once
+MAX_CONCURRENT_RUNS = 8  # threads of a host actor running L3 runs at once (more queue in Ray)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def start_hosts(nodes: list[Node], session: str, timeout: float, trace: bool,
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    remote_cls = ray.remote(HostActor)
+    remote_cls = ray.remote(concurrency_groups={CONTROL: CONTROL_THREADS})(HostActor)
     actors = []
     for host, node in enumerate(nodes):
         actors.append(remote_cls.options(
