@@ -16,6 +16,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,33 @@ class PtoArg(ctypes.Structure):
 
 
 BarrierFn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+
+class PtoLaunch(ctypes.Structure):
+    """``pto_sim_launch`` of pto_sim.c: one logged launch (size checked at load)."""
+
+    _fields_ = [
+        ("kernel", ctypes.c_int32),
+        ("block_dim", ctypes.c_int32),
+        ("rc", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+        ("start", ctypes.c_double),
+        ("end", ctypes.c_double),
+    ]
+
+
+@dataclass(frozen=True)
+class LaunchSpan:
+    """One launch a chip ran: kernel, blocks, result code, and ``time.monotonic()`` times."""
+
+    kernel: str
+    block_dim: int
+    rc: int
+    start: float
+    end: float
+
+
+LAUNCHES_KEPT = 4096  # LAUNCH_LOG_MAX of pto_sim.c
 
 
 class TaskCtx(ctypes.Structure):
@@ -184,6 +212,9 @@ class Library:
         if dll.pto_sim_arg_size() != ctypes.sizeof(PtoArg):
             raise RuntimeError(f"{path}: sizeof(pto_arg) is {dll.pto_sim_arg_size()}, "
                                f"Python expects {ctypes.sizeof(PtoArg)}")
+        if dll.pto_sim_launch_record_size() != ctypes.sizeof(PtoLaunch):
+            raise RuntimeError(f"{path}: its launch records do not match pto/simlib.py; "
+                               "recompile it")
         self.kernels = tuple(dll.pto_sim_kernel_name(i).decode()
                              for i in range(dll.pto_sim_kernel_total()))
         orch = dll.pto_sim_orch_symbol()
@@ -220,6 +251,7 @@ class SimChip:
         # One C callback for the chip's lifetime (ctypes must keep it alive); it calls the
         # current task's Python barrier, re-taking the GIL for that call only.
         self._barrier_cb = BarrierFn(self._on_barrier)
+        self._launch_buf: ctypes.Array | None = None  # made on the first take_launches
 
     def run(self, kernel: bytes | None, argv: ctypes.Array, block_dim: int = 1) -> int:
         """Clear the chip's error, then launch ``kernel`` or (None) run the orchestration.
@@ -245,6 +277,22 @@ class SimChip:
             self.barrier_error = exc
             return PTO_ERR_BARRIER
         return 0
+
+    def record_launches(self, on: bool = True) -> None:
+        """Log every launch from now on (or stop); the log starts empty either way."""
+        self._dll.pto_sim_record_launches(self._ptr, int(on))
+
+    def take_launches(self) -> tuple[list[LaunchSpan], int]:
+        """The launches logged since the last take (emptying the log), and how many more
+        ran than were kept."""
+        if self._launch_buf is None:
+            self._launch_buf = (PtoLaunch * LAUNCHES_KEPT)()
+        buf = self._launch_buf
+        total = self._dll.pto_sim_take_launches(self._ptr, buf, LAUNCHES_KEPT)
+        names = self.lib.kernels
+        spans = [LaunchSpan(names[r.kernel], r.block_dim, r.rc, r.start, r.end)
+                 for r in buf[:min(total, LAUNCHES_KEPT)]]
+        return spans, total - len(spans)
 
     def error_code(self) -> int:
         """The code of the first failure since the last ``run`` began (0: none)."""
@@ -278,6 +326,9 @@ def _declare(dll: ctypes.CDLL) -> None:
         "pto_sim_kernel_total": (i32, []),
         "pto_sim_kernel_name": (cstr, [i32]),
         "pto_sim_orch_symbol": (cstr, []),
+        "pto_sim_record_launches": (None, [chip, i32]),
+        "pto_sim_take_launches": (i32, [chip, ctypes.POINTER(PtoLaunch), i32]),
+        "pto_sim_launch_record_size": (i32, []),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(dll, name)

@@ -13,7 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .simlib import ERROR_NAMES, Library, SimChip, error_name, open_package, pack_args
+from .simlib import (
+    ERROR_NAMES,
+    LaunchSpan,
+    Library,
+    SimChip,
+    error_name,
+    open_package,
+    pack_args,
+)
 from .taskinfo import TaskInfo, task
 
 TaskCallable = Callable[[list[Any], list[int]], None]
@@ -43,19 +51,36 @@ def package_kernel(name: str, path: str, sha256: str, symbol: str,
     return call
 
 
-def package_orchestration(name: str, path: str, sha256: str, orch: str) -> TaskCallable:
-    """The C orchestration ``orch`` of a package, registered as kernel ``name``: each call
-    runs it once with the task's arguments; it launches the package's kernels itself."""
+def package_orchestration(name: str, path: str, sha256: str, orch: str) -> Orchestration:
+    """The C orchestration ``orch`` of a package, registered as kernel ``name``."""
     lib = open_package(path, sha256)
     if lib.orch != orch:
         raise LookupError(f"kernel {name!r}: package {sha256[:12]} has no orchestration "
                           f"{orch!r} (it has: {lib.orch or 'none'})")
-    where = f"orchestration {orch!r} (registered as {name!r})"
+    return Orchestration(lib, name, orch)
 
-    def call(values: list[Any], kinds: list[int]) -> None:
-        chip, device = _chip_for_task(lib)
-        argv = pack_args(values, kinds, where)
-        rc = chip.run(None, argv)
+
+class Orchestration:
+    """A package's orchestration as a task: each call runs it once with the task's
+    arguments; it launches the package's kernels itself. ``last_launches`` holds the
+    launches of the last call (and ``launches_dropped`` how many more ran than were kept),
+    for traces."""
+
+    def __init__(self, lib: Library, name: str, orch: str):
+        self.lib, self.name, self.orch = lib, name, orch
+        self.where = f"orchestration {orch!r} (registered as {name!r})"
+        self.last_launches: list[LaunchSpan] = []
+        self.launches_dropped = 0
+
+    def __call__(self, values: list[Any], kinds: list[int]) -> None:
+        chip, device = _chip_for_task(self.lib)
+        argv = pack_args(values, kinds, self.where)
+        chip.record_launches(True)  # only this call's launches: a kernel task's are not kept
+        try:
+            rc = chip.run(None, argv)
+        finally:
+            self.last_launches, self.launches_dropped = chip.take_launches()
+            chip.record_launches(False)
         # Returning 0 after ignoring a failed launch still fails the task, as at L2.
         code = chip.error_code() if rc == 0 else rc
         if code == 0:
@@ -65,12 +90,11 @@ def package_orchestration(name: str, path: str, sha256: str, orch: str) -> TaskC
         message = chip.error_message()
         detail = f": {message}" if message else ""
         if rc == 0:
-            raise RuntimeError(f"C orchestration {orch!r} on chip {device} returned 0 but a "
-                               f"launch failed with {error_name(code)}{detail}")
+            raise RuntimeError(f"C orchestration {self.orch!r} on chip {device} returned 0 but "
+                               f"a launch failed with {error_name(code)}{detail}")
         text = f"{rc} ({ERROR_NAMES[rc]})" if rc in ERROR_NAMES else str(rc)
-        raise RuntimeError(f"C orchestration {orch!r} on chip {device} returned {text}{detail}")
-
-    return call
+        raise RuntimeError(f"C orchestration {self.orch!r} on chip {device} returned "
+                           f"{text}{detail}")
 
 
 def _chip_for_task(lib: Library) -> tuple[SimChip, int]:
