@@ -10,8 +10,8 @@ and checks them itself at module end:
 - once the cluster is stopped: no Ray process (raylet, gcs_server, ``ray::*`` workers,
   agents, dashboard, ...) and no pto process of this test session, no new pto segment.
 
-A test that kills a host (``kill_host``) starts its own ``LocalCluster`` (``fresh_cluster``)
-so the module's cluster stays whole.
+A test that kills a host (``kill_host``) runs last in its module (test_l4_failures.py), so
+every other test sees both hosts.
 """
 
 from __future__ import annotations
@@ -130,46 +130,40 @@ def _assert_hosts_clean(cluster: pto.LocalCluster) -> None:
     assert not remaining, f"after the module's runtimes closed, hosts still have {remaining}"
 
 
+def _describe(p: psutil.Process) -> str:
+    try:
+        return f"pid {p.pid}: {' '.join(p.cmdline())[:120]}"
+    except psutil.Error:
+        return f"pid {p.pid} (gone)"
+
+
 def _stop_and_check(cluster: pto.LocalCluster, roots: set[int], segments_before: set[str],
                     long_lived: set[int]) -> None:
-    """Stop ``cluster`` and check nothing of it (Ray or pto) is left (processes of another
-    cluster still up, e.g. the module's while a test's own one stops, are not its leftovers)."""
+    """Stop ``cluster`` and check that nothing of it, Ray or pto, is left."""
     try:
         cluster.stop()
     finally:
         long_lived.difference_update(roots)
-
-    def not_of_live_clusters(found: Callable[[], list[psutil.Process]]):
-        return lambda: [p for p in found() if not in_trees(p, long_lived)]
-
-    ray_left = wait_until(not_of_live_clusters(ray_processes))
-    pto_left = wait_until(not_of_live_clusters(pto_processes))
+    left = wait_until(lambda: ray_processes() + pto_processes())
     new_segments = sorted(n for n in pto_segments() - segments_before
                           if _left_by_session(n, long_lived))
-    for p in [*ray_left, *pto_left]:  # leave nothing to the next module, then fail
+    described = [_describe(p) for p in left]
+    for p in left:  # leave nothing to the next module, then fail
         try:
             p.kill()
         except psutil.Error:
             pass
-    assert not (ray_left or pto_left or new_segments), (
-        f"after LocalCluster.stop(): Ray processes {[p.cmdline()[:2] for p in ray_left]}, "
-        f"pto processes {[p.pid for p in pto_left]}, segments {new_segments}")
-
-
-def start_cluster(long_lived: set[int], hosts: int = 2, chips: int = 2,
-                  **kwargs: object) -> tuple[pto.LocalCluster, set[int]]:
-    """A LocalCluster whose process trees the per-test leak check treats as long-lived."""
-    cluster = pto.LocalCluster(hosts=hosts, chips=chips, **kwargs)
-    roots = set(cluster.pids())
-    long_lived.update(roots)
-    return cluster, roots
+    assert not (left or new_segments), (
+        f"after LocalCluster.stop(): processes {described}, segments {new_segments}")
 
 
 @pytest.fixture(scope="module")
 def cluster(long_lived_roots: set[int]) -> Iterator[pto.LocalCluster]:
     """The module's 2-host, 2-chip LocalCluster."""
     segments_before = pto_segments()
-    lc, roots = start_cluster(long_lived_roots)
+    lc = pto.LocalCluster(hosts=2, chips=2)
+    roots = set(lc.pids())  # its processes' descendants are long-lived too
+    long_lived_roots.update(roots)
     try:
         yield lc
         _assert_hosts_clean(lc)
@@ -182,14 +176,3 @@ def rt(cluster: pto.LocalCluster) -> Iterator[pto.Runtime]:
     """A cluster runtime on the module's cluster (tests register entries under their own names)."""
     with pto.Runtime(level="cluster", cluster=cluster.address) as runtime:
         yield runtime
-
-
-@pytest.fixture
-def fresh_cluster(long_lived_roots: set[int]) -> Iterator[pto.LocalCluster]:
-    """A 2-host cluster of the test's own, for tests that kill a host."""
-    segments_before = pto_segments()
-    lc, roots = start_cluster(long_lived_roots)
-    try:
-        yield lc
-    finally:
-        _stop_and_check(lc, roots, segments_before, long_lived_roots)
