@@ -3,6 +3,7 @@
     python -m benchmarks                    # every case, every installed peer (~10 min)
     python -m benchmarks --quick            # smaller sizes, under 3 minutes
     python -m benchmarks --cases noop,roundtrip --repeats 3 --out /tmp/bench
+    python -m benchmarks --cases cluster    # L4: pto and plain Ray on a 2-host LocalCluster
 
 Each system runs in its own fresh interpreter, one after the other, every case in the
 same invocation; figures are medians of the repeats. Peers come from the ``bench`` extra
