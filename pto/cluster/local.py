@@ -38,6 +38,7 @@ _NODE_DEFAULTS = {"include_log_monitor": False, "min_worker_port": 0, "max_worke
 _KILL_WAIT_S = 10.0
 _START_TIMEOUT_S = 60.0
 _MIN_STORE_MIB = 80  # Ray refuses an object store under 75 MiB
+_DIR_PREFIX = "ptolc-"  # + creator pid + "-" + random, in the temp directory
 
 
 class LocalCluster:
@@ -64,12 +65,14 @@ class LocalCluster:
         self._killed: set[int] = set()
         self._stopped = False
         # Ray's sessions, logs and sockets, and each host's pto runtime directory, live here and
-        # go on stop. Short on purpose: unix socket paths must stay under 108 bytes.
-        self._dir = tempfile.mkdtemp(prefix="ptolc-")
+        # go on stop. Short on purpose: unix socket paths must stay under 108 bytes. Named by
+        # our pid, so a later LocalCluster removes what a killed creator could not.
+        _remove_dirs_of_dead_creators()
+        self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
         from ray.cluster_utils import Cluster  # imported here: `import pto` must not import ray
 
-        self._ray = Cluster(initialize_head=False, shutdown_at_exit=True)
         try:
+            self._ray = Cluster(initialize_head=False, shutdown_at_exit=True)
             # The head: the GCS, Ray's state API server (no dashboard UI), no autoscaler.
             with _quiet("ray._private.utils"):  # "Overwriting previous Ray address" chatter
                 self._ray.add_node(num_cpus=0, include_dashboard=False, no_monitor=True,
@@ -149,13 +152,14 @@ class LocalCluster:
         self._stopped = True
         address = getattr(self, "_address", None)  # None if the head did not start
         _disconnect_driver(address)
-        nodes = [*getattr(self, "_host_nodes", []), self._ray.head_node]
-        _kill_all([p for node in nodes if node is not None for p in self._node_tree(node)])
+        ray_cluster = getattr(self, "_ray", None)
+        head = ray_cluster.head_node if ray_cluster is not None else None
+        nodes = [n for n in (*getattr(self, "_host_nodes", []), head) if n is not None]
+        _kill_all([p for node in nodes for p in self._node_tree(node)])
         for node in nodes:
-            if node is not None:
-                # Ray's own bookkeeping (and zombie reaping); everything is already dead.
-                with contextlib.suppress(Exception):
-                    self._ray.remove_node(node, allow_graceful=False)
+            # Ray's own bookkeeping (and zombie reaping); everything is already dead.
+            with contextlib.suppress(Exception):
+                ray_cluster.remove_node(node, allow_graceful=False)
         shm.reap_dead_owners()  # segments whose owners we just killed
         _forget_ray_address(address)
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -198,6 +202,16 @@ class LocalCluster:
                 except psutil.NoSuchProcess:
                     continue
         return list(procs.values())
+
+
+def _remove_dirs_of_dead_creators() -> None:
+    """Remove the directories of LocalClusters whose creating process is gone (killed: its
+    cluster's processes died with it, but nothing removed their files)."""
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        pid = name[len(_DIR_PREFIX):].split("-", 1)[0]
+        if name.startswith(_DIR_PREFIX) and pid.isdigit() and not shm.pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
 
 
 def _kill_all(procs: list[psutil.Process]) -> None:
