@@ -3,8 +3,9 @@
 Every state change goes through ``_move``, checked against ``broker.task.ALLOWED``. The
 scheduler also owns what depends on those states: the ready queue of each chip, the
 tasks in flight on each worker (which must agree with DISPATCHED; ``validate`` checks
-that and the other invariants), the retry decision when a worker dies, which group
-barriers are open, trace times, and the kernel names failures are reported with. The
+that and the other invariants), what becomes of a dead worker's tasks (the policy is
+``broker.retry``'s), which group barriers are open, trace times, and the kernel names
+failures are reported with (what is to send waits in a ``broker.outbox.Outbox``). The
 server (``broker.server``) only routes: it feeds messages in through the public methods
 and sends out what ``schedule``, ``take_results`` and ``take_barrier_orders`` return.
 
@@ -30,11 +31,12 @@ from collections.abc import Iterable
 
 from pto.errors import ProtocolError
 from pto.protocol import Failure, PackedTaskSpec, TaskSpec, TaskTime, unpack_args
-from pto.sockets import HOST_QUEUE
 
-from .deps import Accesses, inputs_overwritten, overwrites
+from .deps import Accesses
 from .invariants import check as check_invariants
+from .outbox import Outbox, Results
 from .ready import ReadyQueue
+from .retry import Verdict, after_death
 from .task import (
     DISPATCHED,
     DONE,
@@ -46,7 +48,9 @@ from .task import (
     State,
     Task,
     check_transition,
+    failure_of,
     queued_behind,
+    unknown_chips,
 )
 
 log = logging.getLogger("pto.broker")
@@ -75,20 +79,14 @@ class Scheduler:
         self._accesses = Accesses()
         self._workers: dict[int, _Worker] = {}
         self._queue_workers: dict[int, list[_Worker]] = {}
-        self._clients: set[int] = set()
         self._traced: set[int] = set()  # clients that asked for task times
         self._kernel_names: dict[tuple[int, int], str] = {}  # (client, kernel id) -> name
-        # per client: (done task ids, failures) and task times, to send
-        self._results: dict[int, tuple[list[int], list[Failure]]] = {}
-        self._times: dict[int, list[TaskTime]] = {}
+        self._out = Outbox()  # results and barrier orders for the server to take
         self._barriers: set[int] = set()  # gids of dispatched groups: their barrier is open
-        self._aborts: list[int] = []  # barriers to abort (a member failed)
-        self._closes: list[int] = []  # barriers to remove (every member is done with it)
 
     # ---- peers -----------------------------------------------------------------------
 
     def add_client(self, client: int, traced: bool = False) -> None:
-        self._clients.add(client)
         if traced:
             self._traced.add(client)
 
@@ -119,10 +117,8 @@ class Scheduler:
         self._accesses.drop_client(client)
         for key in [k for k in self._kernel_names if k[0] == client]:
             del self._kernel_names[key]
-        self._results.pop(client, None)
-        self._times.pop(client, None)
+        self._out.forget(client)
         self._traced.discard(client)
-        self._clients.discard(client)
 
     # ---- input -----------------------------------------------------------------------
 
@@ -149,7 +145,7 @@ class Scheduler:
             task = inflight.get(gid)
             if task is not None and task.trace is not None:
                 ready, dispatch, deps = task.trace
-                self._times.setdefault(task.client, []).append(
+                self._out.timed(task.client,
                     TaskTime(task.task_id, worker, rank, ready, dispatch, start, end, deps))
         for gid in done:
             task = inflight.pop(gid, None)
@@ -184,33 +180,22 @@ class Scheduler:
         7) died (killed by SIGKILL)"), ``hint`` where its log is.
 
         Tasks it had not started go back to the head of their queue; started ones rerun
-        while they have retries, unless a partial run may have overwritten their inputs
-        (then pto.WorkerLost); group members fail."""
+        or fail as ``broker.retry.after_death`` decides."""
         slot = self._workers.pop(worker)
         self._queue_workers[slot.queue].remove(slot)
-        gids = list(slot.inflight)
-        tasks = list(slot.inflight.values())
+        held = list(slot.inflight.values())
         slot.inflight.clear()
-        # A worker runs its tasks in the order sent: the first ``started`` of them started
-        # (up to the running one, or the last finished); without a status block, assume all.
-        started = len(gids) if status is None else max(
-            (gids.index(g) + 1 for g in status if g in gids), default=0)
         requeue = []
-        for i, task in enumerate(tasks):
-            if task.state != DISPATCHED or len(task.chips) > 1:
-                reason = (f"{died} while running kernel {self.kernel_name(task)!r}{hint}")
+        for task, verdict in zip(held, after_death(held, status), strict=True):
+            if verdict is Verdict.FAIL:
+                reason = f"{died} while running kernel {self.kernel_name(task)!r}{hint}"
                 self._member_left(task, (reason, True, False))
-            elif i >= started:
-                requeue.append(task)
-            elif (task.retries > 0 and not overwrites(task)
-                  and not inputs_overwritten(task, tasks[i + 1:started])):  # queued behind
+                continue
+            if verdict is Verdict.RERUN:
                 task.retries -= 1
                 log.info("rerunning task %d (kernel %r) after its worker died", task.gid,
                          self.kernel_name(task))
-                requeue.append(task)
-            else:
-                reason = (f"{died} while running kernel {self.kernel_name(task)!r}{hint}")
-                self._member_left(task, (reason, True, False))
+            requeue.append(task)
         for task in reversed(requeue):  # back at the head of its queue, in the order sent
             self._move(task, READY)
             task.left = 0
@@ -277,17 +262,13 @@ class Scheduler:
         slot.inflight[task.gid] = task
         return slot.worker
 
-    def take_results(self) -> dict[int, tuple[list[int], list[Failure], list[TaskTime]]]:
+    def take_results(self) -> Results:
         """Per client: task ids done, failures, and the task times gathered so far."""
-        results, self._results = self._results, {}
-        return {client: (done, failed, self._times.pop(client, []))
-                for client, (done, failed) in results.items()}
+        return self._out.take_results()
 
     def take_barrier_orders(self) -> tuple[list[int], list[int]]:
         """Group barriers (by gid) to abort, and to remove: apply in that order."""
-        orders = self._aborts, self._closes
-        self._aborts, self._closes = [], []
-        return orders
+        return self._out.take_barrier_orders()
 
     # ---- reading (status, tests) -------------------------------------------------------
 
@@ -340,14 +321,9 @@ class Scheduler:
             del self._tasks[task.gid]
 
     def _link(self, task: Task) -> None:
-        unknown = [c for c in task.chips if c not in self._ready]
-        if unknown or len(set(task.chips)) != len(task.chips):
-            served = sorted(c for c in self._ready if c != HOST_QUEUE)
-            if unknown == [HOST_QUEUE]:
-                what = "no host workers for host sub-tasks (start the broker with --host-workers)"
-            else:
-                what = f"unknown chip {unknown[0]}" if unknown else f"repeated chips {task.chips}"
-            self._fail(task, None, f"{what} (broker serves {served})")
+        bad_chips = unknown_chips(task, self._ready)
+        if bad_chips:
+            self._fail(task, None, bad_chips)
             return
         if (task.client, task.kernel) not in self._kernel_names:
             self._fail(task, None, f"unknown kernel id {task.kernel}")
@@ -399,7 +375,7 @@ class Scheduler:
                 if task.failure is None or (task.failure[2] and not failure[2]):
                     task.failure = failure
                 if task.gid in self._barriers:
-                    self._aborts.append(task.gid)  # members waiting at it give up
+                    self._out.abort_barrier(task.gid)  # members waiting at it give up
             if task.left == 0:
                 if task.failure is not None:
                     self._fail(task, None, *task.failure[:2])
@@ -408,11 +384,11 @@ class Scheduler:
         # (A task FAILED or DROPPED while on its workers only leaves them.)
         if task.left == 0 and task.gid in self._barriers:
             self._barriers.discard(task.gid)
-            self._closes.append(task.gid)
+            self._out.close_barrier(task.gid)
 
     def _done(self, task: Task) -> None:
         self._move(task, DONE)
-        self._result(task.client)[0].append(task.task_id)
+        self._out.done(task.client, task.task_id)
         for dep in task.dependents:
             if queued_behind(dep, task):
                 continue  # it stopped waiting for this task when queued behind it
@@ -432,28 +408,12 @@ class Scheduler:
             t, cause = stack.pop()
             if t.state >= DONE:
                 continue
-            name = self.kernel_name(t)
-            if cause is None:
-                t.root = Failure(t.task_id, name, t.chip, reason, t.task_id, lost)
-                failure = t.root
-            else:
-                t.root = cause
-                failure = Failure(
-                    t.task_id, name, t.chip,
-                    f"not run: task {cause.root} (kernel {cause.kernel!r} on chip {cause.chip})"
-                    f" failed: {cause.reason}",
-                    cause.root, cause.lost,
-                )
+            failure = failure_of(t, self.kernel_name(t), cause, reason, lost)
+            t.root = cause or failure
             if t.state == READY:
                 self._unqueue(t)
             self._move(t, FAILED)
-            self._result(t.client)[1].append(failure)
+            self._out.failed(t.client, failure)
             for dep in t.dependents:
                 stack.append((dep, t.root))
             t.dependents = []
-
-    def _result(self, client: int) -> tuple[list[int], list[Failure]]:
-        res = self._results.get(client)
-        if res is None:
-            res = self._results[client] = ([], [])
-        return res

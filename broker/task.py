@@ -17,6 +17,7 @@ client left): the worker still holds it and counts it against its credit.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from enum import IntEnum
 
 from pto.protocol import Failure, PackedTaskSpec, TaskSpec, pack_args
@@ -97,3 +98,28 @@ def queued_behind(task: Task, dep: Task) -> bool:
     broker: both are single tasks of one chip (FIFO there), not host sub-tasks (which any
     host worker may take)."""
     return len(task.chips) == 1 and task.chips == dep.chips and task.chip != HOST_QUEUE
+
+
+def unknown_chips(task: Task, queues: Collection[int]) -> str | None:
+    """Why ``task`` names chips the broker cannot run it on (``queues``: the chips it
+    serves, and HOST_QUEUE with host workers), or None."""
+    unknown = [c for c in task.chips if c not in queues]
+    if not unknown and len(set(task.chips)) == len(task.chips):
+        return None
+    served = sorted(c for c in queues if c != HOST_QUEUE)
+    if unknown == [HOST_QUEUE]:
+        what = "no host workers for host sub-tasks (start the broker with --host-workers)"
+    else:
+        what = f"unknown chip {unknown[0]}" if unknown else f"repeated chips {task.chips}"
+    return f"{what} (broker serves {served})"
+
+
+def failure_of(task: Task, kernel: str, cause: Failure | None, reason: str,
+               lost: bool = False) -> Failure:
+    """How ``task`` (running ``kernel``) failed: for its own ``reason``, or not run
+    because the failure ``cause`` upstream of it."""
+    if cause is None:
+        return Failure(task.task_id, kernel, task.chip, reason, task.task_id, lost)
+    return Failure(task.task_id, kernel, task.chip,
+                   f"not run: task {cause.root} (kernel {cause.kernel!r} on chip {cause.chip})"
+                   f" failed: {cause.reason}", cause.root, cause.lost)

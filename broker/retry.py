@@ -1,0 +1,45 @@
+"""What becomes of the tasks a dead worker held: the retry policy.
+
+Decided from the order the worker got them (it runs them one by one, in that order) and
+its status block ([running, last finished] task gids, read after its death); the
+scheduler (``broker.scheduler``) applies the verdicts, and only it changes task state.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from .deps import inputs_overwritten, overwrites
+from .task import DISPATCHED, Task
+
+
+class Verdict(Enum):
+    REQUEUE = "requeue"  # it had not started: back to the head of its queue
+    RERUN = "rerun"  # it started, and may run again (one retry less)
+    FAIL = "fail"  # pto.WorkerLost (or it had already ended: its member just leaves)
+
+
+def after_death(held: list[Task], status: tuple[int, int] | None) -> list[Verdict]:
+    """One verdict per task ``held``, in the order sent.
+
+    Group members fail (the others are at the barrier without it). A started task reruns
+    while it has retries, unless a partial run may have changed what it reads: it
+    overwrites its own inputs (INOUT, OUTPUT_EXISTING, NO_DEP), or a task queued behind
+    it on the worker, which may have run too, wrote bytes it reads."""
+    gids = [t.gid for t in held]
+    # The first ``started`` tasks started (up to the running one, or the last finished);
+    # without a status block, assume all did.
+    started = len(held) if status is None else max(
+        (gids.index(g) + 1 for g in status if g in gids), default=0)
+    verdicts = []
+    for i, task in enumerate(held):
+        if task.state != DISPATCHED or len(task.chips) > 1:
+            verdicts.append(Verdict.FAIL)
+        elif i >= started:
+            verdicts.append(Verdict.REQUEUE)
+        elif (task.retries > 0 and not overwrites(task)
+              and not inputs_overwritten(task, held[i + 1:started])):
+            verdicts.append(Verdict.RERUN)
+        else:
+            verdicts.append(Verdict.FAIL)
+    return verdicts
