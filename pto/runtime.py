@@ -182,6 +182,9 @@ class Runtime:
         """Run an orchestration without waiting; the Future resolves to its return value.
 
         The orchestration itself runs now, in this thread; its tasks run on the chips.
+        Done-callbacks run on the thread waiting in ``result()``, else on the runtime's
+        completion thread, never while a runtime lock is held: they may block or call
+        ``rt.run``.
         """
         return self._start(name, args).future
 
