@@ -13,12 +13,13 @@ Locking rules (every lock here is held for bookkeeping only, never across user c
   ``_stop``. Only the driver touches ``rx``; it blocks only in its poll, which ``_wake_fd``
   (I/O thread) or ``_halt_fd`` (loss, close: written once, never read) interrupts.
 - ``_tx_lock`` guards ``tx`` for one send; nothing is taken while holding it.
-- ``on_message`` and ``on_lost`` run on the driver with no lock of ours held; they may
-  take the runtime lock (pto/runbook.py) briefly, but never run user code: futures are
-  resolved later, by a thread holding none of these locks and not driving ``rx``.
-- Order: ``_cv`` or ``_tx_lock`` may be held when a GC finalizer takes the runtime lock;
-  so nobody holding the runtime lock takes ``_cv`` or ``_tx_lock`` or calls in here
-  (finalizers only append to ``_frees`` and write ``_wake_fd``).
+- ``on_message`` (on the driver) and ``on_lost`` (on whoever saw the loss) run with no
+  lock of ours held; they may take the runtime lock (pto/runbook.py) briefly, but never
+  run user code: futures are resolved later, by a thread holding none of these locks and
+  not driving ``rx``.
+- Order: a GC finalizer may take the runtime lock while its thread holds ``_cv`` or
+  ``_tx_lock``; so nobody holding the runtime lock takes those or calls in here, except
+  ``free()``, which only appends to ``_frees`` and writes ``_wake_fd``.
 - Who may block: callers in ``wait_until`` (on ``_cv`` or their poll), the I/O thread (its
   poll). A caller never waits for the I/O thread to run user code: it never does.
 """
