@@ -35,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: ipc in the per-user runtime dir); workers use PATH.w / PORT+1")
     parser.add_argument("--workers", type=int, default=0, help="start N workers, devices 0..N-1")
     parser.add_argument("--devices", type=parse_devices, help="start workers for these devices")
-    parser.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats")
-    parser.add_argument("--liveness", type=int, default=3, help="missed heartbeats = dead peer")
+    parser.add_argument("--heartbeat", type=float, default=P.HEARTBEAT_S,
+                        help="seconds between heartbeats")
+    parser.add_argument("--liveness", type=int, default=P.LIVENESS,
+                        help="missed heartbeats = dead peer")
     parser.add_argument("--credit", type=int, default=512, help="tasks in flight per worker")
     parser.add_argument("--host-workers", type=int, default=1,
                         help="processes that run host sub-tasks (ctx.submit_host), with workers")

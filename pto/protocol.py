@@ -24,6 +24,11 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024  # larger frames are refused (socket option M
 # Tasks in flight per worker at most; a worker remembers this many of its failures, enough
 # to skip any task dispatched behind a failed one (WorkTask.after).
 MAX_CREDIT = 65536
+# A peer with nothing to say sends a Heartbeat this often (seconds); one silent for
+# LIVENESS heartbeats is dead. These are the broker's defaults; clients take the broker's
+# values from Welcome, and a broker passes its own to the workers it starts.
+HEARTBEAT_S = 0.5
+LIVENESS = 3
 
 
 class Struct(msgspec.Struct, array_like=True, omit_defaults=False):

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from pto import config
+from pto import protocol as P
 from pto.procs import die_with_parent, setup_logging
 from pto.sockets import host_chip
 
@@ -20,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     role = parser.add_mutually_exclusive_group(required=True)
     role.add_argument("--device", type=int, help="the chip this worker serves")
     role.add_argument("--host", type=int, metavar="K", help="be host worker K (ctx.submit_host)")
-    parser.add_argument("--heartbeat", type=float, default=0.5)
-    parser.add_argument("--liveness", type=int, default=3)
+    parser.add_argument("--heartbeat", type=float, default=P.HEARTBEAT_S)
+    parser.add_argument("--liveness", type=int, default=P.LIVENESS)
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--log-file")
     parser.add_argument("--curve", metavar="DIR", help="CURVE keys (pto keygen) for a tcp broker")

@@ -46,7 +46,8 @@ _REPORT_AFTER = 0.001
 
 
 class Worker:
-    def __init__(self, broker: str, device: int, heartbeat: float = 0.5, liveness: int = 3,
+    def __init__(self, broker: str, device: int, heartbeat: float = P.HEARTBEAT_S,
+                 liveness: int = P.LIVENESS,
                  parent_pid: int | None = None, curve: str | None = None,
                  spin_seconds: float = 0.0):
         """Serve ``device`` (a chip, or ``pto.sockets.host_chip(k)``) for the broker whose
