@@ -85,3 +85,15 @@ def is_root(error: BaseException, run_id: int, host: int) -> bool:
     if isinstance(error, HostLost):
         return error.host == host
     return getattr(error, "_pto_run", run_id) == run_id
+
+
+def first_failure(errors: list[tuple[int, int, BaseException]]) -> BaseException:
+    """The error an L4 run raises: the first (by run id) of its failed L3 runs that failed
+    itself, noting how many depending runs were not run. ``errors``: (run id, host, error)."""
+    roots = [item for item in errors if is_root(item[2], item[0], item[1])]
+    err = (roots or errors)[0][2]
+    skipped = len(errors) - len(roots or errors[:1])
+    if skipped and not getattr(err, "_pto_noted", False):
+        err.add_note(f"({skipped} dependent L3 run(s) not run)")
+        err._pto_noted = True  # type: ignore[attr-defined]
+    return err

@@ -22,7 +22,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
-import queue
+import pickle
 import secrets
 import threading
 import time
@@ -35,9 +35,10 @@ from typing import Any
 from ..errors import PtoError
 from . import placement
 from .context import ClusterContext, check_host
-from .errors import HostLostError, from_ray, is_root
+from .errors import HostLostError, first_failure, from_ray
 from .host import drop_registrations, store_registration
 from .refs import Ref, TensorDesc, _Output, follow, instances_in, map_instances
+from .release import Releaser
 from .shipping import pack_registration
 from .trace import ClusterTrace
 
@@ -109,9 +110,8 @@ class ClusterRuntime:
         self._l3: set[str] = set()  # L3 entry names
         self._l4: dict[str, Callable[..., Any]] = {}
         self._run_ids = itertools.count(1)
-        self._runs: set[_L4Run] = set()
         self._finisher = ThreadPoolExecutor(8, thread_name_prefix="pto-l4-finish")
-        self._releaser = _Releaser(self._actors)
+        self._releaser = Releaser(self._actors)
         self._closed = False
         atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -198,8 +198,6 @@ class ClusterRuntime:
             raise KeyError(f"no L4 orchestration registered as {name!r}; L4 orchestrations: "
                            f"{sorted(self._l4)}")
         run = _L4Run(name, Future(), time.time())
-        with self._lock:
-            self._runs.add(run)
         ctx = ClusterContext(self, run)
         try:
             run.value = orch(ctx, args)
@@ -217,14 +215,9 @@ class ClusterRuntime:
         try:
             object_ref = actor.run.remote((run_id, entry, template),
                                           *[o.object_ref for o in inputs])
-        except (TypeError, ValueError) as exc:
+        except (TypeError, pickle.PicklingError) as exc:  # Ray could not serialize them
             raise TypeError(f"the args of {entry!r} cannot be sent to host {host}: {exc}"
                             ) from None
-        except Exception as exc:  # Ray's serializer wraps what pickle raised
-            if "serializ" in str(exc).lower() or "pickl" in str(exc).lower():
-                raise TypeError(f"the args of {entry!r} cannot be sent to host {host}: "
-                                f"{exc}") from None
-            raise
         output = _Output(self._token, run_id, host, entry, object_ref, self._releaser.release)
         run.submitted.append(_Submitted(run_id, host, entry, object_ref, output, inputs))
         if self._trace is not None:
@@ -241,7 +234,7 @@ class ClusterRuntime:
             if run.error is not None:
                 raise run.error
             if errors:
-                raise _first_failure(errors)
+                raise first_failure([(rec.run_id, rec.host, err) for rec, err in errors])
             value = self._resolve(run.value, deadline)
         except BaseException as exc:
             if isinstance(exc, TimeoutError):
@@ -274,11 +267,11 @@ class ClusterRuntime:
                     ray.get(ref, timeout=self._timeout)
                 except ray.exceptions.RayError as exc:
                     errors.append((rec, from_ray(exc, self._host_of_actor, rec.host)))
-                self._done_with(run, rec)
+                self._done_with(rec)
         errors.sort(key=lambda item: item[0].run_id)
         return errors
 
-    def _done_with(self, run: _L4Run, rec: _Submitted) -> None:
+    def _done_with(self, rec: _Submitted) -> None:
         """``rec`` finished: it no longer needs its inputs, and only Refs keep its output."""
         rec.inputs = []
         rec.output = None
@@ -321,8 +314,6 @@ class ClusterRuntime:
         return max(deadline - time.monotonic(), 0.001)
 
     def _end(self, run: _L4Run, value: Any = None, error: BaseException | None = None) -> None:
-        with self._lock:
-            self._runs.discard(run)
         if self._trace is not None:
             self._trace.l4_run(run.name, run.start, time.time(), error)
         run.submitted, run.value = [], None
@@ -395,54 +386,6 @@ class ClusterRuntime:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"hosts={self.hosts}"
         return f"<pto.Runtime cluster {state}>"
-
-
-def _first_failure(errors: list[tuple[_Submitted, BaseException]]) -> BaseException:
-    roots = [(rec, err) for rec, err in errors if is_root(err, rec.run_id, rec.host)]
-    rec, err = (roots or errors)[0]
-    skipped = len(errors) - len(roots or errors[:1])
-    if skipped and not getattr(err, "_pto_noted", False):
-        err.add_note(f"({skipped} dependent L3 run(s) not run)")
-        err._pto_noted = True  # type: ignore[attr-defined]
-    return err
-
-
-class _Releaser:
-    """Sends hosts the ids of runs no Ref names any more, in batches, from one thread."""
-
-    def __init__(self, actors: list[Any]):
-        self._actors = actors
-        self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="pto-l4-release", daemon=True)
-        self._stopped = False
-        self._thread.start()
-
-    def release(self, host: int, run_id: int) -> None:  # a finalizer: any thread, no Ray
-        if not self._stopped:
-            self._queue.put((host, run_id))
-
-    def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            batch: dict[int, list[int]] = {}
-            while item is not None:
-                batch.setdefault(item[0], []).append(item[1])
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            for host, ids in batch.items():
-                try:
-                    self._actors[host].release.remote(ids)
-                except Exception as exc:  # a lost host has nothing left to free
-                    log.debug("release on host %d: %s", host, exc)
-            if item is None:
-                return
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._queue.put(None)
-        self._thread.join(5)
 
 
 def _close_at_exit(ref: weakref.ref) -> None:

@@ -161,3 +161,14 @@ def test_the_trace_has_a_process_per_host_with_runs_transfers_and_chips():
     assert min(e["ts"] for e in events if "ts" in e) == 0
     flows = sorted(e["id"] for e in events if e.get("ph") == "s")
     assert len(set(flows)) == 2  # flow ids of different hosts do not collide
+
+
+def test_an_l4_run_raises_its_first_root_failure_and_counts_the_dependents():
+    from pto.cluster.errors import first_failure
+
+    root = HostTaskError(1, "k", 0, "boom", run=2)
+    propagated = HostTaskError(1, "k", 0, "boom", run=2)  # what Ray hands the dependents
+    later_root = HostLostError(0, "actor died")
+    err = first_failure([(2, 1, root), (3, 0, propagated), (5, 0, later_root)])
+    assert err is root
+    assert err.__notes__ == ["(1 dependent L3 run(s) not run)"]
