@@ -61,8 +61,6 @@ def include_dir() -> str:
     return str(_INCLUDE_DIR)
 
 
-
-
 def compile(platform: str = "sim", kernels: Iterable[Any] = (), orch: Any = None,
             flags: Sequence[str] = ()) -> CompiledPackage:
     """Build kernels (and an optional orchestration) into a package, or reuse the cache.
