@@ -198,6 +198,14 @@ def test_a_missing_symbol_names_the_file_and_the_symbol(cache, src):
     assert entries(cache) == []
 
 
+def test_an_orchestration_object_without_its_symbol(cache, src):
+    obj = build_vadd(src)
+    with pytest.raises(pto.CompileError, match="orchestration 'pto_orchestrate'") as ei:
+        pto.compile(kernels=[src / "vsquare.c"], orch=obj)
+    assert str(obj) in str(ei.value)
+    assert entries(cache) == []
+
+
 def test_a_cxx_object_without_extern_c_gets_a_hint(cache, src):
     (src / "k.cpp").write_text("#include <pto_kernel.h>\n"
                                "void vk(const pto_arg *a, int n) { (void)a; (void)n; }\n")
