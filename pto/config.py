@@ -52,9 +52,11 @@ def _text(raw: str) -> str:
     return raw
 
 
-def _address(raw: str) -> str:
-    ok = (raw.startswith("ipc://") and len(raw) > len("ipc://")
-          or raw.startswith("tcp://") and raw.rpartition(":")[2].isdigit() and raw.count(":") >= 2)
+def broker_address(raw: str) -> str:
+    """``raw`` if it is a broker address (``ipc://PATH``, ``tcp://HOST:PORT``), else ValueError."""
+    ok = isinstance(raw, str) and (
+        raw.startswith("ipc://") and len(raw) > len("ipc://")
+        or raw.startswith("tcp://") and raw.rpartition(":")[2].isdigit() and raw.count(":") >= 2)
     if not ok:
         raise ValueError("ipc://PATH or tcp://HOST:PORT")
     return raw
@@ -133,7 +135,7 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("PTO_BROKER", "broker", _address, None, "none: start an embedded broker",
+    Setting("PTO_BROKER", "broker", broker_address, None, "none: start an embedded broker",
             "broker address for `Runtime(level=\"host\")`, `pto.status`, `pto status`"),
     Setting("PTO_TRACE", "trace", _text, None, "none",
             "default `trace=` file"),

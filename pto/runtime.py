@@ -333,12 +333,11 @@ def _level(level: Any) -> str:
 
 
 def _check_address(address: str) -> None:
-    ok = (isinstance(address, str)
-          and (address.startswith("ipc://") and len(address) > len("ipc://")
-               or address.startswith("tcp://") and address.rpartition(":")[2].isdigit()
-               and address.count(":") >= 2))
-    if not ok:
-        raise ValueError(f"broker address must be ipc://PATH or tcp://HOST:PORT, not {address!r}")
+    try:
+        config.broker_address(address)
+    except ValueError:
+        raise ValueError(f"broker address must be ipc://PATH or tcp://HOST:PORT, "
+                         f"not {address!r}") from None
 
 
 def _check_devices(devices: Any) -> list[int]:
