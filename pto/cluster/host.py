@@ -105,6 +105,8 @@ class HostActor:
         self._runs: list[dict[str, Any]] = []  # trace records (monotonic seconds)
         self._transfers: list[dict[str, Any]] = []
         self._stats = {"runs": 0, "transfers": 0, "bytes_in": 0, "local_handoffs": 0}
+        self._collector = _Collector()
+        gc.freeze()  # what start-up made (Ray, pto, the L3 runtime) is never garbage
 
     # ---- set-up ------------------------------------------------------------------------
 
@@ -279,10 +281,7 @@ class HostActor:
         with self._lock:
             dropped = [self._kept.pop(run_id, None) for run_id in run_ids]
         del dropped
-        # The L3 runtime's finished run keeps its return value in a reference cycle (its
-        # Future's done-callback holds the run); collect it now rather than at some later
-        # allocation, so the segments go when the driver drops its last Ref.
-        gc.collect()
+        self._collector.soon()
 
     # ---- observability and life ----------------------------------------------------------
 
@@ -323,6 +322,40 @@ class HostActor:
             import shutil
 
             shutil.rmtree(self._trace_dir, ignore_errors=True)
+
+
+class _Collector:
+    """Runs the cyclic garbage collector soon after a release, at most every ``GC_EVERY_S``.
+
+    A finished L3 run keeps its return value in a reference cycle (its Future's
+    done-callback holds the run), so dropping our handles frees nothing until a cyclic
+    collection; waiting for one triggered by allocations could keep a host's segments
+    for long after the driver let go. A collection holds the GIL, so not one per release:
+    at most one per interval, from a timer thread.
+    """
+
+    GC_EVERY_S = 0.25
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending = False
+        self._last = 0.0
+
+    def soon(self) -> None:
+        with self._lock:
+            if self._pending:
+                return
+            self._pending = True
+            delay = max(self._last + self.GC_EVERY_S - time.monotonic(), 0.0)
+        timer = threading.Timer(delay, self._collect)
+        timer.daemon = True
+        timer.start()
+
+    def _collect(self) -> None:
+        with self._lock:
+            self._pending = False
+            self._last = time.monotonic()
+        gc.collect()
 
 
 class _EntryContext:
