@@ -63,6 +63,7 @@ class _L4Run:
     start: float
     submitted: list[_Submitted] = field(default_factory=list)
     value: Any = None  # what the orchestration returned
+    results: dict[int, Any] = field(default_factory=dict)  # run id -> its L3 run's value
     error: BaseException | None = None  # what it raised
 
 
@@ -235,7 +236,7 @@ class ClusterRuntime:
                 raise run.error
             if errors:
                 raise first_failure([(rec.run_id, rec.host, err) for rec, err in errors])
-            value = self._resolve(run.value, deadline)
+            value = self._resolve(run, deadline)
         except BaseException as exc:
             if isinstance(exc, TimeoutError):
                 for record in run.submitted:
@@ -264,7 +265,7 @@ class ClusterRuntime:
             for ref in ready:
                 rec = pending.pop(ref)
                 try:
-                    ray.get(ref, timeout=self._timeout)
+                    run.results[rec.run_id] = ray.get(ref, timeout=self._timeout)
                 except ray.exceptions.RayError as exc:
                     errors.append((rec, from_ray(exc, self._host_of_actor, rec.host)))
                 self._done_with(rec)
@@ -284,17 +285,21 @@ class ClusterRuntime:
             raise TimeoutError(f"L4 run of {run.name!r} did not finish in time; its L3 runs not "
                                "yet finished were cancelled")
 
-    def _resolve(self, value: Any, deadline: float | None) -> Any:
-        """``value`` with each Ref replaced by its value, tensors fetched as numpy arrays."""
+    def _resolve(self, run: _L4Run, deadline: float | None) -> Any:
+        """The run's value with each Ref replaced by its value, tensors fetched as numpy
+        arrays (a Ref made by an earlier L4 run is read from Ray)."""
         import ray
 
+        value = run.value
         refs = instances_in(value, Ref)
         if not refs:
             return value
-        outputs = {id(r._output): r._output for r in refs}
-        results = dict(zip(outputs, ray.get([o.object_ref for o in outputs.values()],
-                                            timeout=self._timeout), strict=True))
-        picked = {id(r): follow(results[id(r._output)], r._path, repr(r)) for r in refs}
+        earlier = {r._output.run_id: r._output.object_ref for r in refs
+                   if r._output.run_id not in run.results}
+        results = dict(run.results)
+        results.update(zip(earlier, ray.get(list(earlier.values()), timeout=self._timeout),
+                           strict=True))
+        picked = {id(r): follow(results[r._output.run_id], r._path, repr(r)) for r in refs}
         descs = {d.key: d for v in picked.values() for d in instances_in(v, TensorDesc)}
         fetches = {key: self._actors[d.host].fetch.remote(key) for key, d in descs.items()}
         arrays = {}
@@ -316,7 +321,7 @@ class ClusterRuntime:
     def _end(self, run: _L4Run, value: Any = None, error: BaseException | None = None) -> None:
         if self._trace is not None:
             self._trace.l4_run(run.name, run.start, time.time(), error)
-        run.submitted, run.value = [], None
+        run.submitted, run.value, run.results = [], None, {}
         if run.future.set_running_or_notify_cancel():
             if error is not None:
                 run.future.set_exception(error)
