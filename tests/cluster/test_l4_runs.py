@@ -298,6 +298,28 @@ def test_intermediates_are_freed_once_no_ref_remains(l4, cluster):
     assert not left, f"tensors no Ref names still held on the hosts: {left}"
 
 
+def test_a_run_past_its_timeout_raises_and_the_runtime_serves_on(l4, tmp_path):
+    release = tmp_path / "release"
+
+    def waits(ctx, args):
+        return ctx.submit(0, "held", args=args)
+
+    l4.register("waits", orch=waits)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            l4.run("waits", args=str(release), timeout=1.0)
+        assert time.monotonic() - t0 < 10, "the timeout was not kept"
+    finally:
+        release.touch()  # the L3 run, if it started, ends
+
+    def after_timeout(ctx, args):
+        return ctx.submit(0, "scaled", args={"x": np.ones(2), "factor": 3.0})
+
+    l4.register("after_timeout", orch=after_timeout)
+    np.testing.assert_array_equal(l4.run("after_timeout"), [3.0, 3.0])
+
+
 # -- what runs show --------------------------------------------------------------------------
 
 def test_trace_has_a_track_per_host_with_its_chips_and_transfers(cluster, tmp_path):
