@@ -1,7 +1,7 @@
 """No-op task throughput and single-task round trip: pto vs the process pools and the
 zmq floor. A shortcut for ``python -m benchmarks --cases noop,roundtrip``:
 
-    python benchmarks/noop.py            # 20,000 tasks x 5 repeats, 500 round trips x 5
+    python benchmarks/noop.py            # 20,000 tasks x 5 repeats, 1,000 round trips x 5
     python benchmarks/noop.py --quick    # a few seconds
 
 (a) throughput: one orchestration submits N independent no-op tasks (no arguments),

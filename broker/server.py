@@ -25,13 +25,14 @@ import zmq
 from pto import protocol as P
 from pto import shm
 from pto.errors import ProtocolError
-from pto.procs import parent_gone, poll_with_spin, worker_address
+from pto.procs import SpinPoll, parent_gone, worker_address
 from pto.sockets import (
     HOST_QUEUE,
     bind_routers,
     incoming,
     remove_endpoint,
     remove_stale_endpoints,
+    send_frames,
 )
 
 from .barriers import Barriers
@@ -67,7 +68,7 @@ class Broker:
         """Serve clients at ``address`` (workers at ``pto.procs.worker_address``); with
         ``spawn_workers``, run a worker per chip in ``devices`` and ``host_workers`` host
         workers. ``credit``: tasks in flight per chip worker; ``spin_seconds``: see
-        ``pto.procs.poll_with_spin``."""
+        ``pto.procs.SpinPoll``."""
         if not 1 <= credit <= P.MAX_CREDIT:
             raise ValueError(f"credit must be in 1..{P.MAX_CREDIT}, not {credit}")
         self.address = address
@@ -75,7 +76,6 @@ class Broker:
         self.liveness = liveness
         self.credit = credit
         self.parent_pid = parent_pid
-        self.spin_seconds = spin_seconds
         self.started = time.monotonic()
         self.supervisor = Supervisor(address, devices if spawn_workers else [], host_workers,
                                      heartbeat, liveness, log_dir, curve)
@@ -100,6 +100,7 @@ class Broker:
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
         self.poller.register(self._wake_r, zmq.POLLIN)
+        self._poll = SpinPoll(self.poller.poll, spin_seconds)
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -122,8 +123,7 @@ class Broker:
                     self._on_tick(now)
                     next_tick = now + tick
                 timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
-                spin = self.spin_seconds if busy else 0.0
-                ready = dict(poll_with_spin(self.poller.poll, timeout_ms, spin))
+                ready = dict(self._poll(timeout_ms, busy))
                 busy = bool(ready)
                 if self._wake_r.fileno() in ready or self._wake_r in ready:
                     self._drain_wakeups()
@@ -154,7 +154,7 @@ class Broker:
 
     def _send(self, sock: zmq.Socket, identity: bytes, msg: P.Message) -> None:
         try:
-            sock.send_multipart([identity, *P.encode(msg)], zmq.NOBLOCK)
+            send_frames(sock, [identity, *P.encode(msg)], block=False)
         except zmq.Again:
             log.warning("dropped a message to a peer whose queue is full")
 

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from . import config
 
@@ -85,16 +85,41 @@ def setup_logging(role: str, level: str, log_file: str | None = None) -> None:
     root.setLevel(level.upper())
 
 
-def poll_with_spin(poll: Callable[[int], T], timeout_ms: int, spin_seconds: float) -> T:
-    """``poll(timeout_ms)``, preceded by up to ``spin_seconds`` of ``poll(0)``.
+class SpinPoll(Generic[T]):
+    """``poll(timeout_ms)``, preceded after activity by up to ``spin_seconds`` of
+    ``poll(0)`` while spinning pays (``config.Config.spin_seconds``, PTO_SPIN_US).
 
-    After activity, callers spin ``config.Config.spin_seconds`` (PTO_SPIN_US) before
-    sleeping: waking a sleeping process costs tens of microseconds on a VM, and the next
-    message usually comes sooner. Pass 0 when idle."""
-    if spin_seconds > 0:
-        deadline = time.perf_counter() + spin_seconds
-        while True:
-            ready = poll(0)
-            if ready or time.perf_counter() >= deadline:
-                return ready
-    return poll(timeout_ms)
+    Waking a sleeping process costs tens of microseconds on a VM, so when messages come
+    back to back a short spin catches the next one sooner. But a spin that runs out is
+    CPU taken from the very peer whose answer we wait for (on 2 shared cores, a 100 us
+    spin after every message cost the broker ~170 us and the worker ~90 us of CPU per
+    single-task round trip, and slowed it: issue 14's profile). So after a spin runs out
+    we stop spinning, until a blocking poll returns within ``spin_seconds`` (a spin would
+    have caught that message)."""
+
+    __slots__ = ("poll", "spin_seconds", "worth_it")
+
+    def __init__(self, poll: Callable[[int], T], spin_seconds: float):
+        self.poll = poll
+        self.spin_seconds = spin_seconds
+        self.worth_it = True
+
+    def __call__(self, timeout_ms: int, active: bool) -> T:
+        """Poll; ``active``: we just handled messages (another may follow at once)."""
+        poll, spin = self.poll, self.spin_seconds
+        if active and spin > 0 and self.worth_it:
+            deadline = time.perf_counter() + spin
+            while True:
+                ready = poll(0)
+                if ready:
+                    return ready
+                if time.perf_counter() >= deadline:
+                    break
+            self.worth_it = False
+        if spin <= 0:
+            return poll(timeout_ms)
+        start = time.perf_counter()
+        ready = poll(timeout_ms)
+        if ready and time.perf_counter() - start < spin:
+            self.worth_it = True
+        return ready

@@ -33,8 +33,8 @@ from pto import shm
 from pto.args import ParamType
 from pto.barrier import BarrierAborted, GroupBarrier
 from pto.dtypes import CODE_DTYPES
-from pto.procs import parent_gone, poll_with_spin, worker_address
-from pto.sockets import chip_label, connect, incoming
+from pto.procs import SpinPoll, parent_gone, worker_address
+from pto.sockets import chip_label, connect, incoming, send_frames
 from pto.taskinfo import TaskInfo, set_current
 
 from .kernels import Kernel, load_kernel
@@ -51,16 +51,16 @@ class Worker:
                  parent_pid: int | None = None, curve: str | None = None,
                  spin_seconds: float = 0.0):
         """Serve ``device`` (a chip, or ``pto.sockets.host_chip(k)``) for the broker whose
-        client address is ``broker``; ``spin_seconds``: see ``pto.procs.poll_with_spin``."""
+        client address is ``broker``; ``spin_seconds``: see ``pto.procs.SpinPoll``."""
         self.device = device
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.parent_pid = parent_pid
-        self.spin_seconds = spin_seconds
         self.ctx = zmq.Context()
         self.sock = connect(self.ctx, worker_address(broker), curve)
         self.poller = zmq.Poller()  # Socket.poll() would build one per call
         self.poller.register(self.sock, zmq.POLLIN)
+        self._poll = SpinPoll(self.poller.poll, spin_seconds)
         self.owners: dict[int, str] = {}
         self.kernels: dict[tuple[int, int], Kernel | Exception] = {}
         self.kernel_names: dict[tuple[int, int], str] = {}
@@ -98,8 +98,7 @@ class Worker:
             while not self.stopping:
                 idle = not self.queue
                 if idle:
-                    spin = self.spin_seconds if self._report() else 0.0
-                    poll_with_spin(self.poller.poll, int(self.heartbeat * 1000), spin)
+                    self._poll(int(self.heartbeat * 1000), self._report())
                 self._drain()
                 if idle:
                     self._check_timers()  # after the drain: heartbeats that came count
@@ -192,7 +191,7 @@ class Worker:
         return sent
 
     def _send(self, msg: P.Message) -> None:
-        self.sock.send_multipart(P.encode(msg))
+        send_frames(self.sock, P.encode(msg))
         self.last_sent = time.monotonic()
 
     # ---- the execute path ------------------------------------------------------------
