@@ -31,7 +31,7 @@ from .conftest import host_pids, pto_left_on_hosts, segments_of, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[2]
-LOST_WITHIN_S = 15.0  # "within seconds": Ray's health checks here declare a node dead in ~2 s
+LOST_WITHIN_S = 15.0  # "within seconds": LocalCluster's health checks declare a node dead in ~4 s
 In, Out, S = pto.Arg.input, pto.Arg.output, pto.Arg.scalar
 
 
