@@ -28,6 +28,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from typing import Any
 
 import cloudpickle
@@ -95,7 +96,11 @@ class HostActor:
                                        timeout=timeout, trace=l3_trace)
         self.rt = self._new_l3()
         ctx = ray.get_runtime_context()
-        self._restarted = bool(ctx.was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray's own use of a deprecated property inside
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._restarted = bool(ctx.was_current_actor_reconstructed)
+        # Why tensors of earlier runs are gone, if they are (a run needing one: HostLost).
+        self._lost_why = "the host actor restarted since it was made" if self._restarted else None
         self._node = ctx.get_node_id()
         self._actor = ctx.get_actor_id()
         self._registered: set[str] = set()
@@ -126,7 +131,7 @@ class HostActor:
             def to_handle(desc: TensorDesc) -> TensorHandle:
                 known = handles.get(desc.key)
                 if known is None and desc.host == self.host:
-                    known = handles[desc.key] = self._kept_handle(desc)
+                    known = handles[desc.key] = self._kept_handle(desc.key, desc.name)
                     with self._lock:
                         self._stats["local_handoffs"] += 1
                 elif known is None:
@@ -191,6 +196,7 @@ class HostActor:
                 return  # another run's thread replaced it already
             entries, self._registered = sorted(self._registered), set()
             self._kept.clear()
+            self._lost_why = "the host's L3 runtime lost its broker and was restarted"
             self.rt = self._new_l3()
         lost.close()
         for entry in entries:
@@ -212,14 +218,14 @@ class HostActor:
                 self._kept[run_id] = handles
         return out
 
-    def _kept_handle(self, desc: TensorDesc) -> TensorHandle:
+    def _kept_handle(self, key: tuple[int, int], name: str) -> TensorHandle:
         with self._lock:
-            handles = self._kept.get(desc.key[0])
+            handles = self._kept.get(key[0])
+            why = self._lost_why
         if handles is None:
-            why = ("the host actor restarted since it was made" if self._restarted
-                   else "its Refs were all dropped")
-            raise HostLostError(self.host, f"tensor {desc.name} is gone: {why}")
-        return handles[desc.key[1]]
+            raise HostLostError(self.host, f"tensor {name} is gone: "
+                                f"{why or 'no Ref names it any more'}")
+        return handles[key[1]]
 
     def _fetch_all(self, descs: list[TensorDesc], run_id: int) -> dict[tuple[int, int], Any]:
         """Other hosts' tensors among ``descs``, through Ray (started at once, then awaited)."""
@@ -229,7 +235,7 @@ class HostActor:
         for d in descs:
             if d.host != self.host:
                 wanted.setdefault(d.key, d)
-        pending = {key: (d, time.monotonic(), self._peer(d.host).fetch.remote(key))
+        pending = {key: (d, time.monotonic(), self._peer(d.host).fetch.remote(key, d.name))
                    for key, d in wanted.items()}
         out = {}
         for key, (desc, start, ref) in pending.items():
@@ -268,11 +274,10 @@ class HostActor:
         return peer
 
     @ray.method(concurrency_group=CONTROL)
-    def fetch(self, key: tuple[int, int]) -> Any:
-        """The bytes of a kept tensor, as a numpy view Ray copies into its object store."""
-        handle = self._kept_handle(TensorDesc(self.host, tuple(key), f"(run {key[0]})", (),
-                                              "", 0, 0))
-        return handle.numpy()
+    def fetch(self, key: tuple[int, int], name: str) -> Any:
+        """The bytes of kept tensor ``name``, as a numpy view Ray copies into its object
+        store."""
+        return self._kept_handle(tuple(key), name).numpy()
 
     @ray.method(concurrency_group=CONTROL)
     def release(self, run_ids: list[int]) -> None:

@@ -5,7 +5,7 @@ every ``TensorHandle`` replaced by a ``TensorDesc`` (host, key, segment name, sh
 and keeps the handle alive. The driver sees that value only through Ray: the run's
 ``ObjectRef`` is owned by an ``_Output``, which every ``Ref`` (and ``ref[0]``/``ref["k"]``,
 the same output with a path into it) holds. When the last Ref of an output is gone, its
-finalizer tells the host to drop the run's handles (pto/cluster/runtime.py: ``_Releaser``).
+finalizer tells the host to drop the run's handles (pto/cluster/release.py).
 
 Refs in a later ``ctx.submit``'s args become *top-level* arguments of the Ray call (so Ray
 resolves them, and orders the run after its producers) and ``_Slot`` placeholders in the

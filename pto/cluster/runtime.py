@@ -9,12 +9,13 @@ the orchestration has returned, ``_finish`` waits for every L3 run it submitted
 first failure, else fetches the tensors of the returned Refs as numpy arrays.
 
 Freeing: the tensors an L3 run returned stay on its host while its ``_Output`` lives.
-That object owns the run's ObjectRef; Refs hold it, and so does the L4 run until the L3
-run has finished and every run reading it has finished. Ray offers no hook on an object's
-deletion, so this is as close to Ray's own reference counting as it gets: the Python
-references to the ObjectRef's owner, with a ``weakref.finalize`` that queues a release
-for the host; ``_Releaser`` sends those in batches (finalizers may run on any thread,
-so they never call Ray themselves).
+That object is the one owner of the run's ObjectRef on the driver: Refs hold it, and so
+does the L4 run until that L3 run and every run reading it have finished (the span for
+which Ray itself keeps an argument's ObjectRef alive). So the host's handles live exactly
+as long as Ray's object (the small descriptor value) does. Ray has no hook on an object's
+deletion to tell the host directly, hence the mirror: a ``weakref.finalize`` on the
+``_Output`` queues a release, and ``release.Releaser`` sends those in batches (finalizers
+may run on any thread, so they never call Ray themselves).
 """
 
 from __future__ import annotations
@@ -301,7 +302,8 @@ class ClusterRuntime:
                            strict=True))
         picked = {id(r): follow(results[r._output.run_id], r._path, repr(r)) for r in refs}
         descs = {d.key: d for v in picked.values() for d in instances_in(v, TensorDesc)}
-        fetches = {key: self._actors[d.host].fetch.remote(key) for key, d in descs.items()}
+        fetches = {key: self._actors[d.host].fetch.remote(key, d.name)
+                   for key, d in descs.items()}
         arrays = {}
         for key, ref in fetches.items():
             try:
