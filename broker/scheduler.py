@@ -197,6 +197,9 @@ class Scheduler:
                          self.kernel_name(task))
             requeue.append(task)
         for task in reversed(requeue):  # back at the head of its queue, in the order sent
+            if task.state != DISPATCHED:  # failed meanwhile, downstream of one that failed
+                self._member_left(task)
+                continue
             self._move(task, READY)
             task.left = 0
             self._ready[task.chip].appendleft(task)

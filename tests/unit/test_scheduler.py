@@ -511,6 +511,22 @@ def test_a_started_task_reruns_while_it_has_retries_then_fails_as_lost():
         "; worker log: /x")
 
 
+def test_a_rerun_task_downstream_of_one_that_cannot_rerun_fails_with_it():
+    g = Graph()
+    read_x = g.task(arg(IN, 1), arg(OUT, 2))
+    write_x = g.task(arg(IN, 3), arg(OUT, 1))  # queued behind it (write after read of x)
+    last = g.task()
+    g.schedule()
+    # All three started: read_x cannot rerun (write_x overwrote its input); write_x could,
+    # but it depends on read_x, so it fails with it; last reruns.
+    g.s.worker_lost(0, (g.gids[last], g.gids[write_x]), "worker of chip 0 died")
+    g.s.validate()
+    failed = g.failures()
+    assert [(f.task, f.root, f.lost) for f in failed] == [
+        (read_x, read_x, True), (write_x, read_x, True)]
+    assert queued(g, 0) == [last] and g.get(last).retries == 0
+
+
 def test_a_started_task_that_overwrites_its_inputs_is_not_rerun():
     g = Graph()
     a = g.task(arg(INOUT, 1), retries=3)
