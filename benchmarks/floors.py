@@ -45,17 +45,25 @@ def _relay(front: str, back: str) -> None:
     poller.register(fe, zmq.POLLIN)
     poller.register(be, zmq.POLLIN)
     worker = client = None
+    early: list[bytes] = []  # client messages that came before the worker's hello
     while True:
         ready = dict(poller.poll())
         if fe in ready:
             client, msg = fe.recv_multipart()
-            be.send_multipart([worker, msg])
-            if msg == b"stop":
+            if worker is None:
+                early.append(msg)
+            else:
+                be.send_multipart([worker, msg])
+            if msg == b"stop" and worker is not None:
                 break
         if be in ready:
             identity, msg = be.recv_multipart()
             if msg == b"hello":
                 worker = identity
+                for held in early:
+                    be.send_multipart([worker, held])
+                if b"stop" in early:
+                    break
             else:
                 fe.send_multipart([client, msg])
     fe.close(0)
@@ -106,8 +114,7 @@ class Floors:
         self.roundtrip()  # waits for the server to bind
         self._relay_sock = self._ctx.socket(zmq.DEALER)
         self._relay_sock.connect(front)
-        time.sleep(0.5)  # the relay's worker says hello before the first message
-        self.roundtrip_relay()
+        self.roundtrip_relay()  # the relay holds it until its worker said hello
         return self
 
     def __exit__(self, *exc) -> None:
