@@ -1,8 +1,8 @@
 """Finding the hosts of a Ray cluster and starting one host actor on each.
 
-Connecting: ``cluster=ADDRESS``, else ``RAY_ADDRESS``, else a Ray this process already
-joined, else a local one-host Ray started here (``pto_chips`` = the number of devices),
-which ``close()`` shuts down again.
+Connecting: a Ray this process already joined, else ``cluster=ADDRESS``, else
+``RAY_ADDRESS``, else a local one-host Ray started here (``pto_chips`` = the number of
+devices). A connection pto made ends when the last runtime using it closes.
 
 Hosts are the live Ray nodes advertising a ``pto_chips`` resource (``ray.nodes()``), in a
 stable order: by the index each node names for itself (a ``pto.host`` label, as
@@ -15,6 +15,7 @@ times and reruns the run it died in (``max_task_retries``).
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,25 +35,51 @@ class Node:
     index: int | None  # what the node says its host index is, if it says
 
 
-def connect(address: str | None, local_chips: int) -> bool:
-    """Join Ray; True if we started a local Ray (``shutdown`` it at close)."""
-    import ray
+class _Connection:
+    """This process's Ray connection as pto runtimes share it: made by the first runtime
+    that needs one (unless the process had joined Ray itself), ended with the last."""
 
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if ray.is_initialized():
-        current = ray.get_runtime_context().gcs_address
-        if address and address not in ("auto", current):
-            raise ValueError(f"this process is already connected to the Ray cluster at "
-                             f"{current}, not {address!r} (one Ray cluster per process)")
-        return False
-    if address:
-        ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING",
-                 log_to_driver=False)
-        return False
-    # address="local": a bare ray.init() would join whatever /tmp/ray/ray_current_cluster names
-    ray.init(address="local", resources={"pto_chips": local_chips}, namespace=NAMESPACE,
-             include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    return True
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._ours = False  # we called ray.init: we call ray.shutdown
+
+    def join(self, address: str | None, local_chips: int) -> None:
+        import ray
+
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        with self._lock:
+            if ray.is_initialized():
+                current = ray.get_runtime_context().gcs_address
+                if address and address not in ("auto", current):
+                    raise ValueError(f"this process is already connected to the Ray cluster "
+                                     f"at {current}, not {address!r} (one Ray cluster per "
+                                     "process: close the runtimes using it first)")
+            elif address:
+                ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING",
+                         log_to_driver=False)
+                self._ours = True
+            else:
+                # address="local": a bare ray.init() would join whatever Ray cluster
+                # /tmp/ray/ray_current_cluster names (another LocalCluster, say).
+                ray.init(address="local", resources={"pto_chips": local_chips},
+                         namespace=NAMESPACE, include_dashboard=False,
+                         logging_level="WARNING", log_to_driver=False)
+                self._ours = True
+            self._users += 1
+
+    def leave(self) -> None:
+        import ray
+
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._ours:
+                self._ours = False
+                if ray.is_initialized():
+                    ray.shutdown()
+
+
+CONNECTION = _Connection()
 
 
 def pto_nodes() -> list[Node]:

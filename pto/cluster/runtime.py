@@ -25,7 +25,6 @@ import itertools
 import logging
 import pickle
 import secrets
-import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -93,14 +92,16 @@ class ClusterRuntime:
         self._token = object()  # Refs made by this runtime point at it
         self._session = secrets.token_hex(4)
         self._timeout = float(timeout)
-        self._owns_ray = placement.connect(cluster, local_chips)
+        placement.CONNECTION.join(cluster, local_chips)
+        self._actors: list[Any] = []
         try:
             nodes = placement.pto_nodes()
             self._actors = placement.start_hosts(nodes, self._session, self._timeout,
                                                  trace is not None, retries)
             infos = placement.wait_up(self._actors, self._timeout)
         except BaseException:
-            self._shutdown_ray()
+            self._stop_hosts()
+            placement.CONNECTION.leave()
             raise
         self._nodes = nodes
         self._chips = [list(info["chips"]) for info in infos]
@@ -108,7 +109,6 @@ class ClusterRuntime:
         self._host_of_actor = {info["actor"]: h for h, info in enumerate(infos)}
         self.hosts: list[int] = list(range(len(self._actors)))
         self._trace = ClusterTrace(trace) if trace is not None else None
-        self._lock = threading.Lock()
         self._l3: set[str] = set()  # L3 entry names
         self._l4: dict[str, Callable[..., Any]] = {}
         self._run_ids = itertools.count(1)
@@ -373,16 +373,15 @@ class ClusterRuntime:
                 ray.get(ref, timeout=self._timeout)
             except ray.exceptions.RayError as exc:
                 log.warning("host %d did not close cleanly: %s", host, type(exc).__name__)
-        for actor in self._actors:
-            ray.kill(actor, no_restart=True)
+        self._stop_hosts()
         drop_registrations(self._session, sorted(self._l3))
-        self._shutdown_ray()
+        placement.CONNECTION.leave()
 
-    def _shutdown_ray(self) -> None:
+    def _stop_hosts(self) -> None:
         import ray
 
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
 
     def __enter__(self) -> ClusterRuntime:
         return self
