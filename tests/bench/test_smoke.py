@@ -43,6 +43,8 @@ def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, list
     out = tmp_path_factory.mktemp("bench")
     systems = _importable_systems()
     env = {k: v for k, v in os.environ.items() if k != "PTO_BROKER"}
+    # Ray's peer starts its own instance, never joins a cluster another process runs here
+    env["RAY_ADDRESS"] = "local"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--cases", "noop,roundtrip",
          "--repeats", "1", "--systems", ",".join(systems), "--out", str(out)],
