@@ -103,6 +103,8 @@ def queued_behind(task: Task, dep: Task) -> bool:
 def unknown_chips(task: Task, queues: Collection[int]) -> str | None:
     """Why ``task`` names chips the broker cannot run it on (``queues``: the chips it
     serves, and HOST_QUEUE with host workers), or None."""
+    if len(task.chips) == 1 and task.chip in queues:
+        return None  # the common case, on the submit path
     unknown = [c for c in task.chips if c not in queues]
     if not unknown and len(set(task.chips)) == len(task.chips):
         return None
