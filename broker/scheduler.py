@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from pto.errors import ProtocolError
-from pto.protocol import Failure, PackedTaskSpec, TaskSpec, TaskTime, unpack_args
+from pto.protocol import Failure, LaunchTime, PackedTaskSpec, TaskSpec, TaskTime, unpack_args
 
 from .deps import Accesses
 from .invariants import check as check_invariants
@@ -133,7 +133,8 @@ class Scheduler:
         return gids
 
     def report(self, worker: int, done: Iterable[int], failed: Iterable[Failure],
-               times: Iterable[tuple[int, int, float, float]] = ()) -> None:
+               times: Iterable[tuple[int, int, float, float]] = (),
+               launches: Iterable[tuple[int, int, list[LaunchTime]]] = ()) -> None:
         """What a worker finished: task gids, failures (``root`` 0: a group member that
         failed only because another did), and (gid, rank, start, end) of traced tasks.
         Reports of tasks it does not hold (duplicates, a forgotten client's) are ignored."""
@@ -141,12 +142,14 @@ class Scheduler:
         if slot is None:
             return
         inflight = slot.inflight
+        spans = {(gid, rank): spans for gid, rank, spans in launches}
         for gid, rank, start, end in times:
             task = inflight.get(gid)
             if task is not None and task.trace is not None:
                 ready, dispatch, deps = task.trace
                 self._out.timed(task.client,
-                    TaskTime(task.task_id, worker, rank, ready, dispatch, start, end, deps))
+                    TaskTime(task.task_id, worker, rank, ready, dispatch, start, end, deps,
+                             spans.get((gid, rank), [])))
         for gid in done:
             task = inflight.pop(gid, None)
             if task is not None:

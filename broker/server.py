@@ -288,7 +288,7 @@ class Broker:
         if isinstance(msg, P.Report):
             worker.done += len(msg.done)
             worker.failed += len(msg.failed)
-            self.sched.report(worker.device, msg.done, msg.failed, msg.times)
+            self.sched.report(worker.device, msg.done, msg.failed, msg.times, msg.launches)
         elif not isinstance(msg, P.Heartbeat):
             self._send(self.backend, identity, P.Error(f"unexpected {type(msg).__name__}"))
 

@@ -202,7 +202,8 @@ def summarize_trace(events: list[dict[str, Any]], top: int = 10) -> dict[str, An
     def track(tid: Any) -> str:
         return names.get(tid, f"track {tid}")
 
-    slices = [e for e in events if e.get("ph") == "X" and isinstance(e.get("ts"), (int, float))]
+    slices = [e for e in events if e.get("ph") == "X" and isinstance(e.get("ts"), (int, float))
+              and e.get("cat") != "launch"]  # launches nest inside their task's slice
     tasks: dict[Any, dict[str, Any]] = {}
     for n, e in enumerate(slices):
         a = e.get("args") or {}

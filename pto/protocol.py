@@ -106,9 +106,21 @@ class WorkTask(Struct):
     after: list[int] = []
 
 
+class LaunchTime(Struct):
+    """One launch a compiled orchestration made inside a traced task: kernel, blocks,
+    result code (0: ok), and time.monotonic() start and end."""
+
+    kernel: str
+    block_dim: int
+    rc: int
+    start: float
+    end: float
+
+
 class TaskTime(Struct):
     """When one member of a traced task became ready, was dispatched, started and ended
-    (time.monotonic() seconds: one clock for every process of the host)."""
+    (time.monotonic() seconds: one clock for every process of the host), and the launches
+    it made if it ran a package's orchestration."""
 
     task: int
     chip: int
@@ -118,6 +130,7 @@ class TaskTime(Struct):
     start: float
     end: float
     deps: list[int]  # the task ids it waited for
+    launches: list[LaunchTime] = []
 
 
 # ---- client <-> broker --------------------------------------------------------------
@@ -242,6 +255,7 @@ class Report(Struct, tag=22):
     done: list[int]
     failed: list[Failure]
     times: list[tuple[int, int, float, float]] = []  # (task, rank, start, end) of traced tasks
+    launches: list[tuple[int, int, list[LaunchTime]]] = []  # (task, rank, its launches)
 
 
 class Shutdown(Struct, tag=23):

@@ -1,9 +1,10 @@
 """Task traces as Chrome trace-event JSON (opens in Perfetto UI or chrome://tracing).
 
 One track per chip (and one for host sub-tasks), one slice per task member from its
-start to its end, flow arrows from each task to the tasks that waited for it, and the
-submit/ready/dispatch times, kernel, group, bytes touched and any failure in each slice's
-arguments. Times come from ``time.monotonic()``, one clock for every process of a host.
+start to its end (holding one slice per launch when it ran a package's orchestration),
+flow arrows from each task to the tasks that waited for it, and the submit/ready/dispatch
+times, kernel, group, bytes touched and any failure in each slice's arguments. Times come
+from ``time.monotonic()``, one clock for every process of a host.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class TraceRecorder:
                 events.append({"ph": "X", "name": rec.kernel, "cat": "task", "pid": 1,
                                "tid": _track(m.chip), "ts": _us(m.start),
                                "dur": max(_us(m.end) - _us(m.start), 0.001), "args": args})
+                events += _launch_events(task, m)
                 if task not in ends or ends[task][1] < m.end:
                     ends[task] = (m.chip, m.end)
             if rec.failure and not rec.members:  # never ran: a mark where it was submitted
@@ -99,6 +101,16 @@ class TraceRecorder:
         with open(path, "w") as f:
             json.dump({"traceEvents": self.events(), "displayTimeUnit": "ms"}, f)
         return path
+
+
+def _launch_events(task: int, member: P.TaskTime) -> list[dict[str, Any]]:
+    """A compiled orchestration's launches, as slices nested in its task's slice."""
+    return [{"ph": "X", "name": launch.kernel, "cat": "launch", "pid": 1,
+             "tid": _track(member.chip), "ts": _us(launch.start),
+             "dur": max(_us(launch.end) - _us(launch.start), 0.001),
+             "args": {"task": task, "rank": member.rank, "block_dim": launch.block_dim,
+                      "rc": launch.rc}}
+            for launch in member.launches]
 
 
 def _us(seconds: float) -> float:

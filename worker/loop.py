@@ -72,6 +72,7 @@ class Worker:
         self.done: list[int] = []
         self.failed: list[P.Failure] = []
         self.times: list[tuple[int, int, float, float]] = []
+        self.launches: list[tuple[int, int, list[P.LaunchTime]]] = []  # of traced tasks
         self.last_report = time.monotonic()
         self.last_recv = time.monotonic()
         self.last_sent = 0.0
@@ -185,8 +186,8 @@ class Worker:
         """Send what finished since the last report; True if there was anything."""
         sent = bool(self.done or self.failed)
         if sent:
-            self._send(P.Report(self.done, self.failed, self.times))
-            self.done, self.failed, self.times = [], [], []
+            self._send(P.Report(self.done, self.failed, self.times, self.launches))
+            self.done, self.failed, self.times, self.launches = [], [], [], []
         self.last_report = time.monotonic()
         return sent
 
@@ -230,6 +231,8 @@ class Worker:
                     barrier.abort()  # the other members must not wait for us forever
                 raise
             finally:
+                if task.trace:
+                    self._note_launches(task, fn)
                 set_current(None)
                 del args
                 if barrier is not None:
@@ -244,6 +247,13 @@ class Worker:
             self._failed(task, name, reason, followed=isinstance(exc, BarrierAborted))
         else:
             self.done.append(task.task)
+
+    def _note_launches(self, task: P.WorkTask, fn: Kernel) -> None:
+        """A compiled orchestration's launches, for the trace (pto.simtasks.Orchestration)."""
+        spans = getattr(fn, "last_launches", None)
+        if spans:
+            self.launches.append((task.task, task.rank, [
+                P.LaunchTime(s.kernel, s.block_dim, s.rc, s.start, s.end) for s in spans]))
 
     def _failed(self, task: P.WorkTask, name: str, reason: str, followed: bool = False) -> None:
         # root 0 tells the broker this failure only followed another member's
