@@ -267,9 +267,6 @@ class Connection:
         try:
             while not self._stop and self.lost is None:
                 now = time.monotonic()
-                if now >= next_check:
-                    self._check_liveness(now)
-                    next_check = now + self._tick
                 with self._cv:
                     lingering = now - self._caller_left < _LINGER
                     take = self._driver is None and not self._callers and not lingering
@@ -279,16 +276,22 @@ class Connection:
                 if not take:
                     # A caller drives rx (or just did: it may come right back).
                     self._handle_wake(idle.poll(min(wait_ms, int(_LINGER * 1000))))
-                    continue
-                try:
-                    ready = self._handle_wake(drive.poll(wait_ms))
-                    if self.rx in ready:
-                        self._drain()
-                finally:
-                    with self._cv:
-                        self._driver = None
-                        if self._callers:
-                            self._cv.notify_all()
+                else:
+                    try:
+                        ready = self._handle_wake(drive.poll(wait_ms))
+                        if self.rx in ready:
+                            self._drain()
+                    finally:
+                        with self._cv:
+                            self._driver = None
+                            if self._callers:
+                                self._cv.notify_all()
+                # Judged after the poll: a thread starved past the silence limit first
+                # reads the heartbeats waiting for it instead of calling the broker lost.
+                now = time.monotonic()
+                if now >= next_check:
+                    self._check_liveness(now)
+                    next_check = now + self._tick
         except BrokerLost as exc:
             self._declare_lost(exc)
         except Exception as exc:  # noqa: BLE001 - never die silently with waiters blocked

@@ -85,7 +85,14 @@ class OrchContext:
         return handle
 
     def tensor(self, array: Any) -> TensorHandle:
-        """A new tensor holding a copy of ``array`` (the only copy pto makes)."""
+        """A new tensor holding a copy of ``array`` (the only copy pto makes); a handle of
+        this runtime is returned as it is, so one orchestration takes numpy arrays (L3)
+        and the handles an L4 run passes it."""
+        if isinstance(array, TensorHandle):
+            if segment_of(array).store is not self._host.store:
+                raise ValueError(f"ctx.tensor: tensor {array.name} belongs to another runtime")
+            usable_segment(array)  # or TensorFreed
+            return array
         arr = np.asarray(array)
         handle = self._alloc(arr.shape, arr.dtype, zero=False)  # every byte is copied in
         handle.numpy()[...] = arr

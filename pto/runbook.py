@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,7 +142,15 @@ class RunBook:
     # ---- a run's life ------------------------------------------------------------------
 
     def new_run(self) -> Run:
-        run = Run(RunFuture(lambda timeout: self.wait(run, timeout)))
+        # The future reaches its run only weakly: a cycle run -> future -> run would keep
+        # the run's returned handles (and their segments) until a cyclic collection.
+        def wait(timeout: float | None) -> None:
+            run = run_ref()
+            if run is not None:
+                self.wait(run, timeout)
+
+        run = Run(RunFuture(wait))
+        run_ref = weakref.ref(run)
         with self._lock:
             if self._lost is not None:
                 raise self._lost

@@ -195,7 +195,11 @@ class Runtime:
             raise KeyError(f"no orchestration registered as {name!r}; "
                            f"registered: {sorted(self._registry)}")
         run = self._book.new_run()
-        run.future.add_done_callback(lambda f: f.cancelled() and self._cancel(run))
+        # A weak reference: the run must not keep itself alive through its own future
+        # (a cycle would hold the run's returned handles until a cyclic collection).
+        run_ref = weakref.ref(run)
+        run.future.add_done_callback(
+            lambda f: f.cancelled() and (r := run_ref()) is not None and self._cancel(r))
         ctx = OrchContext(self._book, run, reg)
         try:
             value = reg.orch(ctx, args)

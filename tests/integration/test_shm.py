@@ -103,6 +103,52 @@ def test_garbage_collected_handle_unlinks_its_segment(rt4):
     assert wait_gone([path], timeout=5) == [], "dropped handle's segment was not unlinked"
 
 
+def test_a_dropped_result_is_freed_without_a_cyclic_collection(rt4):
+    """Nothing of the run (its future, its callbacks) keeps a returned handle alive."""
+    rt4.register("shm_nocycle", orch=make_one, kernels={"negate": negate})
+    gc.collect()
+    gc.disable()
+    try:
+        y = rt4.run("shm_nocycle", args={"x": np.arange(1 << 18, dtype=np.int64)})
+        path = shm_path(y)
+        del y
+        # no wait_gone: it collects garbage, which would hide a cycle
+        assert wait_until(lambda: not path.exists(), timeout=5), \
+            "the run kept its returned handle alive"
+    finally:
+        gc.enable()
+
+
+def test_ctx_tensor_of_a_handle_returns_that_handle(rt4):
+    """One orchestration serves numpy inputs (L3) and the handles an L4 run passes in."""
+
+    def orch(ctx, args):
+        x = ctx.tensor(args["x"])
+        assert ctx.tensor(x) is x
+        y = ctx.alloc(x.shape, x.dtype)
+        ctx.submit(0, "negate", [pto.Arg.input(ctx.tensor(x)), pto.Arg.output(y)])
+        return y
+
+    rt4.register("shm_same", orch=orch, kernels={"negate": negate})
+    y = rt4.run("shm_same", args={"x": np.arange(8.0)})
+    np.testing.assert_array_equal(y.numpy(), -np.arange(8.0))
+
+    other = pto.Runtime(level="host", devices=[0])
+    try:
+        other.register("one", orch=make_one, kernels={"negate": negate})
+        theirs = other.run("one", args={"x": np.arange(4.0)})  # refused here, by name
+
+        def uses_theirs(ctx, args):
+            return ctx.tensor(theirs)
+
+        rt4.register("shm_foreign", orch=uses_theirs, kernels={})
+        with pytest.raises(ValueError, match="belongs to another runtime"):
+            rt4.run("shm_foreign")
+        theirs.free()
+    finally:
+        other.close()
+
+
 def test_intermediate_tensors_do_not_outlive_the_run(rt4):
     """Tensors the orchestration made but did not return are reclaimed after the run."""
 
