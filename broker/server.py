@@ -388,7 +388,8 @@ class Broker:
             self._send(self.backend, worker.identity, P.Shutdown("broker stopping"))
         for client in self.clients_by_index.values():
             self._send(self.frontend, client.identity, P.Shutdown("broker stopping"))
-        self.supervisor.stop(timeout=2.0)
+        if self.supervisor.stop(timeout=2.0):
+            shm.reap_dead_owners()  # the status segments of workers that had to be killed
         self.barriers.close_all()
         for worker in self.workers.values():  # workers killed on the way out leave theirs
             worker.status.release()

@@ -105,17 +105,30 @@ class Supervisor:
         log.info("starting %s worker", chip_label(device))
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=child_env())
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Wait for the workers (already asked to stop) to exit; kill the late ones."""
+    def stop(self, timeout: float = 2.0) -> int:
+        """Wait for the workers (already asked to stop) to exit; SIGTERM the late ones (a
+        worker still starting has had no Shutdown: on SIGTERM it removes its status
+        segment), then SIGKILL those still there. Returns how many were killed."""
         deadline = time.monotonic() + timeout
+        late = []
         for proc in self._procs.values():
             if proc.popen is None:
                 continue
             try:
                 proc.popen.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.popen.kill()
-                proc.popen.wait()
+                proc.popen.terminate()
+                late.append(proc.popen)
+        killed = 0
+        deadline = time.monotonic() + timeout / 2
+        for popen in late:
+            try:
+                popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()
+                killed += 1
+        return killed
 
 
 def exit_text(returncode: int | None) -> str:

@@ -144,6 +144,14 @@ def no_leaks():
     )
 
 
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private, empty package cache (PTO_CACHE_DIR) for the test."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("PTO_CACHE_DIR", str(path))
+    return path
+
+
 def _embedded(devices: list[int]):
     # Always an embedded broker, even if the developer's shell exports PTO_BROKER.
     with pytest.MonkeyPatch.context() as mp:

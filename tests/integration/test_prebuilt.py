@@ -65,13 +65,6 @@ def build_vadd(d: Path, bias: str = "0.0f", out: str = "vadd.o") -> Path:
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "cache"
-    monkeypatch.setenv("PTO_CACHE_DIR", str(path))
-    return path
-
-
-@pytest.fixture
 def src(tmp_path) -> Path:
     d = tmp_path / "src"
     d.mkdir()

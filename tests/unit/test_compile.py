@@ -47,14 +47,6 @@ extern "C" void mul(const pto_arg *args, int32_t nargs) {
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    """A private, empty package cache for the test."""
-    path = tmp_path / "cache"
-    monkeypatch.setenv("PTO_CACHE_DIR", str(path))
-    return path
-
-
-@pytest.fixture
 def src(tmp_path) -> Path:
     """A source folder with add.c (including common.h) and mul.cpp."""
     d = tmp_path / "src"
