@@ -388,8 +388,7 @@ class Broker:
             self._send(self.backend, worker.identity, P.Shutdown("broker stopping"))
         for client in self.clients_by_index.values():
             self._send(self.frontend, client.identity, P.Shutdown("broker stopping"))
-        if self.supervisor.stop(timeout=2.0):
-            shm.reap_dead_owners()  # the status segments of workers that had to be killed
+        self.supervisor.stop(timeout=2.0)
         self.barriers.close_all()
         for worker in self.workers.values():  # workers killed on the way out leave theirs
             worker.status.release()

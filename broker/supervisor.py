@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from pto import shm
 from pto.sockets import child_env, chip_label, host_chip, host_index
 
 log = logging.getLogger("pto.broker")
@@ -73,6 +74,7 @@ class Supervisor:
                 if proc.popen.poll() is None:
                     continue
                 # (the server has already failed what a dead one held: exit_of said so)
+                shm.reap_pid(proc.popen.pid)  # its status segment, if it died unannounced
                 proc.popen = None
                 proc.restarts = 0 if proc.connected else proc.restarts + 1
                 proc.start_at = now + (min(_MAX_BACKOFF_S, 0.1 * 2 ** proc.restarts)
@@ -127,6 +129,7 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 popen.kill()
                 popen.wait()
+                shm.reap_pid(popen.pid)  # it had no chance to remove its status segment
                 killed += 1
         return killed
 

@@ -151,6 +151,13 @@ def reap_dead_owners() -> int:
     return removed
 
 
+def reap_pid(pid: int) -> int:
+    """Unlink the segments of process ``pid``, which the caller saw exit (a child it
+    reaped): what a worker killed before it said hello to its broker leaves."""
+    owners = {owner_of(name) for sem in (False, True) for name in list_names(semaphores=sem)}
+    return sum(unlink_owner(owner) for owner in owners if owner_pid(owner) == pid)
+
+
 def pid_alive(pid: int) -> bool:
     """True if ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:

@@ -252,3 +252,28 @@ def test_close_unlinks_every_segment():
     with pytest.raises(pto.TensorFreed):
         handles[0].numpy()
     rt.close()  # idempotent
+
+
+def test_reap_pid_removes_what_a_dead_child_left_and_nothing_else():
+    """The broker's fallback for a worker killed before it said hello (shm.reap_pid)."""
+    import subprocess
+    import sys
+
+    from pto import shm
+
+    code = ("import os; from pto import shm; "
+            "n = shm.segment_name(shm.new_owner(), 'status'); shm.create(n, 16); "
+            "print(n, flush=True); os._exit(0)")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True)
+    name = child.stdout.strip()
+    path = shm_path(name)
+    assert path.exists()
+    mine = shm.segment_name(shm.new_owner(), "keep")
+    shm.create(mine, 16)
+    try:
+        assert shm.reap_pid(shm.owner_pid(shm.owner_of(name))) == 1
+        assert not path.exists()
+        assert shm_path(mine).exists()
+    finally:
+        shm.unlink(mine)
