@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from . import config
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 
 def curve_dir(explicit: str | None = None,
@@ -46,6 +49,8 @@ def secure_server(ctx: zmq.Context, sockets: list[zmq.Socket],
                   directory: str) -> ThreadAuthenticator:
     """CURVE on the broker's sockets, accepting only certificates in ``authorized/``."""
     public, secret = _load(os.path.join(directory, "broker.key_secret"))
+    from zmq.auth.thread import ThreadAuthenticator  # asyncio: only for a CURVE broker
+
     auth = ThreadAuthenticator(ctx)
     auth.start()
     auth.configure_curve(domain="*", location=os.path.join(directory, "authorized"))

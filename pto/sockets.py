@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
 from .protocol import MAX_FRAME_BYTES
 from .security import secure_client, secure_server
 from .shm import pid_alive
+
+if TYPE_CHECKING:  # only a broker with CURVE starts one; its import pulls in asyncio
+    from zmq.auth.thread import ThreadAuthenticator
 
 HOST_QUEUE = -1  # the chip of a host sub-task: a queue any host worker takes from
 
@@ -51,7 +54,7 @@ def host_index(chip: int) -> int:
 
 def chip_label(chip: int) -> str:
     """How logs and errors name a worker: ``chip 3`` or ``host worker 0``."""
-    return f"chip {chip}" if chip >= 0 else f"host worker {-1 - chip}"
+    return f"chip {chip}" if chip >= 0 else f"host worker {host_index(chip)}"
 
 
 def _common(sock: zmq.Socket) -> None:
