@@ -110,7 +110,6 @@ class HostActor:
         self._runs: list[dict[str, Any]] = []  # trace records (monotonic seconds)
         self._transfers: list[dict[str, Any]] = []
         self._stats = {"runs": 0, "transfers": 0, "bytes_in": 0, "local_handoffs": 0}
-        self._collector = _Collector()
         gc.freeze()  # what start-up made (Ray, pto, the L3 runtime) is never garbage
 
     # ---- set-up ------------------------------------------------------------------------
@@ -138,7 +137,7 @@ class HostActor:
                     known = handles[desc.key] = self._copy_in(ctx, desc, fetched[desc.key])
                 return known
 
-            return orch(_EntryContext(ctx), map_instances(args, TensorDesc, to_handle))
+            return orch(ctx, map_instances(args, TensorDesc, to_handle))
 
         with self._lock:
             self.rt.register(name, orch=entry, kernels=kernels)
@@ -286,7 +285,6 @@ class HostActor:
         with self._lock:
             dropped = [self._kept.pop(run_id, None) for run_id in run_ids]
         del dropped
-        self._collector.soon()
 
     # ---- observability and life ----------------------------------------------------------
 
@@ -327,54 +325,3 @@ class HostActor:
             import shutil
 
             shutil.rmtree(self._trace_dir, ignore_errors=True)
-
-
-class _Collector:
-    """Runs the cyclic garbage collector soon after a release, at most every ``GC_EVERY_S``.
-
-    A finished L3 run keeps its return value in a reference cycle (its Future's
-    done-callback holds the run), so dropping our handles frees nothing until a cyclic
-    collection; waiting for one triggered by allocations could keep a host's segments
-    for long after the driver let go. A collection holds the GIL, so not one per release:
-    at most one per interval, from a timer thread.
-    """
-
-    GC_EVERY_S = 0.25
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending = False
-        self._last = 0.0
-
-    def soon(self) -> None:
-        with self._lock:
-            if self._pending:
-                return
-            self._pending = True
-            delay = max(self._last + self.GC_EVERY_S - time.monotonic(), 0.0)
-        timer = threading.Timer(delay, self._collect)
-        timer.daemon = True
-        timer.start()
-
-    def _collect(self) -> None:
-        with self._lock:
-            self._pending = False
-            self._last = time.monotonic()
-        gc.collect()
-
-
-class _EntryContext:
-    """The L3 ctx an entry sees at L4: ``tensor()`` of a handle (a Ref argument, already
-    in this host's shared memory) is that handle, so one L3 orchestration serves both
-    levels; everything else is the L3 ctx itself."""
-
-    __slots__ = ("_ctx",)
-
-    def __init__(self, ctx: Any):
-        self._ctx = ctx
-
-    def tensor(self, array: Any) -> TensorHandle:
-        return array if isinstance(array, TensorHandle) else self._ctx.tensor(array)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ctx, name)
