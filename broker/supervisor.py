@@ -107,10 +107,10 @@ class Supervisor:
         log.info("starting %s worker", chip_label(device))
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=child_env())
 
-    def stop(self, timeout: float = 2.0) -> int:
+    def stop(self, timeout: float = 2.0) -> None:
         """Wait for the workers (already asked to stop) to exit; SIGTERM the late ones (a
         worker still starting has had no Shutdown: on SIGTERM it removes its status
-        segment), then SIGKILL those still there. Returns how many were killed."""
+        segment), then SIGKILL those still there."""
         deadline = time.monotonic() + timeout
         late = []
         for proc in self._procs.values():
@@ -121,7 +121,6 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 proc.popen.terminate()
                 late.append(proc.popen)
-        killed = 0
         deadline = time.monotonic() + timeout / 2
         for popen in late:
             try:
@@ -130,8 +129,6 @@ class Supervisor:
                 popen.kill()
                 popen.wait()
                 shm.reap_pid(popen.pid)  # it had no chance to remove its status segment
-                killed += 1
-        return killed
 
 
 def exit_text(returncode: int | None) -> str:
