@@ -177,7 +177,7 @@ class PtoSystem:
     key = "pto"
     labels = {
         "chain": "pto: INOUT on one tensor, one chip (queued behind on the worker)",
-        "chain_across": "pto: INOUT on one tensor, chips 0/1 alternating (deps in the broker)",
+        "chain_across": "pto: INOUT on one tensor, chips 0/1 alternating (waits on the workers)",
         "handoff": "pto: chip 0 writes, chip 1 sums (shared memory)",
         "fairness": "pto: small client's 1-task runs, broker idle (2 chips)",
         "fairness_flood": "pto: same, while another client floods no-ops on both chips",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from .task import State, Task, queued_behind
+from .task import State, Task, covered
 
 _LIVE = (State.PENDING, State.READY, State.DISPATCHED)
 _ON_WORKER = (State.DISPATCHED, State.FAILED, State.DROPPED)
@@ -21,8 +21,10 @@ def _fail(rule: str, task: Task | None = None) -> None:
 
 
 def check(tasks: dict[int, Task], ready: dict[int, Iterable[Task]],
-          workers: list[tuple[int, int, dict[int, Task]]], barriers: set[int]) -> None:
-    """``workers``: (worker, queue, in-flight gid -> task) of each connected worker."""
+          workers: list[tuple[int, int, dict[int, Task], dict[int, int]]],
+          barriers: set[int]) -> None:
+    """``workers``: (worker, queue, in-flight gid -> task, watched seq -> count) of each
+    connected worker."""
     for gid, t in tasks.items():
         if t.gid != gid:
             _fail("tasks are filed under their gid", t)
@@ -49,12 +51,22 @@ def check(tasks: dict[int, Task], ready: dict[int, Iterable[Task]],
     # In flight: what workers hold agrees with DISPATCHED and with each task's ``left``.
     held: Counter[int] = Counter()
     held_tasks: dict[int, Task] = {}
-    for worker, queue, inflight in workers:
+    watched: dict[int, Counter[int]] = {w: Counter() for w, _, _, _ in workers}
+    for worker, queue, inflight, _ in workers:
         for gid, t in inflight.items():
             if t.gid != gid or t.state not in _ON_WORKER or queue not in t.chips:
                 _fail(f"worker {worker} holds only tasks dispatched to its queue {queue}", t)
+            if len(t.chips) == 1 and (t.worker is None or t.worker.worker != worker):
+                _fail(f"a single task held by worker {worker} records it as its worker", t)
             held[gid] += 1
             held_tasks[gid] = t
+            for slot, seq in t.watching or ():
+                if slot.worker not in watched:
+                    _fail("a task in flight waits only for tasks of connected workers", t)
+                watched[slot.worker][seq] += 1
+    for worker, _, _, counts in workers:
+        if Counter(counts) != watched[worker]:
+            _fail(f"worker {worker}'s watched seqs count the in-flight tasks waiting for them")
     for gid, t in held_tasks.items():
         if held[gid] != t.left:
             _fail(f"a task is held by as many workers as members left ({held[gid]} vs "
@@ -75,17 +87,22 @@ def check(tasks: dict[int, Task], ready: dict[int, Iterable[Task]],
             _fail("a dispatched group has an open barrier", t)
 
     # Dependency counts: a PENDING task waits for each unfinished predecessor, except
-    # those it is queued behind on their worker (they are named in ``after``).
+    # those it may wait for on its worker (``covered``): they are named in ``after``.
     waiting: Counter[int] = Counter()
     for d in tasks.values():
         for t in d.dependents:
             if t.state not in _LIVE:
                 continue
-            ahead = queued_behind(t, d) and d.state in (State.READY, State.DISPATCHED)
-            if ahead and t.state != State.PENDING and d.gid not in (t.after or ()):
-                _fail(f"a task queued behind its predecessor {d.gid} names it in after", t)
+            ahead = covered(t, d)
+            if ahead != (d in (t.after or ())):
+                _fail(f"after names exactly the unfinished predecessors it may wait for on "
+                      f"its worker ({d.gid}: {ahead})", t)
             if not ahead:
                 waiting[t.gid] += 1
+            if t.state == State.DISPATCHED and d.state == State.DISPATCHED and len(
+                    t.chips) == 1 and (t.wait is None or d.seq not in t.wait[1::2]):
+                _fail(f"a dispatched task was sent to wait for its running predecessor "
+                      f"{d.gid}", t)
     for t in tasks.values():
         want = waiting[t.gid]
         if t.state == State.PENDING:

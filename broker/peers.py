@@ -9,6 +9,7 @@ import numpy as np
 
 from pto import protocol as P
 from pto import shm
+from pto.ring import outcome_in, ring_of
 from pto.sockets import HOST_QUEUE
 
 
@@ -27,9 +28,9 @@ class ClientPeer:
 
 
 class WorkerStatus:
-    """A worker's status block ([running task, last finished task], see worker.loop),
-    mapped when the worker connects: a janitor that unlinks the name after the worker died
-    cannot hide what it was doing."""
+    """A worker's status segment ([running task, last finished task], then its completion
+    ring: ``pto.ring``), mapped when the worker connects: a janitor that unlinks the name
+    after the worker died cannot hide what it was doing."""
 
     def __init__(self, name: str):
         self.name = name
@@ -45,6 +46,11 @@ class WorkerStatus:
             return None
         running, finished = np.frombuffer(self._mm, dtype=np.int64, count=2).tolist()
         return running, finished
+
+    def outcome(self, seq: int) -> bool | None:
+        """What its completion ring says of its task ``seq`` (None: not ended, or no ring)."""
+        ring = None if self._mm is None else ring_of(self._mm)
+        return None if ring is None else outcome_in(ring, seq)
 
     def release(self) -> None:
         """Unmap it, and unlink the name in case the worker could not (SIGKILL)."""
@@ -72,6 +78,10 @@ class WorkerPeer:
     gone: list[int] = field(default_factory=list)  # clients whose state to drop
     cancels: list[int] = field(default_factory=list)  # gids of queued tasks to drop
     status: WorkerStatus = field(default_factory=lambda: WorkerStatus(""))
+    wake: str = ""  # its wake-up endpoint (worker.completions)
+    uid: int = 0  # the scheduler's name for it in tasks' waits
+    peers: set[int] = field(default_factory=set)  # uids of the workers it has been told of
+    watch: list[int] = field(default_factory=list)  # Dispatch.watch pairs to send
     done: int = 0
     failed: int = 0
 
@@ -82,4 +92,4 @@ class WorkerPeer:
 
     def has_news(self) -> bool:
         """Something to send even without tasks."""
-        return bool(self.frees or self.gone or self.cancels)
+        return bool(self.frees or self.gone or self.cancels or self.watch)

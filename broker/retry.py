@@ -7,6 +7,7 @@ scheduler (``broker.scheduler``) applies the verdicts, and only it changes task 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 
 from .deps import inputs_overwritten, overwrites
@@ -19,10 +20,14 @@ class Verdict(Enum):
     FAIL = "fail"  # pto.WorkerLost (or it had already ended: its member just leaves)
 
 
-def after_death(held: list[Task], status: tuple[int, int] | None) -> list[Verdict]:
-    """One verdict per task ``held``, in the order sent.
+def after_death(held: list[Task], status: tuple[int, int] | None,
+                awaited_elsewhere: Callable[[Task], bool] = lambda task: False) -> list[Verdict]:
+    """One verdict per task ``held``, in the order sent (those its completion ring says
+    ended are not among them).
 
-    Group members fail (the others are at the barrier without it). A started task reruns
+    Group members fail (the others are at the barrier without it), and so does a task
+    that a task on another chip already waits for on its worker (``awaited_elsewhere``):
+    that one was sent naming this run of it, which will never end. A started task reruns
     while it has retries, unless a partial run may have changed what it reads: it
     overwrites its own inputs (INOUT, OUTPUT_EXISTING, NO_DEP), or a task queued behind
     it on the worker, which may have run too, wrote bytes it reads."""
@@ -33,7 +38,7 @@ def after_death(held: list[Task], status: tuple[int, int] | None) -> list[Verdic
         (gids.index(g) + 1 for g in status if g in gids), default=0)
     verdicts = []
     for i, task in enumerate(held):
-        if task.state != DISPATCHED or len(task.chips) > 1:
+        if task.state != DISPATCHED or len(task.chips) > 1 or awaited_elsewhere(task):
             verdicts.append(Verdict.FAIL)
         elif i >= started:
             verdicts.append(Verdict.REQUEUE)

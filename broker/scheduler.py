@@ -9,10 +9,17 @@ failures are reported with (what is to send waits in a ``broker.outbox.Outbox``)
 server (``broker.server``) only routes: it feeds messages in through the public methods
 and sends out what ``schedule``, ``take_results`` and ``take_barrier_orders`` return.
 
-A worker runs its tasks one by one in the order it got them, so a task need not wait in
-the broker for a predecessor that is queued ahead of it on the same chip: it is queued
-right behind it and names it in ``after``; the worker skips it if that predecessor
-failed. A chain of tasks on one chip thus costs no broker round trip per task.
+A task need not wait in the broker for a predecessor that is already dispatched (to any
+chip), or queued ahead of it on its own chip: it becomes READY and, once sent, waits for
+it on its worker (``Task.after``; ``broker.task.covered``). Each worker numbers the tasks
+it gets (``seq``) and records their outcomes in its completion ring; a task is sent with
+the (worker uid, seq) of each predecessor still unfinished, and that predecessor's worker
+is asked to poke the waiting one when it ends (``worker.completions``). A chain of tasks
+thus costs no broker round trip per task, on one chip or alternating between chips. A
+worker skips a task whose predecessor failed and says so (``SKIPPED``); the broker fails
+it with the root cause when it hears of that failure, and cancels what other workers
+hold downstream. The broker never sends a worker a task ``RING_SLOTS`` past one another
+task still waits for (``_Worker.room``), so no outcome waited for is overwritten.
 Dependencies themselves are ``broker.deps``'s.
 
 Clients share the chips fairly: each chip's ready queue (``broker.ready.ReadyQueue``)
@@ -27,10 +34,19 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from pto.errors import ProtocolError
-from pto.protocol import Failure, LaunchTime, PackedTaskSpec, TaskSpec, TaskTime, unpack_args
+from pto.protocol import (
+    RING_SLOTS,
+    SKIPPED,
+    Failure,
+    LaunchTime,
+    PackedTaskSpec,
+    TaskSpec,
+    TaskTime,
+    unpack_args,
+)
 
 from .deps import Accesses
 from .invariants import check as check_invariants
@@ -48,25 +64,50 @@ from .task import (
     State,
     Task,
     check_transition,
+    covered,
     failure_of,
-    queued_behind,
     unknown_chips,
+    waits_on_worker,
 )
 
 log = logging.getLogger("pto.broker")
 
-# (worker, task, rank, barrier id or 0): one member of a task to send to a worker
-Assignment = tuple[int, Task, int, int]
+# (worker, task, rank, barrier id or 0, seq): one member of a task to send to a worker,
+# its number there
+Assignment = tuple[int, Task, int, int, int]
 
 
 class _Worker:
-    """A connected worker as the scheduler sees it: its queue and what it holds."""
+    """A connected worker as the scheduler sees it: its queue, what it holds, how many
+    tasks it has been sent, and which of them tasks elsewhere still wait for."""
 
-    __slots__ = ("worker", "queue", "limit", "inflight")
+    __slots__ = ("worker", "queue", "limit", "inflight", "uid", "sent", "watched", "floor")
 
-    def __init__(self, worker: int, queue: int, limit: int):
-        self.worker, self.queue, self.limit = worker, queue, limit
+    def __init__(self, worker: int, queue: int, limit: int, uid: int):
+        self.worker, self.queue, self.limit, self.uid = worker, queue, limit, uid
         self.inflight: dict[int, Task] = {}  # gid -> task, in the order sent
+        self.sent = 0  # the seq its next task gets
+        self.watched: dict[int, int] = {}  # seq -> tasks elsewhere still waiting for it
+        self.floor = 0  # at most the smallest seq in ``watched``
+
+    def room(self) -> int:
+        """How many tasks it may be sent now: its credit, and never so many that an outcome
+        still waited for would leave its completion ring."""
+        room = self.limit - len(self.inflight)
+        if self.watched and self.sent + room > self.floor + RING_SLOTS:
+            self.floor = min(self.watched)
+            room = min(room, self.floor + RING_SLOTS - self.sent)
+        return room
+
+    def watch(self, seq: int) -> None:
+        if not self.watched or seq < self.floor:
+            self.floor = seq
+        self.watched[seq] = self.watched.get(seq, 0) + 1
+
+    def unwatch(self, seq: int) -> None:
+        count = self.watched.pop(seq, 0)
+        if count > 1:
+            self.watched[seq] = count - 1
 
 
 class Scheduler:
@@ -83,6 +124,7 @@ class Scheduler:
         self._kernel_names: dict[tuple[int, int], str] = {}  # (client, kernel id) -> name
         self._out = Outbox()  # results and barrier orders for the server to take
         self._barriers: set[int] = set()  # gids of dispatched groups: their barrier is open
+        self._uids = itertools.count(1)  # a worker process's uid, never reused
 
     # ---- peers -----------------------------------------------------------------------
 
@@ -96,15 +138,17 @@ class Scheduler:
     def kernel_name(self, task: Task) -> str:
         return self._kernel_names.get((task.client, task.kernel), f"#{task.kernel}")
 
-    def add_worker(self, worker: int, queue: int, limit: int) -> None:
+    def add_worker(self, worker: int, queue: int, limit: int) -> int:
         """A worker (its chip, or ``pto.sockets.host_chip(k)``) takes tasks from ``queue``,
-        at most ``limit`` in flight."""
+        at most ``limit`` in flight. Returns its uid (what tasks waiting for its tasks name
+        it by)."""
         if worker in self._workers:
             raise ValueError(f"worker {worker} is already connected")
-        slot = _Worker(worker, queue, limit)
+        slot = _Worker(worker, queue, limit, next(self._uids))
         self._workers[worker] = slot
         self._queue_workers.setdefault(queue, []).append(slot)
         self._ready.setdefault(queue, ReadyQueue())
+        return slot.uid
 
     def drop_client(self, client: int) -> None:
         """Forget a client: its tasks are DROPPED (dispatched ones stay in flight until
@@ -153,43 +197,69 @@ class Scheduler:
         for gid in done:
             task = inflight.pop(gid, None)
             if task is not None:
+                self._off_worker(task)
                 self._member_left(task)
         for failure in failed:
+            if failure.root == SKIPPED:
+                task = inflight.get(failure.task)
+                if task is not None and task.state == DISPATCHED:
+                    # Its predecessor's failure is on its way (or that worker's death is):
+                    # failing it then names the root cause.
+                    task.skipped = True
+                    continue
             task = inflight.pop(failure.task, None)
             if task is not None:
-                self._member_left(task, (failure.reason, False, failure.root == 0))
+                self._off_worker(task)
+                self._member_left(task, (failure.reason, failure.lost, failure.root == 0))
 
-    def cancel(self, client: int, task_ids: Iterable[int]) -> list[tuple[int, int]]:
-        """Fail the named tasks not dispatched yet; return (worker, gid) of the dispatched
-        single ones (their worker may still hold them queued and drop them)."""
+    def cancel(self, client: int, task_ids: Iterable[int]) -> None:
+        """Fail the named tasks not dispatched yet; ask the workers holding the dispatched
+        single ones to drop them if still queued (``take_worker_orders``)."""
         wanted = set(task_ids)
-        on_workers = []
         for task in [t for t in self._tasks.values() if t.client == client
                      and t.task_id in wanted]:
             if task.state in (PENDING, READY):
                 self._fail(task, None, "cancelled")
-            elif task.state == DISPATCHED and len(task.chips) == 1:
-                on_workers.extend((w.worker, task.gid) for w in self._workers.values()
-                                  if task.gid in w.inflight)
-        return on_workers
+            elif task.state == DISPATCHED and task.worker is not None:
+                self._out.cancel_on(task.worker.worker, task.gid)
 
     def forget_tensors(self, client: int, tensor_ids: Iterable[int]) -> None:
         self._accesses.forget(client, tensor_ids)
 
     def worker_lost(self, worker: int, status: tuple[int, int] | None, died: str,
-                    hint: str = "") -> None:
+                    hint: str = "",
+                    outcome: Callable[[int], bool | None] | None = None) -> None:
         """Fail or rerun what a dead worker held. ``status`` is its [running, last
-        finished] task gids if known; ``died`` says who died how ("worker of chip 0 (pid
-        7) died (killed by SIGKILL)"), ``hint`` where its log is.
+        finished] task gids if known, ``outcome(seq)`` what its completion ring says of its
+        task ``seq``; ``died`` says who died how ("worker of chip 0 (pid 7) died (killed
+        by SIGKILL)"), ``hint`` where its log is.
 
-        Tasks it had not started go back to the head of their queue; started ones rerun
-        or fail as ``broker.retry.after_death`` decides."""
+        Tasks its ring says ended count as reported (a task elsewhere may already have
+        used their outputs). Of the others, those it had not started go back to the head
+        of their queue; started ones rerun or fail as ``broker.retry.after_death``
+        decides, and so does any that a task elsewhere already waits for."""
         slot = self._workers.pop(worker)
         self._queue_workers[slot.queue].remove(slot)
-        held = list(slot.inflight.values())
+        for other in self._workers.values():  # nothing is watched on a dead worker
+            for task in other.inflight.values():
+                if task.watching:
+                    task.watching = [w for w in task.watching if w[0] is not slot] or None
+        held = []
+        tasks = list(slot.inflight.values())
         slot.inflight.clear()
+        for task in tasks:
+            self._off_worker(task)
+            ended = outcome(task.seq) if outcome is not None and task.worker is slot else None
+            if ended is None:
+                held.append(task)
+            elif ended:
+                self._member_left(task)
+            else:
+                self._member_left(task, (f"{died} after kernel {self.kernel_name(task)!r} "
+                                         f"failed, before saying why{hint}", True, False))
         requeue = []
-        for task, verdict in zip(held, after_death(held, status), strict=True):
+        verdicts = after_death(held, status, self._awaited_elsewhere)
+        for task, verdict in zip(held, verdicts, strict=True):
             if verdict is Verdict.FAIL:
                 reason = f"{died} while running kernel {self.kernel_name(task)!r}{hint}"
                 self._member_left(task, (reason, True, False))
@@ -205,7 +275,21 @@ class Scheduler:
                 continue
             self._move(task, READY)
             task.left = 0
+            task.worker, task.skipped = None, False
             self._ready[task.chip].appendleft(task)
+
+    def _awaited_elsewhere(self, task: Task) -> bool:
+        """Whether an unfinished task of another chip already counts on ``task`` being
+        dispatched (it may be queued on its worker waiting for it)."""
+        return any(d.state < DONE and d.chip != task.chip and task in (d.after or ())
+                   for d in task.dependents)
+
+    def _off_worker(self, task: Task) -> None:
+        """``task`` left its worker: it no longer waits for tasks of other workers."""
+        if task.watching:
+            for slot, seq in task.watching:
+                slot.unwatch(seq)
+            task.watching = None
 
     # ---- output ----------------------------------------------------------------------
 
@@ -227,7 +311,7 @@ class Scheduler:
         credit: dict[int, int] = {}
         idle: set[int] = set()
         for slot in self._workers.values():
-            room = slot.limit - len(slot.inflight)
+            room = slot.room()
             if room > 0:
                 credit[slot.queue] = credit.get(slot.queue, 0) + room
             if not slot.inflight:
@@ -245,7 +329,13 @@ class Scheduler:
                         idle.discard(chip)
                         self._move(task, DISPATCHED)
                         task.left = 1
-                        out.append((self._assign(chip, task), task, 0, 0))
+                        slot = self._assign(chip, task)
+                        task.worker, task.seq = slot, slot.sent - 1
+                        if task.after:
+                            self._send_waiting(task, slot)
+                        out.append((slot.worker, task, 0, 0, task.seq))
+                        if task.dependents and self._cover(task):
+                            progress = True  # tasks on other chips became READY
                         continue
                     if not all(self._ready[c].head() is task
                                and credit.get(c, 0) > 0 and c in idle for c in task.chips):
@@ -257,16 +347,49 @@ class Scheduler:
                         self._ready[c].pop(task)
                         credit[c] -= 1
                         idle.discard(c)
-                        out.append((self._assign(c, task), task, rank, task.gid))
+                        slot = self._assign(c, task)
+                        out.append((slot.worker, task, rank, task.gid, slot.sent - 1))
                     progress = True
         return out
 
-    def _assign(self, queue: int, task: Task) -> int:
+    def _assign(self, queue: int, task: Task) -> _Worker:
         workers = self._queue_workers[queue]
         # Host workers share one queue: the least loaded takes it.
         slot = workers[0] if len(workers) == 1 else min(workers, key=lambda w: len(w.inflight))
         slot.inflight[task.gid] = task
-        return slot.worker
+        slot.sent += 1
+        return slot
+
+    def _send_waiting(self, task: Task, slot: _Worker) -> None:
+        """``task`` goes to ``slot`` now: name the predecessors still unfinished for it to
+        wait for, and have the other workers running them watch them for it."""
+        wait: list[int] = []
+        for pred in task.after:
+            if pred.state != DISPATCHED:
+                continue  # done (a FAILED or DROPPED one would have taken it along)
+            other = pred.worker
+            wait += (other.uid, pred.seq)
+            if other is not slot:
+                other.watch(pred.seq)
+                task.watching = task.watching or []
+                task.watching.append((other, pred.seq))
+                self._out.watch(other.worker, pred.seq, slot.uid)
+        task.wait = wait or None
+
+    def _cover(self, task: Task) -> bool:
+        """``task`` was dispatched: its dependents on other chips need no longer wait for
+        it in the broker. True if some became READY."""
+        became_ready = False
+        for dep in task.dependents:
+            if (dep.state == PENDING and dep.chip != task.chip and waits_on_worker(dep, task)
+                    and task not in (dep.after or ())):
+                dep.after = dep.after or []
+                dep.after.append(task)
+                dep.waiting -= 1
+                if dep.waiting == 0:
+                    self._ready_now(dep)
+                    became_ready = True
+        return became_ready
 
     def take_results(self) -> Results:
         """Per client: task ids done, failures, and the task times gathered so far."""
@@ -275,6 +398,15 @@ class Scheduler:
     def take_barrier_orders(self) -> tuple[list[int], list[int]]:
         """Group barriers (by gid) to abort, and to remove: apply in that order."""
         return self._out.take_barrier_orders()
+
+    def take_worker_orders(self) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        """Per worker: gids of queued tasks to drop (``Dispatch.cancel``), and flat (seq,
+        waiter uid) pairs of its tasks that others wait for (``Dispatch.watch``)."""
+        return self._out.take_worker_orders()
+
+    def worker_uid(self, worker: int) -> int | None:
+        slot = self._workers.get(worker)
+        return None if slot is None else slot.uid
 
     # ---- reading (status, tests) -------------------------------------------------------
 
@@ -308,7 +440,7 @@ class Scheduler:
         """Check every invariant (slow: for tests); AssertionError names the broken one."""
         for queue, ready in self._ready.items():
             ready.check(queue)
-        check_invariants(self._tasks, self._ready, [(w.worker, w.queue, w.inflight)
+        check_invariants(self._tasks, self._ready, [(w.worker, w.queue, w.inflight, w.watched)
                                          for w in self._workers.values()], self._barriers)
 
     # ---- transitions -----------------------------------------------------------------
@@ -347,9 +479,9 @@ class Scheduler:
             return
         for dep in deps:
             dep.dependents.append(task)
-            if queued_behind(task, dep) and dep.state in (READY, DISPATCHED):
+            if covered(task, dep):
                 task.after = task.after or []
-                task.after.append(dep.gid)
+                task.after.append(dep)
             else:
                 task.waiting += 1
         if not task.waiting:
@@ -364,9 +496,9 @@ class Scheduler:
                 self._ready[chip].append(task)
             # Successors on the same chip may now queue right behind it.
             for dep in task.dependents:
-                if dep.state == PENDING and queued_behind(dep, task):
+                if dep.state == PENDING and dep.chip == task.chip and waits_on_worker(dep, task):
                     dep.after = dep.after or []
-                    dep.after.append(task.gid)
+                    dep.after.append(task)
                     dep.waiting -= 1
                     if dep.waiting == 0:
                         todo.append(dep)
@@ -396,8 +528,8 @@ class Scheduler:
         self._move(task, DONE)
         self._out.done(task.client, task.task_id)
         for dep in task.dependents:
-            if queued_behind(dep, task):
-                continue  # it stopped waiting for this task when queued behind it
+            if waits_on_worker(dep, task):
+                continue  # it stopped waiting for this task when this one was dispatched
             dep.waiting -= 1
             if dep.waiting == 0 and dep.state == PENDING:
                 self._ready_now(dep)
@@ -418,6 +550,16 @@ class Scheduler:
             t.root = cause or failure
             if t.state == READY:
                 self._unqueue(t)
+            elif (t.state == DISPATCHED and cause is not None and t.worker is not None
+                  and t.gid in t.worker.inflight):
+                # Downstream of a failure while on its worker, waiting for it there: the
+                # worker skips it, or drops it now (a dead worker's task never ends).
+                if t.skipped:
+                    del t.worker.inflight[t.gid]
+                    self._off_worker(t)
+                    t.left = 0
+                else:
+                    self._out.cancel_on(t.worker.worker, t.gid)
             self._move(t, FAILED)
             self._out.failed(t.client, failure)
             for dep in t.dependents:

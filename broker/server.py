@@ -47,7 +47,7 @@ _OWNER = re.compile(r"^[0-9]+x[0-9a-f]{1,32}$")
 # Messages per socket per round: bounds a round's work (timers stay on time) and keeps one
 # busy socket from starving the other.
 _MAX_DRAIN = 32
-_NOTHING_BEFORE: list[int] = []  # WorkTask.after of most tasks (never mutated)
+_NO_WAIT: list[int] = []  # WorkTask.wait of most tasks (never mutated)
 
 
 class Broker:
@@ -86,6 +86,7 @@ class Broker:
         self.kernels: dict[tuple[int, int], P.KernelDef] = {}  # to forward to workers
         self.workers: dict[bytes, WorkerPeer] = {}
         self.worker_by_device: dict[int, WorkerPeer] = {}
+        self.worker_by_uid: dict[int, WorkerPeer] = {}
         self.barriers = Barriers(shm.new_owner())
         self._next_client = 1
         self._stop = False
@@ -194,8 +195,7 @@ class Broker:
         if isinstance(msg, P.PackedSubmit):
             self.sched.submit(client.index, msg.tasks)
         elif isinstance(msg, P.Cancel):
-            for device, gid in self.sched.cancel(client.index, msg.tasks):
-                self.worker_by_device[device].cancels.append(gid)
+            self.sched.cancel(client.index, msg.tasks)
         elif isinstance(msg, P.RegisterKernel):
             key = (client.index, msg.kernel)
             self.kernels[key] = P.KernelDef(client.index, msg.kernel, msg.name, msg.kind, msg.blob)
@@ -299,32 +299,42 @@ class Broker:
             self._send(self.backend, identity, P.Shutdown("device already served"))
             return
         worker = WorkerPeer(identity, msg.device, msg.pid, time.monotonic(),
-                            status=WorkerStatus(msg.status))
+                            status=WorkerStatus(msg.status), wake=msg.wake)
         self.workers[identity] = worker
         self.worker_by_device[msg.device] = worker
         self.supervisor.connected(msg.device, msg.pid)
         # Host tasks are long and few: one at a time per host worker spreads them out.
         limit = self.credit if worker.queue != HOST_QUEUE else 1
-        self.sched.add_worker(worker.device, worker.queue, limit)
+        worker.uid = self.sched.add_worker(worker.device, worker.queue, limit)
+        self.worker_by_uid[worker.uid] = worker
         log.info("worker for device %d connected (pid %d)", msg.device, msg.pid)
         self._announce_devices()
 
     def _dispatch(self) -> None:
-        if not self.sched.has_ready() and not any(
-                w.has_news() for w in self.workers.values()):
-            return  # most rounds that only took reports in
         batches: dict[int, list[P.WorkTask]] = {}
-        for device, task, rank, barrier_id in self.sched.schedule():
-            world = len(task.chips)
-            barrier = self.barriers.open(barrier_id, world) if barrier_id else ""
-            batches.setdefault(device, []).append(P.WorkTask(
-                task.gid, task.client, task.kernel, msgspec.Raw(task.args), rank, world,
-                barrier, task.trace is not None, task.after or _NOTHING_BEFORE))
+        if self.sched.has_ready():
+            for device, task, rank, barrier_id, seq in self.sched.schedule():
+                world = len(task.chips)
+                barrier = self.barriers.open(barrier_id, world) if barrier_id else ""
+                batches.setdefault(device, []).append(P.WorkTask(
+                    task.gid, task.client, task.kernel, msgspec.Raw(task.args), rank, world,
+                    barrier, task.trace is not None, seq, task.wait or _NO_WAIT))
+        cancels, watches = self.sched.take_worker_orders()
+        for device, gids in cancels.items():
+            worker = self.worker_by_device.get(device)
+            if worker is not None:
+                worker.cancels += gids
+        for device, pairs in watches.items():
+            worker = self.worker_by_device.get(device)
+            if worker is not None:
+                worker.watch += pairs
+        if not batches and not any(w.has_news() for w in self.workers.values()):
+            return  # most rounds that only took reports in
         for worker in self.workers.values():
             work = batches.get(worker.device, [])
             if not work and not worker.has_news():
                 continue
-            clients, kernels = [], []
+            clients, kernels, peers = [], [], []
             for item in work:
                 if item.client not in worker.clients:
                     worker.clients.add(item.client)
@@ -334,22 +344,37 @@ class Broker:
                 if key not in worker.kernels:
                     worker.kernels.add(key)
                     kernels.append(self.kernels[key])
-            msg = P.Dispatch(clients, kernels, worker.frees, worker.gone, work, worker.cancels)
-            worker.frees, worker.gone, worker.cancels = [], [], []
+                if item.wait:
+                    self._introduce(worker, item.wait[::2], peers)
+            if worker.watch:
+                self._introduce(worker, worker.watch[1::2], peers)
+            msg = P.Dispatch(clients, kernels, worker.frees, worker.gone, work, worker.cancels,
+                             peers, worker.watch)
+            worker.frees, worker.gone, worker.cancels, worker.watch = [], [], [], []
             self._send(self.backend, worker.identity, msg)
             worker.last_sent = time.monotonic()
+
+    def _introduce(self, worker: WorkerPeer, uids: list[int], peers: list[P.PeerInfo]) -> None:
+        """Add to ``peers`` the workers among ``uids`` that ``worker`` was not told of yet."""
+        for uid in uids:
+            if uid not in worker.peers:
+                worker.peers.add(uid)
+                peer = self.worker_by_uid.get(uid)
+                if peer is not None:
+                    peers.append(P.PeerInfo(uid, peer.status.name, peer.wake))
 
     def _worker_lost(self, worker: WorkerPeer, how: str) -> None:
         log.warning("worker for device %d (pid %d) lost: %s", worker.device, worker.pid, how)
         self.workers.pop(worker.identity, None)
+        self.worker_by_uid.pop(worker.uid, None)
         if self.worker_by_device.get(worker.device) is worker:
             del self.worker_by_device[worker.device]
         status = worker.status.read()
-        worker.status.release()
         what = f"chip {worker.device}" if worker.device >= 0 else "host"
         self.sched.worker_lost(worker.device, status,
                                f"worker of {what} (pid {worker.pid}) died ({how})",
-                               self.supervisor.log_hint(worker.device))
+                               self.supervisor.log_hint(worker.device), worker.status.outcome)
+        worker.status.release()
         self._announce_devices()
 
     # ---- timers ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from enum import IntEnum
+from typing import Any
 
 from pto.protocol import Failure, PackedTaskSpec, TaskSpec, pack_args
 from pto.sockets import HOST_QUEUE
@@ -70,7 +71,7 @@ class Task:
 
     __slots__ = ("gid", "client", "task_id", "chip", "chips", "kernel", "args", "state",
                  "waiting", "dependents", "after", "root", "left", "failure", "retries",
-                 "trace")
+                 "trace", "worker", "seq", "wait", "watching", "skipped")
 
     def __init__(self, gid: int, client: int, spec: TaskSpec | PackedTaskSpec):
         self.gid = gid
@@ -87,17 +88,38 @@ class Task:
         self.kernel = spec.kernel
         self.args = pack_args(spec.args)  # msgpack: unpacked only when needed
         self.state = PENDING
-        self.waiting = 0  # predecessors not yet done, nor queued ahead of it on its chip
+        self.waiting = 0  # unfinished predecessors it cannot wait for on its worker (yet)
         self.dependents: list[Task] = []
-        self.after: list[int] | None = None  # gids of predecessors queued ahead on its chip
+        # Unfinished predecessors it waits for on its worker instead (see waits_on_worker)
+        self.after: list[Task] | None = None
         self.root: Failure | None = None  # set when FAILED
+        # Once dispatched (single tasks): the scheduler's record of its worker, its number
+        # there, the flat (uid, seq) pairs it was sent to wait for, and the
+        # (worker record, seq) of those on other workers, which watch them for it.
+        self.worker: Any = None
+        self.seq = 0
+        self.wait: list[int] | None = None
+        self.watching: list[tuple[Any, int]] | None = None
+        self.skipped = False  # its worker skipped it: a predecessor failed (cause to come)
 
 
-def queued_behind(task: Task, dep: Task) -> bool:
+def waits_on_worker(task: Task, dep: Task) -> bool:
     """Whether ``task`` may wait for its predecessor ``dep`` on its worker instead of in the
-    broker: both are single tasks of one chip (FIFO there), not host sub-tasks (which any
-    host worker may take)."""
-    return len(task.chips) == 1 and task.chips == dep.chips and task.chip != HOST_QUEUE
+    broker: both are single tasks on chips (not groups, whose members start together, nor
+    host sub-tasks, which any host worker may take). It may then be dispatched once
+    ``dep`` is (see ``covered``) and starts when ``dep``'s outcome is in its worker's
+    completion ring (``worker.completions``)."""
+    return (len(task.chips) == 1 and len(dep.chips) == 1 and task.chip != HOST_QUEUE
+            and dep.chip != HOST_QUEUE)
+
+
+def covered(task: Task, dep: Task) -> bool:
+    """Whether ``task`` need no longer wait in the broker for ``dep``: it may wait on its
+    worker and ``dep`` is dispatched, or, on the same chip, at least queued ahead of it
+    (a worker runs its tasks in the order sent)."""
+    if not waits_on_worker(task, dep):
+        return False
+    return dep.state == DISPATCHED or (dep.state == READY and dep.chip == task.chip)
 
 
 def unknown_chips(task: Task, queues: Collection[int]) -> str | None:

@@ -19,11 +19,14 @@ import msgspec
 
 from .errors import ProtocolError
 
-VERSION = b"PTO\x01"
+VERSION = b"PTO\x02"
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # larger frames are refused (socket option MAXMSGSIZE)
-# Tasks in flight per worker at most; a worker remembers this many of its failures, enough
-# to skip any task dispatched behind a failed one (WorkTask.after).
+# Tasks in flight per worker at most.
 MAX_CREDIT = 65536
+# Slots in a worker's completion ring (see worker.completions): the outcome of its task
+# number ``seq`` stays readable until it has been sent RING_SLOTS more tasks; the broker
+# never sends it more while a task elsewhere may still wait for ``seq``.
+RING_SLOTS = 2 * MAX_CREDIT
 # A peer with nothing to say sends a Heartbeat this often (seconds); one silent for
 # LIVENESS heartbeats is dead. These are the broker's defaults; clients take the broker's
 # values from Welcome, and a broker passes its own to the workers it starts.
@@ -61,8 +64,13 @@ class TaskSpec(Struct):
     retries: int = 1  # times to rerun the task if its worker dies under it
 
 
+# Failure.root from a worker: not run because a predecessor failed (WorkTask.wait)
+SKIPPED = -1
+
+
 class Failure(Struct):
-    """Why a task failed. ``root`` is the task id of the first failure (itself if it is one)."""
+    """Why a task failed. ``root`` is the task id of the first failure (itself if it is one;
+    from a worker also 0: a group member that only followed another's, or SKIPPED)."""
 
     task: int
     kernel: str
@@ -101,9 +109,11 @@ class WorkTask(Struct):
     world: int = 1
     barrier: str = ""  # a group's barrier (see pto.barrier), when world > 1
     trace: bool = False  # report start/end times
-    # Predecessors dispatched ahead of it to the same worker: if one of them failed (or
-    # was dropped), this task is not run and fails too.
-    after: list[int] = []
+    seq: int = 0  # its number on this worker: where its outcome goes in the completion ring
+    # Predecessors still unfinished when it was sent, as flat (worker uid, seq) pairs: it
+    # runs once each is done in that worker's completion ring, and is skipped (reported
+    # with root SKIPPED) if one failed.
+    wait: list[int] = []
 
 
 class LaunchTime(Struct):
@@ -237,7 +247,17 @@ class DeviceStatus(Struct, tag=13):
 class WorkerHello(Struct, tag=20):
     device: int
     pid: int
-    status: str = ""  # shm segment: [running task id, last finished task id], see worker.loop
+    status: str = ""  # shm segment: its status words and completion ring (worker.completions)
+    wake: str = ""  # endpoint of its wake-up socket: a peer pokes it when a task it waits for ends
+
+
+class PeerInfo(Struct):
+    """Another worker (or this one), as a worker needs to know it: to read its completion
+    ring (``status`` segment) or to wake it up (``wake`` endpoint)."""
+
+    uid: int  # unique per worker process for the broker's lifetime
+    status: str
+    wake: str
 
 
 class Dispatch(Struct, tag=21):
@@ -249,6 +269,10 @@ class Dispatch(Struct, tag=21):
     gone: list[int]  # client indexes whose tensors and kernels to drop
     tasks: list[WorkTask]
     cancel: list[int] = []  # queued tasks to drop (reported failed: "cancelled")
+    peers: list[PeerInfo] = []  # workers named in ``tasks`` waits or in ``watch``
+    # Flat (seq, waiter uid) pairs: when our task ``seq`` ends (or now, if it has), poke
+    # that worker, which holds a task waiting for it.
+    watch: list[int] = []
 
 
 class Report(Struct, tag=22):

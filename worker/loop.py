@@ -6,11 +6,18 @@ loaded once per (client, kernel). Results go back in batches: everything finishe
 the last report, sent when the local queue runs dry, every ``_REPORT_EVERY`` tasks, or
 after ``_REPORT_AFTER`` seconds, so dependent tasks elsewhere are never held back long.
 
-A worker's status segment (what it is running, for the broker to read if it dies) is
-unlinked by the worker itself however it exits: a normal stop, SIGTERM (which a spawned
-worker also gets when its broker dies), a broker gone silent, or an exception; the
-watchdog thread does it for a kernel that never returns. Only a SIGKILLed worker leaves
-it, for its broker (or the next one's janitor) to sweep.
+A task may arrive before the predecessors it depends on have ended on other workers
+(``WorkTask.wait``): it runs when their outcomes appear in those workers' completion
+rings, and the worker sleeps in its poll meanwhile (``worker.completions``). Tasks run in
+the order received, so a waiting task holds up those behind it; no cycle can form, since
+a task is only ever sent to wait for tasks sent before it.
+
+A worker's status segment (what it is running and its completion ring, for its peers
+and for the broker to read if it dies) is unlinked by the worker itself however it exits:
+a normal stop, SIGTERM (which a spawned worker also gets when its broker dies), a broker
+gone silent, or an exception; the watchdog thread does it for a kernel that never
+returns. Only a SIGKILLed worker leaves it, for its broker (or the next one's janitor)
+to sweep.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from pto.procs import SpinPoll, parent_gone, worker_address
 from pto.sockets import chip_label, connect, incoming, send_frames
 from pto.taskinfo import TaskInfo, set_current
 
+from .completions import Peers, StatusBlock
 from .kernels import Kernel, load_kernel
 
 log = logging.getLogger("pto.worker")
@@ -61,14 +69,13 @@ class Worker:
         self.poller = zmq.Poller()  # Socket.poll() would build one per call
         self.poller.register(self.sock, zmq.POLLIN)
         self._poll = SpinPoll(self.poller.poll, spin_seconds)
+        self.spin_seconds = spin_seconds
+        self._ring_spin_pays = True  # see _spin_on_ring
         self.owners: dict[int, str] = {}
         self.kernels: dict[tuple[int, int], Kernel | Exception] = {}
         self.kernel_names: dict[tuple[int, int], str] = {}
         self.segments: dict[tuple[int, int], tuple[mmap.mmap, np.ndarray]] = {}
         self.queue: deque[P.WorkTask] = deque()
-        # Recent failures, for tasks queued behind them (WorkTask.after): the oldest go
-        # first, once more than the most tasks a worker can hold have failed since.
-        self.recent_failures: dict[int, None] = {}
         self.done: list[int] = []
         self.failed: list[P.Failure] = []
         self.times: list[tuple[int, int, float, float]] = []
@@ -83,33 +90,114 @@ class Worker:
         # From here on a SIGTERM only stops the loop, which then removes the segment.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self.status_name = shm.segment_name(shm.new_owner(), "status")
-        self._status_mm = shm.create(self.status_name, 16)
-        self.status = np.frombuffer(self._status_mm, dtype=np.int64, count=2)
+        self.block = StatusBlock(os.getpid())
+        self.status_name = self.block.name
+        self.status = self.block.words
+        self.peers = Peers(self.ctx, self.block)
+        self.poller.register(self.peers.wake, zmq.POLLIN)
+
+    def _hello(self) -> P.WorkerHello:
+        return P.WorkerHello(self.device, os.getpid(), self.status_name, self.peers.address)
 
     # ---- the loop --------------------------------------------------------------------
 
     def run(self) -> None:
         try:
-            self._send(P.WorkerHello(self.device, os.getpid(), self.status_name))
+            self._send(self._hello())
             if self.parent_pid is not None:
                 threading.Thread(target=self._watch_parent, name="pto-watchdog",
                                  daemon=True).start()
             log.info("worker for %s started", chip_label(self.device))
             while not self.stopping:
-                idle = not self.queue
+                idle = self._next_task() is None  # nothing queued, or the head waits
                 if idle:
-                    self._poll(int(self.heartbeat * 1000), self._report())
+                    self._idle_poll()
                 self._drain()
                 if idle:
                     self._check_timers()  # after the drain: heartbeats that came count
-                if self.queue:
-                    self._execute(self.queue.popleft())
+                task = self._next_task()  # again: the drain may have cancelled the head
+                if task is not None:
+                    self.queue.popleft()
+                    self._execute(task)
                     if (len(self.done) + len(self.failed) >= _REPORT_EVERY
                             or time.monotonic() - self.last_report > _REPORT_AFTER):
                         self._report()
         finally:
             self._close()
+
+    def _idle_poll(self) -> None:
+        """Report, then sleep until a message or a poke comes. With the head of the queue
+        waiting for a peer, what finished is reported at most ``_REPORT_AFTER`` late: the
+        tasks that wait for it are already here or elsewhere on their workers, and on a
+        chain across chips a report per task would keep the broker and the client busy on
+        the cores the chain needs."""
+        timeout_ms = int(self.heartbeat * 1000)
+        if self.queue and (self.done or self.failed) and (
+                time.monotonic() - self.last_report < _REPORT_AFTER):
+            sent, timeout_ms = False, 1
+        else:
+            sent = self._report()
+        if self.queue and self._spin_on_ring(self.queue[0].wait):
+            return
+        start = time.perf_counter()
+        self._poll(timeout_ms, sent)
+        self.peers.drain_pokes()
+        if self.queue and time.perf_counter() - start < self.spin_seconds:
+            self._ring_spin_pays = True  # a spin would have seen it
+
+    def _spin_on_ring(self, wait: list[int]) -> bool:
+        """Watch the rings of the tasks the head waits for for up to ``spin_seconds``;
+        True if they ended meanwhile. A poke crosses two ZeroMQ I/O threads and wakes us
+        from poll, tens of microseconds on a VM; reading the ring sees the outcome the
+        moment it is written. Like ``SpinPoll``, it stops spinning after a spin that ran
+        out, until a wait ends within the spin time again."""
+        if self.spin_seconds <= 0 or not self._ring_spin_pays:
+            return False
+        deadline = time.perf_counter() + self.spin_seconds
+        try:
+            while time.perf_counter() < deadline:
+                if self._waits_met(wait) is not None:
+                    return True
+        except LookupError:
+            return True  # _next_task fails it
+        self._ring_spin_pays = False
+        return False
+
+    def _next_task(self) -> P.WorkTask | None:
+        """The head of the queue if it may run now; None if the queue is empty or the head
+        waits for a predecessor elsewhere. Heads whose predecessor failed are skipped."""
+        queue = self.queue
+        while queue:
+            task = queue[0]
+            if not task.wait:
+                return task
+            try:
+                ready = self._waits_met(task.wait)
+            except LookupError as exc:
+                queue.popleft()
+                self._failed(task, self._kernel_name(task), f"not run: {exc}", lost=True)
+                continue
+            if ready:
+                return task
+            if ready is None:
+                return None
+            queue.popleft()
+            # The broker fails it itself, naming the root cause, once it hears of it.
+            self._failed(task, self._kernel_name(task),
+                         "not run: a task it depends on failed", skipped=True)
+        return None
+
+    def _waits_met(self, wait: list[int]) -> bool | None:
+        """True: every predecessor ended well; False: one failed; None: one is running."""
+        outcome = self.peers.outcome
+        for i in range(0, len(wait), 2):
+            ok = outcome(wait[i], wait[i + 1])
+            if not ok:
+                return ok
+        return True
+
+    def _kernel_name(self, task: P.WorkTask) -> str:
+        return self.kernel_names.get((task.client, task.kernel), f"#{task.kernel}")
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.info("signal %d: stopping", signum)
@@ -162,9 +250,11 @@ class Worker:
                 log.error("broker: %s", msg.message)
                 if msg.message.startswith("unknown worker"):
                     # The broker dropped us (e.g. it restarted): introduce ourselves again.
-                    self._send(P.WorkerHello(self.device, os.getpid(), self.status_name))
+                    self._send(self._hello())
 
     def _apply(self, msg: P.Dispatch) -> None:
+        if msg.peers:
+            self.peers.learn(msg.peers)
         for info in msg.clients:
             self.owners[info.client] = info.owner
         for k in msg.kernels:
@@ -181,6 +271,8 @@ class Worker:
         self.queue.extend(msg.tasks)
         if msg.cancel:
             self._drop_queued(set(msg.cancel), "cancelled")
+        if msg.watch:
+            self.peers.watch(msg.watch)
 
     def _report(self) -> bool:
         """Send what finished since the last report; True if there was anything."""
@@ -211,10 +303,6 @@ class Worker:
     def _run_kernel(self, task: P.WorkTask) -> None:
         key = (task.client, task.kernel)
         name = self.kernel_names.get(key, f"#{task.kernel}")
-        if task.after and any(gid in self.recent_failures for gid in task.after):
-            # The broker has already failed it, naming the root cause; we just skip it.
-            self._failed(task, name, "not run: a task it depends on failed")
-            return
         try:
             fn = self.kernels.get(key)
             if fn is None:
@@ -247,6 +335,7 @@ class Worker:
             self._failed(task, name, reason, followed=isinstance(exc, BarrierAborted))
         else:
             self.done.append(task.task)
+            self.peers.ended(task.seq, True)
 
     def _note_launches(self, task: P.WorkTask, fn: Kernel) -> None:
         """A compiled orchestration's launches, for the trace (pto.simtasks.Orchestration)."""
@@ -255,13 +344,13 @@ class Worker:
             self.launches.append((task.task, task.rank, [
                 P.LaunchTime(s.kernel, s.block_dim, s.rc, s.start, s.end) for s in spans]))
 
-    def _failed(self, task: P.WorkTask, name: str, reason: str, followed: bool = False) -> None:
-        # root 0 tells the broker this failure only followed another member's
-        root = 0 if followed else task.task
-        self.failed.append(P.Failure(task.task, name, self.device, reason, root))
-        self.recent_failures[task.task] = None
-        if len(self.recent_failures) > P.MAX_CREDIT:
-            del self.recent_failures[next(iter(self.recent_failures))]
+    def _failed(self, task: P.WorkTask, name: str, reason: str, followed: bool = False,
+                skipped: bool = False, lost: bool = False) -> None:
+        # root 0: this failure only followed another member's; SKIPPED: not run because a
+        # predecessor failed (the broker names the root cause)
+        root = 0 if followed else P.SKIPPED if skipped else task.task
+        self.failed.append(P.Failure(task.task, name, self.device, reason, root, lost))
+        self.peers.ended(task.seq, False)
 
     def _arg(self, client: int, a: P.ArgSpec) -> object:
         if a.kind == ParamType.SCALAR:
@@ -314,7 +403,7 @@ class Worker:
         kept: deque[P.WorkTask] = deque()
         for task in self.queue:
             if task.task in gids:
-                self._failed(task, self.kernel_names.get((task.client, task.kernel), ""), reason)
+                self._failed(task, self._kernel_name(task), reason)
             else:
                 kept.append(task)
         self.queue = kept
@@ -325,12 +414,13 @@ class Worker:
             for key in list(self.segments):
                 self._unmap(*key)
             self.sock.close(0)
+            self.peers.close()
             self.ctx.term()
         finally:
             # Even if saying goodbye failed: the name must not outlive us.
             self._closed.set()  # the watchdog's job is done
             self._remove_leftovers()
             del self.status
-            self._status_mm.close()
+            self.block.close()
         log.info("worker for %s stopped", chip_label(self.device))
 

@@ -46,7 +46,7 @@ class Broker:
     def dispatch(self) -> list[tuple[int, int]]:
         """One scheduling round: (client, task id) of each member sent, in order."""
         got = []
-        for worker, task, rank, _barrier in self.s.schedule():
+        for worker, task, rank, _barrier, _seq in self.s.schedule():
             self.held[worker].append(task.gid)
             if rank == 0:
                 got.append((task.client, task.task_id))

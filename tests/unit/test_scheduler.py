@@ -15,7 +15,7 @@ from broker.deps import inputs_overwritten
 from broker.scheduler import Scheduler
 from broker.task import ALLOWED, IllegalTransition, State, Task, check_transition
 from pto.args import ParamType
-from pto.protocol import ArgSpec, Failure, TaskSpec
+from pto.protocol import SKIPPED, ArgSpec, Failure, TaskSpec
 from pto.sockets import HOST_QUEUE, host_chip
 
 IN, OUT, INOUT = ParamType.INPUT, ParamType.OUTPUT, ParamType.INOUT
@@ -73,14 +73,23 @@ class Graph:
         return self.s.task(self.gids[task_id])
 
     def released(self) -> set[int]:
-        """Tasks that may run now: READY or DISPATCHED."""
+        """Tasks that may run now: READY or DISPATCHED, and not waiting on their worker for
+        a predecessor still unfinished."""
         return {t for t, g in self.gids.items()
                 if (task := self.s.task(g)) is not None
-                and task.state in (State.READY, State.DISPATCHED)}
+                and task.state in (State.READY, State.DISPATCHED)
+                and all(p.state >= State.DONE for p in task.after or ())}
+
+    def sent_early(self) -> set[int]:
+        """Tasks READY or DISPATCHED that wait for unfinished predecessors on their worker."""
+        return {t for t, g in self.gids.items()
+                if (task := self.s.task(g)) is not None
+                and task.state in (State.READY, State.DISPATCHED)
+                and any(p.state < State.DONE for p in task.after or ())}
 
     def schedule(self) -> list[tuple[int, int, int]]:
         """(worker, task id, rank) of what a round dispatches."""
-        out = [(w, t.task_id, r) for w, t, r, _ in self.s.schedule()]
+        out = [(w, t.task_id, r) for w, t, r, _, _ in self.s.schedule()]
         self.s.validate()
         return out
 
@@ -145,8 +154,8 @@ def test_validate_catches_inconsistent_bookkeeping():
     with pytest.raises(AssertionError, match="held by as many workers"):
         g.s.validate()
     g.get(a).left = 1
-    g.get(b).waiting = 0  # as if it no longer waited for a
-    with pytest.raises(AssertionError, match="waiting counts"):
+    g.get(b).after = None  # as if it no longer waited for a
+    with pytest.raises(AssertionError, match="after names exactly"):
         g.s.validate()
 
 
@@ -303,14 +312,14 @@ def test_a_group_waits_for_all_its_chips_and_reserves_them():
     s.validate()
     out = s.schedule()  # chip 0 is then full: the group cannot start...
     s.validate()
-    assert [(w, t.task_id) for w, t, _, _ in out] == [(0, 1)]  # ...nor task 3 overtake it
+    assert [(w, t.task_id) for w, t, _, _, _ in out] == [(0, 1)]  # ...nor task 3 overtake it
     s.report(0, [out[0][1].gid], [])
     s.validate()
     out = s.schedule()
     s.validate()
-    assert [(w, t.task_id, r) for w, t, r, _ in out] == [(0, 2, 0), (1, 2, 1), (1, 3, 0)]
-    (group_task,) = {t for _, t, _, _ in out if t.task_id == 2}
-    assert [b for _, t, _, b in out] == [group_task.gid, group_task.gid, 0]  # its barrier
+    assert [(w, t.task_id, r) for w, t, r, _, _ in out] == [(0, 2, 0), (1, 2, 1), (1, 3, 0)]
+    (group_task,) = {t for _, t, _, _, _ in out if t.task_id == 2}
+    assert [b for _, t, _, b, _ in out] == [group_task.gid, group_task.gid, 0]  # its barrier
 
 
 def test_overlapping_groups_reach_every_chip_in_one_order():
@@ -322,9 +331,9 @@ def test_overlapping_groups_reach_every_chip_in_one_order():
     for _ in range(5):  # a group starts only on idle chips: one round each
         out = s.schedule()
         s.validate()
-        for w, t, _, _ in out:
+        for w, t, _, _, _ in out:
             order[w].append((t.client, t.task_id))
-        for w, t, _, _ in out:
+        for w, t, _, _, _ in out:
             s.report(w, [t.gid], [])
             s.validate()
     pairs = [(1, 1), (2, 1), (1, 2)]
@@ -371,11 +380,13 @@ def test_cancel_fails_queued_tasks_and_names_the_dispatched_ones():
     g = Graph()
     a = g.task(arg(OUT, 1))
     b = g.task(arg(IN, 1), chip=1)
-    g.schedule()
-    assert g.s.cancel(1, [a, b]) == [(0, g.gids[a])]  # its worker may still drop it
+    g.schedule()  # b is sent to chip 1 too, to wait there for a
+    g.s.cancel(1, [a, b])
     g.s.validate()
-    assert [f.reason for f in g.failures()] == ["cancelled"]
-    assert g.get(a).state == State.DISPATCHED
+    assert g.failures() == []  # both are on their workers, which may still drop them
+    cancels, _ = g.s.take_worker_orders()
+    assert cancels == {0: [g.gids[a]], 1: [g.gids[b]]}
+    assert g.get(a).state == g.get(b).state == State.DISPATCHED
 
 
 def test_a_chain_on_one_chip_is_queued_at_once_in_order_naming_its_predecessors():
@@ -384,49 +395,75 @@ def test_a_chain_on_one_chip_is_queued_at_once_in_order_naming_its_predecessors(
     assert queued(g, 0) == chain
     tasks = g.s.queued(0)
     assert tasks[0].after is None
-    assert [t.after for t in tasks[1:]] == [[p.gid] for p in tasks[:-1]]
+    assert [t.after for t in tasks[1:]] == [[p] for p in tasks[:-1]]
     assert all(t.state == State.READY for t in tasks)
 
 
-def test_a_successor_on_another_chip_waits_in_the_broker():
+def test_a_successor_on_another_chip_is_sent_once_its_predecessor_is_and_waits_there():
     g = Graph()
     a = g.task(arg(OUT, 1))
     b = g.task(arg(IN, 1), chip=1)
     c = g.task(arg(IN, 1), arg(OUT, 2), chip=1)
-    assert g.released() == {a}
+    assert queued(g, 1) == []  # a is not dispatched yet: they wait in the broker
+    assert g.schedule() == [(0, a, 0), (1, b, 0), (1, c, 0)]  # one round
+    ta, tb, tc = g.get(a), g.get(b), g.get(c)
+    uid0 = g.s.worker_uid(0)
+    assert tb.wait == tc.wait == [uid0, ta.seq] and tb.after == [ta]
+    _, watches = g.s.take_worker_orders()
+    assert watches == {0: [ta.seq, g.s.worker_uid(1)] * 2}  # chip 0 pokes chip 1's worker
+    assert g.sent_early() == {b, c}
     g.finish(a)
-    assert queued(g, 1) == [b, c] and g.get(b).after is None
+    assert g.released() == {b, c}
 
 
-def test_a_successor_behind_a_dispatched_predecessor_is_queued_too():
+def test_a_chain_alternating_chips_is_sent_whole_in_one_round():
+    g = Graph()
+    chain = [g.task(arg(INOUT, 1), chip=i % 2) for i in range(6)]
+    out = g.schedule()
+    assert [t for _, t, _ in out] == chain and [w for w, _, _ in out] == [0, 1] * 3
+    tasks = [g.get(t) for t in chain]
+    for prev, task in zip(tasks, tasks[1:], strict=False):
+        assert task.wait == [g.s.worker_uid(prev.chip), prev.seq]
+    for t in chain:
+        g.finish(t)
+    assert g.s.take_results()[1][0] == chain and g.s.unfinished() == {}
+
+
+def test_a_task_is_sent_to_wait_only_for_predecessors_still_running():
     g = Graph()
     a = g.task(arg(OUT, 1))
     g.schedule()
     b = g.task(arg(IN, 1))
-    assert queued(g, 0) == [b] and g.get(b).after == [g.gids[a]]
+    assert queued(g, 0) == [b] and g.get(b).after == [g.get(a)]
+    g.s.report(0, [g.gids[a]], [])
+    g.schedule()
+    assert g.get(b).wait is None  # a ended before b was sent
 
 
-def test_a_successor_with_a_remote_predecessor_waits_only_for_that_one():
-    g = Graph()
-    local = g.task(arg(OUT, 1))
+def test_a_successor_with_a_predecessor_not_yet_dispatched_waits_in_the_broker():
+    g = Graph(limit=1)
+    busy = g.task(arg(OUT, 9), chip=1)
+    g.schedule()  # fills chip 1's only slot
     remote = g.task(arg(OUT, 2), chip=1)
-    both = g.task(arg(IN, 1), arg(IN, 2))
-    assert queued(g, 0) == [local]
-    g.finish(local)  # queued behind it already counted: not counted again
-    assert queued(g, 0) == []
-    g.finish(remote)
-    assert queued(g, 0) == [both] and g.get(both).after == [g.gids[local]]
+    both = g.task(arg(IN, 2))
+    assert queued(g, 0) == [] and g.get(both).state == State.PENDING
+    g.finish(busy)
+    g.schedule()  # remote goes, and both with it, to wait for it on chip 0
+    assert g.get(both).wait == [g.s.worker_uid(1), g.get(remote).seq]
 
 
 def test_a_pending_predecessor_brings_its_local_successors_along_when_ready():
-    g = Graph()
+    g = Graph(limit=1)
+    g.task(arg(OUT, 9), chip=1)  # keeps chip 1 busy: remote stays READY a while
     remote = g.task(arg(OUT, 1), chip=1)
     a = g.task(arg(IN, 1), arg(OUT, 2))
     b = g.task(arg(INOUT, 2))
     c = g.task(arg(INOUT, 2))
-    assert queued(g, 0) == []
-    g.finish(remote)
-    assert queued(g, 0) == [a, b, c]
+    g.schedule()
+    assert queued(g, 0) == [] and queued(g, 1) == [remote]
+    g.finish(1)
+    assert [t for _, t, _ in g.schedule()] == [remote, a]  # a is sent once remote is
+    assert queued(g, 0) == [b, c]  # queued behind a on chip 0 at once
 
 
 def test_a_failed_predecessor_fails_successors_queued_behind_it_and_ignores_their_reports():
@@ -437,9 +474,50 @@ def test_a_failed_predecessor_fails_successors_queued_behind_it_and_ignores_thei
     assert [(f.task, f.root) for f in failed] == [(a, a), (b, a), (c, a)]
     for t in (b, c):  # the worker skips them and says so: nothing more to report
         gid = g.gids[t]
-        g.s.report(0, [], [Failure(gid, "k", 0, "not run: a task it depends on failed", gid)])
+        g.s.report(0, [], [Failure(gid, "k", 0, "not run: a task it depends on failed",
+                                   SKIPPED)])
         g.s.validate()
     assert g.failures() == [] and g.s.in_flight(0) == []
+
+
+def test_a_skip_reported_before_its_cause_waits_for_the_cause_to_name_the_root():
+    g = Graph()
+    a = g.task(arg(OUT, 1))
+    b = g.task(arg(IN, 1), arg(OUT, 2), chip=1)
+    c = g.task(arg(IN, 2))  # sent to chip 0 to wait for b
+    g.schedule()
+    gb = g.gids[b]
+    # chip 1's worker saw a fail in chip 0's ring and skipped b before chip 0 reported a
+    g.s.report(1, [], [Failure(gb, "k", 1, "not run: a task it depends on failed", SKIPPED)])
+    g.s.validate()
+    assert g.failures() == [] and g.get(b).state == State.DISPATCHED
+    g.take_orders = g.s.take_worker_orders()
+    g.s.report(0, [], [Failure(g.gids[a], "k", 0, "ValueError: bad", g.gids[a])])
+    g.s.validate()
+    assert [(f.task, f.root) for f in g.failures()] == [(a, a), (b, a), (c, a)]
+    assert g.s.in_flight(1) == []  # b left: its worker no longer holds it
+    cancels, _ = g.s.take_worker_orders()
+    assert cancels == {0: [g.gids[c]]}  # c waits for b on chip 0: dropped, never run
+
+
+def test_a_worker_is_never_sent_so_far_ahead_that_a_waited_outcome_leaves_its_ring(
+        monkeypatch):
+    import broker.scheduler as scheduler_module
+    monkeypatch.setattr(scheduler_module, "RING_SLOTS", 4)
+    g = Graph()
+    first = g.task(arg(OUT, 1))
+    g.task(arg(IN, 1), chip=1)  # waits for seq 0 of chip 0
+    g.schedule()
+    more = g.batch(6, arg(OUT, 5))  # chip 0, behind first (write after write)...
+    more_free = [g.task(arg(OUT, 10 + i)) for i in range(6)]
+    g.schedule()
+    # seq 0 is waited for elsewhere: chip 0 gets seqs 1..3 only
+    assert len(g.s.in_flight(0)) == 4
+    g.finish(first)
+    g.schedule()
+    g.finish(2)  # the waiting task ends: seq 0 is no longer watched
+    g.schedule()
+    assert len(g.s.in_flight(0)) > 4 and set(more) | set(more_free)
 
 
 def test_host_tasks_and_groups_never_queue_behind():
@@ -462,7 +540,7 @@ def test_host_workers_share_one_queue_one_task_each():
     s.validate()
     out = s.schedule()
     s.validate()
-    assert sorted(w for w, _, _, _ in out) == [-2, -1] and len(s.queued(HOST_QUEUE)) == 1
+    assert sorted(w for w, _, _, _, _ in out) == [-2, -1] and len(s.queued(HOST_QUEUE)) == 1
 
 
 def test_traced_tasks_report_their_times_with_their_results():
@@ -562,3 +640,37 @@ def test_inputs_overwritten_by_a_later_task_only_on_overlapping_bytes_of_one_cli
     reader, disjoint, overlapping, other_reader, other_client = (s.task(g) for g in gids)
     assert not inputs_overwritten(reader, [disjoint, other_reader, other_client])
     assert inputs_overwritten(reader, [disjoint, overlapping])
+
+
+def test_a_dead_workers_task_awaited_on_another_chip_fails_and_its_waiter_is_dropped():
+    g = Graph()
+    a = g.task(arg(OUT, 1), retries=3)
+    b = g.task(arg(IN, 1), chip=1)  # sent to chip 1 to wait for a
+    g.schedule()
+    g.s.take_worker_orders()
+    g.s.worker_lost(0, (0, 0), "worker of chip 0 died", outcome=lambda seq: None)
+    g.s.validate()
+    # not started, but b was sent naming this run of a: a fails rather than requeue
+    assert [(f.task, f.root, f.lost) for f in g.failures()] == [(a, a, True), (b, a, True)]
+    cancels, _ = g.s.take_worker_orders()
+    assert cancels == {1: [g.gids[b]]}  # chip 1's worker stops waiting and drops b
+    g.s.report(1, [], [Failure(g.gids[b], "k", 1, "cancelled", g.gids[b])])
+    g.s.validate()
+    assert g.s.in_flight(1) == [] and g.s.unfinished() == {}
+
+
+def test_a_dead_workers_tasks_its_ring_says_ended_count_as_reported():
+    g = Graph()
+    a = g.task(arg(OUT, 1))
+    bad = g.task(arg(OUT, 2))
+    b = g.task(arg(IN, 1), chip=1)
+    g.schedule()
+    seq_a, seq_bad = g.get(a).seq, g.get(bad).seq
+    ring = {seq_a: True, seq_bad: False}
+    g.s.worker_lost(0, (0, g.gids[bad]), "worker of chip 0 died", outcome=ring.get)
+    g.s.validate()
+    done, (failure,), _ = g.s.take_results()[1]
+    assert done == [a]  # done: b (on chip 1) may already have used its output
+    assert failure.task == bad and failure.lost and "before saying why" in failure.reason
+    g.s.report(1, [g.gids[b]], [])
+    assert g.s.take_results()[1][0] == [b]

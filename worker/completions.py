@@ -1,0 +1,154 @@
+"""How a task learns, without a broker round trip, that a predecessor on another worker
+ended: each worker's completion ring, and wake-up sockets between workers.
+
+    worker W (runs predecessor P, its task number k)   worker V (holds S, wait=[(W, k)])
+    ------------------------------------------------   -------------------------------------
+    runs P                                             S heads its queue: reads W's ring
+    ring[k % RING_SLOTS] = outcome        ---- shm --> (mapped), P has not ended: V blocks
+    pokes V's wake socket (the broker     ---- zmq --> in one poll on its broker socket and
+      asked it to: Dispatch.watch)                     its wake socket; woken, reads again,
+    reports P to the broker as before                  runs S (or skips it: P failed)
+
+The broker's reports stay the source of truth for clients and traces; the ring only lets
+S start early. The ring lives in the worker's status segment after its two status words
+(running task, last finished task), so the broker reads the same record after a crash: a
+task whose outcome is in the ring ended even if its report died with the worker, and a
+successor elsewhere may already have used its outputs.
+
+Why a ZeroMQ PULL socket for the wake-up: it waits in the same ``zmq.Poller`` as the
+broker socket, so a waiting worker still hears cancels, shutdowns and heartbeats (a futex
+cannot be polled together with a socket; an eventfd would need fd passing between
+unrelated processes). A poke carries no content: a forged one only makes a worker read a
+ring again, so the endpoint lives in Linux's abstract socket namespace (no file to leave
+behind after a SIGKILL).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+
+import numpy as np
+import zmq
+
+from pto import protocol as P
+from pto import shm
+from pto.ring import SEGMENT_BYTES, WORDS, outcome_in, ring_of, slot_value
+
+log = logging.getLogger("pto.worker")
+
+
+class StatusBlock:
+    """This worker's status segment: status words for the broker, then its ring."""
+
+    def __init__(self, pid: int):
+        self.name = shm.segment_name(shm.new_owner(), "status")
+        self._mm: mmap.mmap | None = shm.create(self.name, SEGMENT_BYTES)
+        self.words = np.frombuffer(self._mm, dtype=np.int64, count=WORDS)
+        self.ring = ring_of(self._mm)
+        self.words[2], self.words[3] = pid, P.RING_SLOTS
+
+    def ended(self, seq: int, ok: bool) -> None:
+        self.ring[seq % P.RING_SLOTS] = slot_value(seq, ok)
+
+    def outcome(self, seq: int) -> bool | None:
+        return outcome_in(self.ring, seq)
+
+    def close(self) -> None:
+        del self.words, self.ring
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+
+
+class Peers:
+    """Other workers' rings (mapped once) and wake-up sockets, and this worker's own
+    wake-up socket. Peers are named by their broker-assigned uid."""
+
+    def __init__(self, ctx: zmq.Context, own: StatusBlock):
+        self.own = own
+        self.wake = ctx.socket(zmq.PULL)
+        self.wake.setsockopt(zmq.LINGER, 0)
+        self.address = f"ipc://@pto-wake-{shm.new_owner()}"
+        self.wake.bind(self.address)
+        self._ctx = ctx
+        self._rings: dict[int, np.ndarray | None] = {}  # None: its segment was gone
+        self._maps: list[mmap.mmap] = []
+        self._wake_addresses: dict[int, str] = {}
+        self._pushers: dict[int, zmq.Socket] = {}
+        self._watchers: dict[int, list[int]] = {}  # our task seq -> uids to poke when it ends
+
+    def learn(self, peers: list[P.PeerInfo]) -> None:
+        for peer in peers:
+            self._wake_addresses[peer.uid] = peer.wake
+            if peer.status == self.own.name:
+                self._rings[peer.uid] = self.own.ring
+                continue
+            try:
+                mm = shm.open_existing(peer.status)
+            except Exception:  # noqa: BLE001 - it died (and was swept) before we looked
+                log.warning("cannot map peer %d's status segment %s", peer.uid, peer.status)
+                self._rings[peer.uid] = None
+                continue
+            self._maps.append(mm)
+            self._rings[peer.uid] = ring_of(mm)
+
+    def outcome(self, uid: int, seq: int) -> bool | None:
+        """As ``outcome_in``; LookupError if that worker's ring cannot be read."""
+        ring = self._rings.get(uid)
+        if ring is None:
+            raise LookupError(f"cannot read the completion ring of worker {uid}")
+        return outcome_in(ring, seq)
+
+    def watch(self, pairs: list[int]) -> None:
+        """Dispatch.watch: (seq, uid) pairs; poke at once for tasks that already ended."""
+        for i in range(0, len(pairs), 2):
+            seq, uid = pairs[i], pairs[i + 1]
+            if self.own.outcome(seq) is None:
+                self._watchers.setdefault(seq, []).append(uid)
+            else:
+                self.poke(uid)
+
+    def ended(self, seq: int, ok: bool) -> None:
+        """Our task ``seq`` ended: record it, then wake whoever waits for it."""
+        self.own.ended(seq, ok)
+        if self._watchers:
+            for uid in self._watchers.pop(seq, ()):
+                self.poke(uid)
+
+    def poke(self, uid: int) -> None:
+        sock = self._pushers.get(uid)
+        if sock is None:
+            address = self._wake_addresses.get(uid)
+            if not address:
+                return
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 64)  # a full pipe means it has pokes to read already
+            sock.connect(address)
+            self._pushers[uid] = sock
+        try:
+            sock.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def drain_pokes(self) -> None:
+        sock = self.wake
+        try:
+            while True:
+                sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def close(self) -> None:
+        for sock in self._pushers.values():
+            sock.close(0)
+        self._pushers.clear()
+        self.wake.close(0)
+        self._rings.clear()
+        for mm in self._maps:
+            try:
+                mm.close()
+            except BufferError:
+                pass
+        self._maps.clear()
