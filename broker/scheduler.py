@@ -9,18 +9,11 @@ failures are reported with (what is to send waits in a ``broker.outbox.Outbox``)
 server (``broker.server``) only routes: it feeds messages in through the public methods
 and sends out what ``schedule``, ``take_results`` and ``take_barrier_orders`` return.
 
-A task need not wait in the broker for a predecessor that is already dispatched (to any
-chip), or queued ahead of it on its own chip: it becomes READY and, once sent, waits for
-it on its worker (``Task.after``; ``broker.task.covered``). Each worker numbers the tasks
-it gets (``seq``) and records their outcomes in its completion ring; a task is sent with
-the (worker uid, seq) of each predecessor still unfinished, and that predecessor's worker
-is asked to poke the waiting one when it ends (``worker.completions``). A chain of tasks
-thus costs no broker round trip per task, on one chip or alternating between chips. A
-worker skips a task whose predecessor failed and says so (``SKIPPED``); the broker fails
-it with the root cause when it hears of that failure, and cancels what other workers
-hold downstream. The broker never sends a worker a task ``RING_SLOTS`` past one another
-task still waits for (``_Worker.room``), so no outcome waited for is overwritten.
-Dependencies themselves are ``broker.deps``'s.
+A task need not wait in the broker for a predecessor already dispatched, or queued ahead
+of it on its chip: it waits on its worker (``broker.waits`` keeps that bookkeeping). A
+worker skips a task whose predecessor failed and says so (``SKIPPED``); the scheduler
+fails it with the root cause once it hears of that failure, and cancels what other
+workers hold downstream. Dependencies themselves are ``broker.deps``'s.
 
 Clients share the chips fairly: each chip's ready queue (``broker.ready.ReadyQueue``)
 keeps a FIFO per client and serves the clients round-robin, one task per turn, so a
@@ -38,7 +31,6 @@ from collections.abc import Callable, Iterable
 
 from pto.errors import ProtocolError
 from pto.protocol import (
-    RING_SLOTS,
     SKIPPED,
     Failure,
     LaunchTime,
@@ -69,45 +61,20 @@ from .task import (
     unknown_chips,
     waits_on_worker,
 )
+from .waits import (
+    WorkerSlot,
+    awaited_elsewhere,
+    forget_dead,
+    no_longer_waiting,
+    send_waiting,
+    stop_watching,
+)
 
 log = logging.getLogger("pto.broker")
 
 # (worker, task, rank, barrier id or 0, seq): one member of a task to send to a worker,
 # its number there
 Assignment = tuple[int, Task, int, int, int]
-
-
-class _Worker:
-    """A connected worker as the scheduler sees it: its queue, what it holds, how many
-    tasks it has been sent, and which of them tasks elsewhere still wait for."""
-
-    __slots__ = ("worker", "queue", "limit", "inflight", "uid", "sent", "watched", "floor")
-
-    def __init__(self, worker: int, queue: int, limit: int, uid: int):
-        self.worker, self.queue, self.limit, self.uid = worker, queue, limit, uid
-        self.inflight: dict[int, Task] = {}  # gid -> task, in the order sent
-        self.sent = 0  # the seq its next task gets
-        self.watched: dict[int, int] = {}  # seq -> tasks elsewhere still waiting for it
-        self.floor = 0  # at most the smallest seq in ``watched``
-
-    def room(self) -> int:
-        """How many tasks it may be sent now: its credit, and never so many that an outcome
-        still waited for would leave its completion ring."""
-        room = self.limit - len(self.inflight)
-        if self.watched and self.sent + room > self.floor + RING_SLOTS:
-            self.floor = min(self.watched)
-            room = min(room, self.floor + RING_SLOTS - self.sent)
-        return room
-
-    def watch(self, seq: int) -> None:
-        if not self.watched or seq < self.floor:
-            self.floor = seq
-        self.watched[seq] = self.watched.get(seq, 0) + 1
-
-    def unwatch(self, seq: int) -> None:
-        count = self.watched.pop(seq, 0)
-        if count > 1:
-            self.watched[seq] = count - 1
 
 
 class Scheduler:
@@ -118,8 +85,8 @@ class Scheduler:
         self._tasks: dict[int, Task] = {}  # unfinished tasks by gid
         self._ready: dict[int, ReadyQueue] = {q: ReadyQueue() for q in queues}
         self._accesses = Accesses()
-        self._workers: dict[int, _Worker] = {}
-        self._queue_workers: dict[int, list[_Worker]] = {}
+        self._workers: dict[int, WorkerSlot] = {}
+        self._queue_workers: dict[int, list[WorkerSlot]] = {}
         self._traced: set[int] = set()  # clients that asked for task times
         self._kernel_names: dict[tuple[int, int], str] = {}  # (client, kernel id) -> name
         self._out = Outbox()  # results and barrier orders for the server to take
@@ -144,7 +111,7 @@ class Scheduler:
         it by)."""
         if worker in self._workers:
             raise ValueError(f"worker {worker} is already connected")
-        slot = _Worker(worker, queue, limit, next(self._uids))
+        slot = WorkerSlot(worker, queue, limit, next(self._uids))
         self._workers[worker] = slot
         self._queue_workers.setdefault(queue, []).append(slot)
         self._ready.setdefault(queue, ReadyQueue())
@@ -197,7 +164,7 @@ class Scheduler:
         for gid in done:
             task = inflight.pop(gid, None)
             if task is not None:
-                self._off_worker(task)
+                stop_watching(task)
                 self._member_left(task)
         for failure in failed:
             if failure.root == SKIPPED:
@@ -209,7 +176,7 @@ class Scheduler:
                     continue
             task = inflight.pop(failure.task, None)
             if task is not None:
-                self._off_worker(task)
+                stop_watching(task)
                 self._member_left(task, (failure.reason, failure.lost, failure.root == 0))
 
     def cancel(self, client: int, task_ids: Iterable[int]) -> None:
@@ -240,15 +207,12 @@ class Scheduler:
         decides, and so does any that a task elsewhere already waits for."""
         slot = self._workers.pop(worker)
         self._queue_workers[slot.queue].remove(slot)
-        for other in self._workers.values():  # nothing is watched on a dead worker
-            for task in other.inflight.values():
-                if task.watching:
-                    task.watching = [w for w in task.watching if w[0] is not slot] or None
+        forget_dead(slot, self._workers.values())
         held = []
         tasks = list(slot.inflight.values())
         slot.inflight.clear()
         for task in tasks:
-            self._off_worker(task)
+            stop_watching(task)
             ended = outcome(task.seq) if outcome is not None and task.worker is slot else None
             if ended is None:
                 held.append(task)
@@ -258,7 +222,7 @@ class Scheduler:
                 self._member_left(task, (f"{died} after kernel {self.kernel_name(task)!r} "
                                          f"failed, before saying why{hint}", True, False))
         requeue = []
-        verdicts = after_death(held, status, self._awaited_elsewhere)
+        verdicts = after_death(held, status, awaited_elsewhere)
         for task, verdict in zip(held, verdicts, strict=True):
             if verdict is Verdict.FAIL:
                 reason = f"{died} while running kernel {self.kernel_name(task)!r}{hint}"
@@ -278,18 +242,6 @@ class Scheduler:
             task.worker, task.skipped = None, False
             self._ready[task.chip].appendleft(task)
 
-    def _awaited_elsewhere(self, task: Task) -> bool:
-        """Whether an unfinished task of another chip already counts on ``task`` being
-        dispatched (it may be queued on its worker waiting for it)."""
-        return any(d.state < DONE and d.chip != task.chip and task in (d.after or ())
-                   for d in task.dependents)
-
-    def _off_worker(self, task: Task) -> None:
-        """``task`` left its worker: it no longer waits for tasks of other workers."""
-        if task.watching:
-            for slot, seq in task.watching:
-                slot.unwatch(seq)
-            task.watching = None
 
     # ---- output ----------------------------------------------------------------------
 
@@ -332,10 +284,12 @@ class Scheduler:
                         slot = self._assign(chip, task)
                         task.worker, task.seq = slot, slot.sent - 1
                         if task.after:
-                            self._send_waiting(task, slot)
+                            send_waiting(task, slot, self._out)
                         out.append((slot.worker, task, 0, 0, task.seq))
-                        if task.dependents and self._cover(task):
-                            progress = True  # tasks on other chips became READY
+                        if task.dependents:
+                            for dep in no_longer_waiting(task):
+                                self._ready_now(dep)
+                                progress = True  # a task on another chip became READY
                         continue
                     if not all(self._ready[c].head() is task
                                and credit.get(c, 0) > 0 and c in idle for c in task.chips):
@@ -352,44 +306,13 @@ class Scheduler:
                     progress = True
         return out
 
-    def _assign(self, queue: int, task: Task) -> _Worker:
+    def _assign(self, queue: int, task: Task) -> WorkerSlot:
         workers = self._queue_workers[queue]
         # Host workers share one queue: the least loaded takes it.
         slot = workers[0] if len(workers) == 1 else min(workers, key=lambda w: len(w.inflight))
         slot.inflight[task.gid] = task
         slot.sent += 1
         return slot
-
-    def _send_waiting(self, task: Task, slot: _Worker) -> None:
-        """``task`` goes to ``slot`` now: name the predecessors still unfinished for it to
-        wait for, and have the other workers running them watch them for it."""
-        wait: list[int] = []
-        for pred in task.after:
-            if pred.state != DISPATCHED:
-                continue  # done (a FAILED or DROPPED one would have taken it along)
-            other = pred.worker
-            wait += (other.uid, pred.seq)
-            if other is not slot:
-                other.watch(pred.seq)
-                task.watching = task.watching or []
-                task.watching.append((other, pred.seq))
-                self._out.watch(other.worker, pred.seq, slot.uid)
-        task.wait = wait or None
-
-    def _cover(self, task: Task) -> bool:
-        """``task`` was dispatched: its dependents on other chips need no longer wait for
-        it in the broker. True if some became READY."""
-        became_ready = False
-        for dep in task.dependents:
-            if (dep.state == PENDING and dep.chip != task.chip and waits_on_worker(dep, task)
-                    and task not in (dep.after or ())):
-                dep.after = dep.after or []
-                dep.after.append(task)
-                dep.waiting -= 1
-                if dep.waiting == 0:
-                    self._ready_now(dep)
-                    became_ready = True
-        return became_ready
 
     def take_results(self) -> Results:
         """Per client: task ids done, failures, and the task times gathered so far."""
@@ -556,7 +479,7 @@ class Scheduler:
                 # worker skips it, or drops it now (a dead worker's task never ends).
                 if t.skipped:
                     del t.worker.inflight[t.gid]
-                    self._off_worker(t)
+                    stop_watching(t)
                     t.left = 0
                 else:
                     self._out.cancel_on(t.worker.worker, t.gid)
