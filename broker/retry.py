@@ -1,7 +1,7 @@
 """What becomes of the tasks a dead worker held: the retry policy.
 
-Decided from the order the worker got them (it runs them one by one, in that order) and
-its status block ([running, last finished] task gids, read after its death); the
+Decided from the worker's status block ([running, last finished] task gids, and its
+completion ring, read after its death); the
 scheduler (``broker.scheduler``) applies the verdicts, and only it changes task state.
 """
 
@@ -21,29 +21,38 @@ class Verdict(Enum):
 
 
 def after_death(held: list[Task], status: tuple[int, int] | None,
-                awaited_elsewhere: Callable[[Task], bool] = lambda task: False) -> list[Verdict]:
-    """One verdict per task ``held``, in the order sent (those its completion ring says
-    ended are not among them).
+                awaited_elsewhere: Callable[[Task], bool] = lambda task: False,
+                exact: bool = False) -> list[Verdict]:
+    """One verdict per task ``held``, in the order sent.
+
+    ``status`` is the worker's [running, last finished] task gids, if known. With
+    ``exact``, the tasks its completion ring says ended are not in ``held``, so only the
+    running one started (a worker takes its clients in turn: order says nothing);
+    otherwise the first tasks up to the running or last finished one started (a worker
+    that ran its tasks in order), or all of them without a status.
 
     Group members fail (the others are at the barrier without it), and so does a task
     that a task on another chip already waits for on its worker (``awaited_elsewhere``):
     that one was sent naming this run of it, which will never end. A started task reruns
     while it has retries, unless a partial run may have changed what it reads: it
-    overwrites its own inputs (INOUT, OUTPUT_EXISTING, NO_DEP), or a task queued behind
-    it on the worker, which may have run too, wrote bytes it reads."""
+    overwrites its own inputs (INOUT, OUTPUT_EXISTING, NO_DEP), or another started task
+    wrote bytes it reads."""
     gids = [t.gid for t in held]
-    # The first ``started`` tasks started (up to the running one, or the last finished);
-    # without a status block, assume all did.
-    started = len(held) if status is None else max(
-        (gids.index(g) + 1 for g in status if g in gids), default=0)
+    if status is None:
+        started = set(gids)
+    elif exact:
+        started = {status[0]} & set(gids)
+    else:
+        upto = max((gids.index(g) + 1 for g in status if g in gids), default=0)
+        started = set(gids[:upto])
     verdicts = []
     for i, task in enumerate(held):
         if task.state != DISPATCHED or len(task.chips) > 1 or awaited_elsewhere(task):
             verdicts.append(Verdict.FAIL)
-        elif i >= started:
+        elif task.gid not in started:
             verdicts.append(Verdict.REQUEUE)
-        elif (task.retries > 0 and not overwrites(task)
-              and not inputs_overwritten(task, held[i + 1:started])):
+        elif (task.retries > 0 and not overwrites(task) and not inputs_overwritten(
+                task, [t for t in held[i + 1:] if t.gid in started])):
             verdicts.append(Verdict.RERUN)
         else:
             verdicts.append(Verdict.FAIL)

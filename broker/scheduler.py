@@ -222,7 +222,8 @@ class Scheduler:
                 self._member_left(task, (f"{died} after kernel {self.kernel_name(task)!r} "
                                          f"failed, before saying why{hint}", True, False))
         requeue = []
-        verdicts = after_death(held, status, awaited_elsewhere)
+        verdicts = after_death(held, status, awaited_elsewhere,
+                               exact=outcome is not None and status is not None)
         for task, verdict in zip(held, verdicts, strict=True):
             if verdict is Verdict.FAIL:
                 reason = f"{died} while running kernel {self.kernel_name(task)!r}{hint}"

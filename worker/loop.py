@@ -9,8 +9,7 @@ after ``_REPORT_AFTER`` seconds, so dependent tasks elsewhere are never held bac
 A task may arrive before the predecessors it depends on have ended on other workers
 (``WorkTask.wait``): it runs when their outcomes appear in those workers' completion
 rings, and the worker sleeps in its poll meanwhile (``worker.completions``). Tasks run in
-the order received, so a waiting task holds up those behind it; no cycle can form, since
-a task is only ever sent to wait for tasks sent before it.
+the order received within each client, the clients taking turns (``worker.queue``).
 
 A worker's status segment (what it is running and its completion ring, for its peers
 and for the broker to read if it dies) is unlinked by the worker itself however it exits:
@@ -29,7 +28,6 @@ import signal
 import threading
 import time
 import traceback
-from collections import deque
 
 import numpy as np
 import posix_ipc
@@ -46,6 +44,7 @@ from pto.taskinfo import TaskInfo, set_current
 
 from .completions import Peers, StatusBlock
 from .kernels import Kernel, load_kernel
+from .queue import LocalQueue
 
 log = logging.getLogger("pto.worker")
 
@@ -75,7 +74,7 @@ class Worker:
         self.kernels: dict[tuple[int, int], Kernel | Exception] = {}
         self.kernel_names: dict[tuple[int, int], str] = {}
         self.segments: dict[tuple[int, int], tuple[mmap.mmap, np.ndarray]] = {}
-        self.queue: deque[P.WorkTask] = deque()
+        self.queue = LocalQueue()
         self.done: list[int] = []
         self.failed: list[P.Failure] = []
         self.times: list[tuple[int, int, float, float]] = []
@@ -109,19 +108,17 @@ class Worker:
                                  daemon=True).start()
             log.info("worker for %s started", chip_label(self.device))
             while not self.stopping:
-                idle = self._next_task() is None  # nothing queued, or the head waits
-                if idle:
+                task = self._next_task()
+                if task is None:  # nothing queued, or every client's next task waits
                     self._idle_poll()
-                self._drain()
-                if idle:
+                    self._drain()
                     self._check_timers()  # after the drain: heartbeats that came count
-                task = self._next_task()  # again: the drain may have cancelled the head
-                if task is not None:
-                    self.queue.popleft()
-                    self._execute(task)
-                    if (len(self.done) + len(self.failed) >= _REPORT_EVERY
-                            or time.monotonic() - self.last_report > _REPORT_AFTER):
-                        self._report()
+                    continue
+                self._execute(task)
+                if (len(self.done) + len(self.failed) >= _REPORT_EVERY
+                        or time.monotonic() - self.last_report > _REPORT_AFTER):
+                    self._report()
+                self._drain()  # frees, cancels and tasks that came meanwhile
         finally:
             self._close()
 
@@ -137,7 +134,7 @@ class Worker:
             sent, timeout_ms = False, 1
         else:
             sent = self._report()
-        if self.queue and self._spin_on_ring(self.queue[0].wait):
+        if self.queue and self._spin_on_rings():
             return
         start = time.perf_counter()
         self._poll(timeout_ms, sent)
@@ -145,47 +142,44 @@ class Worker:
         if self.queue and time.perf_counter() - start < self.spin_seconds:
             self._ring_spin_pays = True  # a spin would have seen it
 
-    def _spin_on_ring(self, wait: list[int]) -> bool:
-        """Watch the rings of the tasks the head waits for for up to ``spin_seconds``;
-        True if they ended meanwhile. A poke crosses two ZeroMQ I/O threads and wakes us
-        from poll, tens of microseconds on a VM; reading the ring sees the outcome the
-        moment it is written. Like ``SpinPoll``, it stops spinning after a spin that ran
-        out, until a wait ends within the spin time again."""
+    def _spin_on_rings(self) -> bool:
+        """Watch the rings of the tasks our next tasks wait for, for up to
+        ``spin_seconds``; True if one of them may go on now. A poke crosses two ZeroMQ
+        I/O threads and wakes us from poll, tens of microseconds on a VM; reading the
+        ring sees the outcome the moment it is written. Like ``SpinPoll``, it stops
+        spinning after a spin that ran out, until a wait ends within the spin time."""
         if self.spin_seconds <= 0 or not self._ring_spin_pays:
             return False
         deadline = time.perf_counter() + self.spin_seconds
-        try:
-            while time.perf_counter() < deadline:
-                if self._waits_met(wait) is not None:
-                    return True
-        except LookupError:
-            return True  # _next_task fails it
+        queue, check = self.queue, self._check_waits
+        while time.perf_counter() < deadline:
+            if queue.any_ready(check):
+                return True
         self._ring_spin_pays = False
         return False
 
     def _next_task(self) -> P.WorkTask | None:
-        """The head of the queue if it may run now; None if the queue is empty or the head
-        waits for a predecessor elsewhere. Heads whose predecessor failed are skipped."""
-        queue = self.queue
-        while queue:
-            task = queue[0]
-            if not task.wait:
-                return task
-            try:
-                ready = self._waits_met(task.wait)
-            except LookupError as exc:
-                queue.popleft()
-                self._failed(task, self._kernel_name(task), f"not run: {exc}", lost=True)
-                continue
-            if ready:
-                return task
-            if ready is None:
-                return None
-            queue.popleft()
-            # The broker fails it itself, naming the root cause, once it hears of it.
-            self._failed(task, self._kernel_name(task),
-                         "not run: a task it depends on failed", skipped=True)
-        return None
+        """Take the next task that may run now (``worker.queue``); None if there is none
+        or every client's next task waits for a predecessor elsewhere."""
+        return self.queue.next(self._check_waits, self._skip) if self.queue else None
+
+    def _check_waits(self, task: P.WorkTask) -> bool | None:
+        try:
+            return self._waits_met(task.wait)
+        except LookupError:
+            return False  # _skip tells which
+
+    def _skip(self, task: P.WorkTask) -> None:
+        """Not run: a predecessor failed (the broker fails it itself, naming the root
+        cause, once it hears of that), or its worker's ring could not be read."""
+        self.peers.ended(task.seq, False)
+        try:
+            self._waits_met(task.wait)
+        except LookupError as exc:
+            self._failed(task, self._kernel_name(task), f"not run: {exc}", lost=True)
+            return
+        self._failed(task, self._kernel_name(task), "not run: a task it depends on failed",
+                     skipped=True)
 
     def _waits_met(self, wait: list[int]) -> bool | None:
         """True: every predecessor ended well; False: one failed; None: one is running."""
@@ -292,15 +286,19 @@ class Worker:
     def _execute(self, task: P.WorkTask) -> None:
         self.status[0] = task.task
         start = time.monotonic() if task.trace else 0.0
+        ok = False
         try:
-            self._run_kernel(task)
+            ok = self._run_kernel(task)
         finally:
             self.status[1] = task.task
             self.status[0] = 0
             if task.trace:
                 self.times.append((task.task, task.rank, start, time.monotonic()))
+            # last: a task waiting for this one may start the moment it is written
+            self.peers.ended(task.seq, ok)
 
-    def _run_kernel(self, task: P.WorkTask) -> None:
+    def _run_kernel(self, task: P.WorkTask) -> bool:
+        """Run it; False if it failed (the failure is recorded)."""
         key = (task.client, task.kernel)
         name = self.kernel_names.get(key, f"#{task.kernel}")
         try:
@@ -333,9 +331,9 @@ class Worker:
             if frames:
                 reason += "\nkernel traceback (most recent call last):\n" + "".join(frames[-5:])
             self._failed(task, name, reason, followed=isinstance(exc, BarrierAborted))
-        else:
-            self.done.append(task.task)
-            self.peers.ended(task.seq, True)
+            return False
+        self.done.append(task.task)
+        return True
 
     def _note_launches(self, task: P.WorkTask, fn: Kernel) -> None:
         """A compiled orchestration's launches, for the trace (pto.simtasks.Orchestration)."""
@@ -350,7 +348,6 @@ class Worker:
         # predecessor failed (the broker names the root cause)
         root = 0 if followed else P.SKIPPED if skipped else task.task
         self.failed.append(P.Failure(task.task, name, self.device, reason, root, lost))
-        self.peers.ended(task.seq, False)
 
     def _arg(self, client: int, a: P.ArgSpec) -> object:
         if a.kind == ParamType.SCALAR:
@@ -400,13 +397,9 @@ class Worker:
 
     def _drop_queued(self, gids: set[int], reason: str) -> None:
         """Report queued (not started) tasks as failed without running them."""
-        kept: deque[P.WorkTask] = deque()
-        for task in self.queue:
-            if task.task in gids:
-                self._failed(task, self._kernel_name(task), reason)
-            else:
-                kept.append(task)
-        self.queue = kept
+        for task in self.queue.take(lambda t: t.task not in gids):
+            self.peers.ended(task.seq, False)
+            self._failed(task, self._kernel_name(task), reason)
 
     def _close(self) -> None:
         try:

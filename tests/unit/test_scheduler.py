@@ -674,3 +674,15 @@ def test_a_dead_workers_tasks_its_ring_says_ended_count_as_reported():
     assert failure.task == bad and failure.lost and "before saying why" in failure.reason
     g.s.report(1, [g.gids[b]], [])
     assert g.s.take_results()[1][0] == [b]
+
+
+def test_with_its_ring_only_the_running_task_of_a_dead_worker_counts_as_started():
+    s = scheduler([0], clients=(1, 2))
+    (first,) = s.submit(1, [TaskSpec(1, 0, KERNEL, [arg(INOUT, 1)])])
+    (running,) = s.submit(2, [TaskSpec(1, 0, KERNEL, [arg(IN, 2), arg(OUT, 3)])])
+    s.schedule()
+    # client 2's task ran first (clients take turns on a worker): client 1's never started
+    s.worker_lost(0, (running, 0), "worker of chip 0 died", outcome=lambda seq: None)
+    s.validate()
+    assert {t.gid for t in s.queued(0)} == {first, running}  # requeued, and rerun
+    assert s.task(running).retries == 0 and s.task(first).retries == 1
