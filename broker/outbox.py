@@ -36,6 +36,8 @@ class Outbox:
         self._times.pop(client, None)
 
     def take_results(self) -> Results:
+        if not self._results:
+            return {}  # most poll rounds
         results, self._results = self._results, {}
         return {client: (done, failed, self._times.pop(client, []))
                 for client, (done, failed) in results.items()}

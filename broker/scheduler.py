@@ -381,6 +381,7 @@ class Scheduler:
         task.state = new
         if new >= DONE:
             del self._tasks[task.gid]
+            task.after = task.wait = None  # what it waited for need not live on with it
 
     def _link(self, task: Task) -> None:
         bad_chips = unknown_chips(task, self._ready)

@@ -47,6 +47,12 @@ _OWNER = re.compile(r"^[0-9]+x[0-9a-f]{1,32}$")
 # Messages per socket per round: bounds a round's work (timers stay on time) and keeps one
 # busy socket from starving the other.
 _MAX_DRAIN = 32
+# Submitted tasks taken in per round at most (a round ends once past it): linking costs a
+# few microseconds a task, and what is ready is dispatched only at the end of the round,
+# so 32 full Submits (8k tasks) of one client's flood would hold another client's task
+# for tens of milliseconds. ZeroMQ's ROUTER takes its peers in turn, so the next round
+# starts with the other clients' messages.
+_LINK_BUDGET = 512
 _NO_WAIT: list[int] = []  # WorkTask.wait of most tasks (never mutated)
 
 
@@ -129,8 +135,11 @@ class Broker:
                 if self._wake_r.fileno() in ready or self._wake_r in ready:
                     self._drain_wakeups()
                 if self.frontend in ready:
+                    linked = 0
                     for identity, *frames in incoming(self.frontend, _MAX_DRAIN):
-                        self._on_client_frames(identity, frames)
+                        linked += self._on_client_frames(identity, frames)
+                        if linked >= _LINK_BUDGET:
+                            break
                 if self.backend in ready:
                     for identity, *frames in incoming(self.backend, _MAX_DRAIN):
                         self._on_worker_frames(identity, frames)
@@ -171,16 +180,17 @@ class Broker:
 
     # ---- clients ---------------------------------------------------------------------
 
-    def _on_client_frames(self, identity: bytes, frames: list[bytes]) -> None:
+    def _on_client_frames(self, identity: bytes, frames: list[bytes]) -> int:
+        """Handle one client message; returns how many tasks it submitted."""
         msg = self._decode(self.frontend, identity, frames)
         if msg is None:
-            return
+            return 0
         if isinstance(msg, P.StatusRequest):
             status = broker_status(self.address, self.started, self.devices(),
                                    self.workers.values(), self.clients_by_index.values(),
                                    self.sched)
             self._send(self.frontend, identity, P.StatusReply(json.dumps(status)))
-            return
+            return 0
         client = self.clients.get(identity)
         now = time.monotonic()
         if client is None:
@@ -190,10 +200,11 @@ class Broker:
                 self._on_attach(identity, msg)
             elif not isinstance(msg, (P.Bye, P.Heartbeat)):
                 self._send(self.frontend, identity, P.Error("unknown client: send Hello first"))
-            return
+            return 0
         client.last_seen = now
         if isinstance(msg, P.PackedSubmit):
             self.sched.submit(client.index, msg.tasks)
+            return len(msg.tasks)
         elif isinstance(msg, P.Cancel):
             self.sched.cancel(client.index, msg.tasks)
         elif isinstance(msg, P.RegisterKernel):
@@ -211,6 +222,7 @@ class Broker:
             self._drop_client(client, reap=False)
         elif not isinstance(msg, P.Heartbeat):
             self._send(self.frontend, identity, P.Error(f"unexpected {type(msg).__name__}"))
+        return 0
 
     def _on_hello(self, identity: bytes, msg: P.Hello, now: float) -> None:
         if not _OWNER.match(msg.owner):

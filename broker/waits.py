@@ -73,6 +73,9 @@ def send_waiting(task: Task, slot: WorkerSlot, out: Outbox) -> None:
             task.watching.append((other, pred.seq))
             out.watch(other.worker, pred.seq, slot.uid)
     task.wait = wait or None
+    # Only unfinished ones are kept: a done task named here must not keep its own
+    # predecessors alive (memory stays bounded by the live tasks).
+    task.after = [pred for pred in task.after or () if pred.state == DISPATCHED] or None
 
 
 def no_longer_waiting(task: Task) -> list[Task]:

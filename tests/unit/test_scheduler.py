@@ -686,3 +686,16 @@ def test_with_its_ring_only_the_running_task_of_a_dead_worker_counts_as_started(
     s.validate()
     assert {t.gid for t in s.queued(0)} == {first, running}  # requeued, and rerun
     assert s.task(running).retries == 0 and s.task(first).retries == 1
+
+
+def test_a_finished_task_keeps_nothing_it_waited_for_alive():
+    g = Graph()
+    chain = [g.task(arg(INOUT, 1), chip=i % 2) for i in range(50)]
+    g.schedule()
+    tasks = [g.get(t) for t in chain]
+    for t in chain[:-1]:
+        g.finish(t)
+    # the live tail names its one unfinished-at-dispatch predecessor; that one, done,
+    # no longer names its own (else a long chain would live as long as its last task)
+    assert tasks[-1].after == [tasks[-2]] and tasks[-2].after is None
+    assert all(t.after is None and t.wait is None for t in tasks[:-1])
