@@ -3,6 +3,7 @@ keeps them; the scheduler keeps their tasks)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,3 +94,36 @@ class WorkerPeer:
     def has_news(self) -> bool:
         """Something to send even without tasks."""
         return bool(self.frees or self.gone or self.cancels or self.watch)
+
+    def dispatch(self, work: list[P.WorkTask], owner_of: Callable[[int], str],
+                 kernel_def: Callable[[tuple[int, int]], P.KernelDef],
+                 peer_info: Callable[[int], P.PeerInfo | None]) -> P.Dispatch:
+        """The message taking ``work`` and the news to it, with what it must know first
+        and was not told yet: clients' segment owners, kernels, and the workers its tasks
+        wait for or that wait for its tasks (``peer_info`` of a uid; None: gone)."""
+        clients, kernels, peers = [], [], []
+        for item in work:
+            if item.client not in self.clients:
+                self.clients.add(item.client)
+                clients.append(P.ClientInfo(item.client, owner_of(item.client)))
+            key = (item.client, item.kernel)
+            if key not in self.kernels:
+                self.kernels.add(key)
+                kernels.append(kernel_def(key))
+            if item.wait:
+                self._introduce(item.wait[::2], peers, peer_info)
+        if self.watch:
+            self._introduce(self.watch[1::2], peers, peer_info)
+        msg = P.Dispatch(clients, kernels, self.frees, self.gone, work, self.cancels, peers,
+                         self.watch)
+        self.frees, self.gone, self.cancels, self.watch = [], [], [], []
+        return msg
+
+    def _introduce(self, uids: list[int], peers: list[P.PeerInfo],
+                   peer_info: Callable[[int], P.PeerInfo | None]) -> None:
+        for uid in uids:
+            if uid not in self.peers:
+                self.peers.add(uid)
+                info = peer_info(uid)
+                if info is not None:
+                    peers.append(info)

@@ -240,7 +240,7 @@ class Scheduler:
                 continue
             self._move(task, READY)
             task.left = 0
-            task.worker, task.skipped = None, False
+            task.worker, task.skipped, task.wait = None, False, None
             self._ready[task.chip].appendleft(task)
 
 

@@ -344,36 +344,18 @@ class Broker:
             return  # most rounds that only took reports in
         for worker in self.workers.values():
             work = batches.get(worker.device, [])
-            if not work and not worker.has_news():
-                continue
-            clients, kernels, peers = [], [], []
-            for item in work:
-                if item.client not in worker.clients:
-                    worker.clients.add(item.client)
-                    owner = self.clients_by_index[item.client].owner
-                    clients.append(P.ClientInfo(item.client, owner))
-                key = (item.client, item.kernel)
-                if key not in worker.kernels:
-                    worker.kernels.add(key)
-                    kernels.append(self.kernels[key])
-                if item.wait:
-                    self._introduce(worker, item.wait[::2], peers)
-            if worker.watch:
-                self._introduce(worker, worker.watch[1::2], peers)
-            msg = P.Dispatch(clients, kernels, worker.frees, worker.gone, work, worker.cancels,
-                             peers, worker.watch)
-            worker.frees, worker.gone, worker.cancels, worker.watch = [], [], [], []
-            self._send(self.backend, worker.identity, msg)
-            worker.last_sent = time.monotonic()
+            if work or worker.has_news():
+                msg = worker.dispatch(work, self._owner_of, self.kernels.__getitem__,
+                                      self._peer_info)
+                self._send(self.backend, worker.identity, msg)
+                worker.last_sent = time.monotonic()
 
-    def _introduce(self, worker: WorkerPeer, uids: list[int], peers: list[P.PeerInfo]) -> None:
-        """Add to ``peers`` the workers among ``uids`` that ``worker`` was not told of yet."""
-        for uid in uids:
-            if uid not in worker.peers:
-                worker.peers.add(uid)
-                peer = self.worker_by_uid.get(uid)
-                if peer is not None:
-                    peers.append(P.PeerInfo(uid, peer.status.name, peer.wake))
+    def _owner_of(self, client: int) -> str:
+        return self.clients_by_index[client].owner
+
+    def _peer_info(self, uid: int) -> P.PeerInfo | None:
+        peer = self.worker_by_uid.get(uid)
+        return None if peer is None else P.PeerInfo(uid, peer.status.name, peer.wake)
 
     def _worker_lost(self, worker: WorkerPeer, how: str) -> None:
         log.warning("worker for device %d (pid %d) lost: %s", worker.device, worker.pid, how)
