@@ -39,7 +39,7 @@ import zmq
 from . import protocol as P
 from .errors import BrokerLost, ProtocolError
 from .shm import pid_alive, pid_state
-from .sockets import connect, incoming
+from .sockets import connect, incoming, send_frames
 
 log = logging.getLogger("pto.client")
 
@@ -87,7 +87,7 @@ class Connection:
         self.on_lost: Callable[[BrokerLost], None] = lambda exc: None
         try:
             self.welcome = self._handshake(owner, timeout, trace)
-            self.tx.send_multipart(P.encode(P.Attach(self.welcome.client, owner)))
+            send_frames(self.tx, P.encode(P.Attach(self.welcome.client, owner)))
         except BaseException:
             self._close_sockets()
             raise
@@ -99,7 +99,7 @@ class Connection:
         self._tick = min(self.heartbeat, 0.25)  # how often the I/O thread checks liveness
 
     def _handshake(self, owner: str, timeout: float, trace: bool) -> P.Welcome:
-        self.rx.send_multipart(P.encode(P.Hello(owner, os.getpid(), trace)))
+        send_frames(self.rx, P.encode(P.Hello(owner, os.getpid(), trace)))
         deadline = time.monotonic() + timeout
         while True:
             why = self._watch() if self._watch else None
@@ -146,39 +146,46 @@ class Connection:
         me = threading.get_ident()
         with self._cv:
             self._callers += 1
-            io_drives = self._driver == _IO
-        if io_drives:  # it lets go of rx when woken (see _io_loop)
+            driver = self._driver
+            if driver is None and not done() and self.lost is None and not self._stop:
+                self._driver = driver = me  # nobody drives rx: take it in this same turn
+        driving = driver == me
+        if driver == _IO and not done():  # it lets go of rx when woken (see _io_loop)
             os.eventfd_write(self._wake_fd, 1)
         try:
-            while True:
-                with self._cv:
-                    while self._driver is not None:
-                        if done() or self.lost is not None or self._stop:
-                            break
-                        left = None if deadline is None else deadline - time.monotonic()
-                        if left is not None and left <= 0:
-                            return False
-                        self._cv.wait(left)  # the driver notifies as it handles or lets go
-                    if done():
-                        return True
-                    if self.lost is not None or self._stop:
-                        return False
-                    if deadline is not None and deadline <= time.monotonic():
-                        return False
-                    self._driver = me
-                try:
-                    self._drive(done, deadline)
-                finally:
-                    with self._cv:
-                        self._driver = None
-                        self._cv.notify_all()
+            if not driving:
+                driving = self._take_rx(me, done, deadline)
+            if driving:
+                self._drive(done, deadline)
+            return done()
         except BrokerLost as exc:
             self._declare_lost(exc)
             return done()
         finally:
-            with self._cv:
+            with self._cv:  # let go of rx and leave in one turn
+                if driving:
+                    self._driver = None
+                    self._cv.notify_all()
                 self._callers -= 1
                 self._caller_left = time.monotonic()
+
+    def _take_rx(self, me: int, done: Callable[[], bool], deadline: float | None) -> bool:
+        """Wait while another thread drives ``rx``, then drive it (True); False if there
+        is no need any more: ``done()``, the deadline, loss or close."""
+        with self._cv:
+            while self._driver is not None:
+                if done() or self.lost is not None or self._stop:
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left)  # the driver notifies as it handles or lets go
+            if done() or self.lost is not None or self._stop:
+                return False
+            if deadline is not None and deadline <= time.monotonic():
+                return False
+            self._driver = me
+            return True
 
     def _drive(self, done: Callable[[], bool], deadline: float | None) -> None:
         """As the driver: poll and drain ``rx`` until ``done()``, the deadline, loss or close."""
@@ -206,7 +213,7 @@ class Connection:
         frames = P.encode(msg)
         with self._tx_lock:
             self._send_frees()
-            self.tx.send_multipart(frames)
+            send_frames(self.tx, frames)
             self._last_sent = time.monotonic()
 
     def free(self, tensor: int, kept: bool = False) -> None:
@@ -224,7 +231,7 @@ class Connection:
             while self._frees:
                 tensor, keep = self._frees.popleft()
                 (kept if keep else gone).append(tensor)
-            self.tx.send_multipart(P.encode(P.FreeTensors(gone, kept)))
+            send_frames(self.tx, P.encode(P.FreeTensors(gone, kept)))
 
     def close(self, bye: bool = True) -> None:
         with self._cv:
@@ -241,7 +248,7 @@ class Connection:
         if bye and self.lost is None:
             with self._tx_lock:
                 self._send_frees()
-                self.tx.send_multipart(P.encode(P.Bye()))
+                send_frames(self.tx, P.encode(P.Bye()))
         self._close_sockets()
 
     def _close_sockets(self) -> None:
@@ -342,7 +349,7 @@ class Connection:
             raise BrokerLost(f"broker at {self.address} silent for {silent:.1f}s")
         if now - self._last_sent > self.heartbeat:
             with self._tx_lock:
-                self.tx.send_multipart(P.encode(P.Heartbeat()))
+                send_frames(self.tx, P.encode(P.Heartbeat()))
                 self._last_sent = now
 
     def _declare_lost(self, exc: BrokerLost) -> None:

@@ -207,7 +207,8 @@ class OrchContext:
             specs.append(P.ArgSpec(int(arg.kind), segment_of(handle).tensor_id, handle.offset,
                                    handle.nbytes, handle.dtype_code, list(handle.shape)))
         segments = [segment_of(h) for h in handles]
-        self._host.store.use(segments)  # from now on the task keeps the segments alive
+        if segments:
+            self._host.store.use(segments)  # from now on the task keeps the segments alive
         spec = P.TaskSpec(self._host.new_task_id(), chip, kid, specs, group, retries)
         nbytes = sum(arg_spec.nbytes for arg_spec in specs)
         self._pending.append(PendingTask(spec, kernel, segments, nbytes, time.monotonic()))

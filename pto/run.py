@@ -27,12 +27,22 @@ class RunFuture(Future):
 
     A thread blocked on it then receives the run's results itself (as ``rt.run`` does),
     instead of waiting for the completion thread; so ``f.result()`` also works inside
-    another run's done-callback, which runs on that completion thread.
+    another run's done-callback, which runs on that completion thread. ``cancel()`` first
+    asks the broker to drop the run's tasks not yet started (``drop``): an override rather
+    than a done-callback, which every run would pay for and hardly any run needs.
     """
 
-    def __init__(self, wait: Callable[[float | None], object]):
+    def __init__(self, wait: Callable[[float | None], object], drop: Callable[[], object]):
         super().__init__()
         self._wait_for_run = wait
+        self._drop_tasks = drop
+
+    def cancel(self) -> bool:
+        # Dropping first is harmless if cancelling then fails: a future leaves PENDING only
+        # once its run has finished, when no task of it is left to drop.
+        if not self.done():
+            self._drop_tasks()
+        return super().cancel()
 
     def result(self, timeout: float | None = None) -> Any:
         return super().result(self._wait(timeout))
@@ -91,6 +101,7 @@ class Run:
     finished: bool = False  # nothing more will change: its future can be resolved
     claimed: bool = False  # a thread has taken on resolving its future
     waiters: int = 0  # threads blocked on its result: one of them resolves it
+    dropped: bool = False  # the broker was asked to drop its tasks (cancel, once)
 
     def claim(self) -> bool:
         """Under the runtime lock: True for the one caller that is to resolve the future."""

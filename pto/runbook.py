@@ -100,6 +100,7 @@ class RunBook:
         self._tasks: dict[int, _TaskRecord] = {}  # task id -> record, until it ends
         self._runs: set[Run] = set()  # unfinished
         self._room = threading.Condition(self._lock)  # notified as tasks end, and on loss
+        self._room_waiters = 0  # threads in send_tasks waiting on _room: only they need notifying
         self._lost: BaseException | None = None
         self._completions = _Completions(self._lock)
 
@@ -125,7 +126,11 @@ class RunBook:
     def send_tasks(self, run: Run, batch: list[PendingTask]) -> None:
         with self._lock:
             while len(self._tasks) >= self._max_outstanding and self._lost is None:
-                self._room.wait()
+                self._room_waiters += 1
+                try:
+                    self._room.wait()
+                finally:
+                    self._room_waiters -= 1
             if self._lost is not None:
                 raise self._lost
             for task in batch:
@@ -149,7 +154,12 @@ class RunBook:
             if run is not None:
                 self.wait(run, timeout)
 
-        run = Run(RunFuture(wait))
+        def drop() -> None:
+            run = run_ref()
+            if run is not None:
+                self.cancel(run)
+
+        run = Run(RunFuture(wait, drop))
         run_ref = weakref.ref(run)
         with self._lock:
             if self._lost is not None:
@@ -161,12 +171,13 @@ class RunBook:
                       error: BaseException | None = None) -> None:
         """The orchestration returned ``value`` (or raised ``error``); the calling thread
         resolves the run at once if its tasks have all ended already."""
-        keep = returned_segments(value) if error is None else set()
-        for ref in run.scoped:
-            seg = ref()
-            if seg is not None and id(seg) not in keep:
-                self._store.release(seg)
-        run.scoped = []
+        if run.scoped:
+            keep = returned_segments(value) if error is None else set()
+            for ref in run.scoped:
+                seg = ref()
+                if seg is not None and id(seg) not in keep:
+                    self._store.release(seg)
+            run.scoped = []
         with self._lock:
             run.orch_done, run.value, run.error = True, value, error
             if run.outstanding == 0:
@@ -191,11 +202,17 @@ class RunBook:
         return run.finished
 
     def cancel(self, run: Run) -> None:
-        """Ask the broker to drop ``run``'s tasks that have not started."""
+        """Ask the broker (once) to drop ``run``'s tasks that have not started."""
         with self._lock:
+            if run.dropped or self._lost is not None:
+                return
+            run.dropped = True
             tasks = [task for task, record in self._tasks.items() if record.run is run]
-        if tasks and self._lost is None:
-            self._conn.send(P.Cancel(tasks))
+        if tasks:
+            try:
+                self._conn.send(P.Cancel(tasks))
+            except BrokerLost:
+                pass  # every run, this one too, fails with it (fail_all)
 
     def _finish(self, run: Run, unwaited: list[Run]) -> None:
         # Caller holds the lock. Runs nobody waits on go to the completion thread.
@@ -228,7 +245,8 @@ class RunBook:
                         failure.kernel = record.kernel
                     if run.outstanding == 0 and run.orch_done:
                         self._finish(run, unwaited)
-            self._room.notify_all()
+            if self._room_waiters:
+                self._room.notify_all()
         if unwaited:
             self._completions.put(unwaited)
 

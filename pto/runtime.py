@@ -194,12 +194,7 @@ class Runtime:
         if reg is None:
             raise KeyError(f"no orchestration registered as {name!r}; "
                            f"registered: {sorted(self._registry)}")
-        run = self._book.new_run()
-        # A weak reference: the run must not keep itself alive through its own future
-        # (a cycle would hold the run's returned handles until a cyclic collection).
-        run_ref = weakref.ref(run)
-        run.future.add_done_callback(
-            lambda f: f.cancelled() and (r := run_ref()) is not None and self._cancel(r))
+        run = self._book.new_run()  # its future's cancel() drops its tasks (pto/run.py)
         ctx = OrchContext(self._book, run, reg)
         try:
             value = reg.orch(ctx, args)
@@ -233,10 +228,6 @@ class Runtime:
             raise TimeoutError(f"run of {name!r} did not finish within {timeout:g}s; "
                                "its tasks not yet started were cancelled")
         return run.future.result()
-
-    def _cancel(self, run: Run) -> None:
-        if not self._closed:
-            self._book.cancel(run)
 
     def _host_kernel(self, fn: Callable[..., Any]) -> int:
         """The kernel id of a host sub-task function, registering it on first use."""
