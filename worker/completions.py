@@ -34,6 +34,7 @@ import zmq
 from pto import protocol as P
 from pto import shm
 from pto.ring import SEGMENT_BYTES, WORDS, outcome_in, ring_of, slot_value
+from pto.sockets import incoming
 
 log = logging.getLogger("pto.worker")
 
@@ -133,11 +134,7 @@ class Peers:
             pass
 
     def drain_pokes(self) -> None:
-        sock = self.wake
-        try:
-            while True:
-                sock.recv(zmq.NOBLOCK)
-        except zmq.Again:
+        for _ in incoming(self.wake):  # (asking first: no zmq.Again raised when empty)
             pass
 
     def close(self) -> None:
