@@ -4,6 +4,9 @@
 ``RunHost`` (the runtime's side, pto/runbook.py); the runbook marks it ``finished`` when its
 orchestration has returned and its last task has ended (or the broker is lost); then exactly
 one thread -- the one that ``claim``s it -- resolves its future (``resolve``), holding no lock.
+A run of ``rt.run`` has no future (nobody else can see it): its own thread claims it and
+takes its ``outcome``; a ``Future`` and its locks would cost that round trip about a quarter
+of the client's Python.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ class Run:
     rest change only under the runtime lock (pto/runbook.py).
     """
 
-    future: RunFuture
+    future: RunFuture | None = None  # None: rt.run's, whose thread takes ``outcome``
     value: Any = None
     error: BaseException | None = None  # the orchestration raised it
     copy_back: list[tuple[np.ndarray, TensorHandle]] = field(default_factory=list)
@@ -102,6 +105,8 @@ class Run:
     claimed: bool = False  # a thread has taken on resolving its future
     waiters: int = 0  # threads blocked on its result: one of them resolves it
     dropped: bool = False  # the broker was asked to drop its tasks (cancel, once)
+    abandoned: bool = False  # without a future: its rt.run gave up on it (timeout)
+    outcome: tuple[Any, BaseException | None] | None = None  # without a future, once resolved
 
     def claim(self) -> bool:
         """Under the runtime lock: True for the one caller that is to resolve the future."""
@@ -111,28 +116,39 @@ class Run:
         return False
 
     def resolve(self) -> None:
-        """Complete the future (after ``claim``, holding no lock: its callbacks run here)."""
+        """Complete the future, or set ``outcome`` of a run without one (after ``claim``,
+        holding no lock: the future's callbacks run here)."""
         future = self.future
-        if not future.set_running_or_notify_cancel():
-            # Cancelled: nobody gets the value, so its tensors must not outlive the run.
-            self.value = None
-            self.copy_back.clear()
-            self.array_handles.clear()
-            return
-        if self.lost is not None:
-            future.set_exception(self.lost)
-        elif self.error is not None:
-            future.set_exception(self.error)
-        elif self.failures:
-            future.set_exception(task_error(self.failures))
-        else:
-            try:
-                for array, handle in self.copy_back:
-                    array[...] = handle.numpy()
-            except BaseException as exc:
-                future.set_exception(exc)
+        if future is None:
+            if not self.abandoned:
+                self.outcome = self._outcome()
+                return
+        elif future.set_running_or_notify_cancel():
+            value, error = self._outcome()
+            if error is None:
+                future.set_result(value)
             else:
-                future.set_result(self.value)
+                future.set_exception(error)
+            return
+        # Cancelled or abandoned: nobody gets the value, so its tensors must not outlive it.
+        self.value = None
+        self.copy_back.clear()
+        self.array_handles.clear()
+
+    def _outcome(self) -> tuple[Any, BaseException | None]:
+        """(value, None) or (None, the error the run raises); copies arrays back."""
+        if self.lost is not None:
+            return None, self.lost
+        if self.error is not None:
+            return None, self.error
+        if self.failures:
+            return None, task_error(self.failures)
+        try:
+            for array, handle in self.copy_back:
+                array[...] = handle.numpy()
+        except BaseException as exc:
+            return None, exc
+        return self.value, None
 
 
 class RunHost(Protocol):

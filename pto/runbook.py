@@ -8,7 +8,8 @@ bookkeeping under the runtime lock, which it shares with the ``TensorStore``.
 When a run ends, its future is resolved by a thread that holds no lock and does not drive
 the result socket, so user code (done-callbacks, ``set_result`` side effects) can take
 its time or call ``rt.run``: a thread waiting for the run (``wait``: ``rt.run``,
-``future.result()``) resolves it itself; otherwise the completion thread does.
+``future.result()``) resolves it itself; otherwise the completion thread does. A run of
+``rt.run`` has no future: its thread always resolves it, unless it gave up (``abandon``).
 """
 
 from __future__ import annotations
@@ -146,21 +147,26 @@ class RunBook:
 
     # ---- a run's life ------------------------------------------------------------------
 
-    def new_run(self) -> Run:
-        # The future reaches its run only weakly: a cycle run -> future -> run would keep
-        # the run's returned handles (and their segments) until a cyclic collection.
-        def wait(timeout: float | None) -> None:
-            run = run_ref()
-            if run is not None:
-                self.wait(run, timeout)
+    def new_run(self, with_future: bool = True) -> Run:
+        """A new run; without a future, the calling thread must ``wait`` for it (and
+        ``abandon`` it if it stops waiting before the end)."""
+        run = Run()
+        if with_future:
+            # The future reaches its run only weakly: a cycle run -> future -> run would
+            # keep the run's returned handles (and their segments) until a cyclic collection.
+            run_ref = weakref.ref(run)
 
-        def drop() -> None:
-            run = run_ref()
-            if run is not None:
-                self.cancel(run)
+            def wait(timeout: float | None) -> None:
+                run = run_ref()
+                if run is not None:
+                    self.wait(run, timeout)
 
-        run = Run(RunFuture(wait, drop))
-        run_ref = weakref.ref(run)
+            def drop() -> None:
+                run = run_ref()
+                if run is not None:
+                    self.cancel(run)
+
+            run.future = RunFuture(wait, drop)
         with self._lock:
             if self._lost is not None:
                 raise self._lost
@@ -201,6 +207,21 @@ class RunBook:
             run.resolve()
         return run.finished
 
+    def abandon(self, run: Run) -> bool:
+        """The thread of a run without a future stops waiting for it: True if it has
+        finished after all (then this thread resolved it: ``run.outcome``); else its tasks
+        not started are dropped, and it ends unseen."""
+        with self._lock:
+            finished = run.finished
+            mine = run.claim()
+            if not finished:
+                run.abandoned = True
+        if mine:
+            run.resolve()
+        if not finished:
+            self.cancel(run)
+        return finished
+
     def cancel(self, run: Run) -> None:
         """Ask the broker (once) to drop ``run``'s tasks that have not started."""
         with self._lock:
@@ -215,12 +236,13 @@ class RunBook:
                 pass  # every run, this one too, fails with it (fail_all)
 
     def _finish(self, run: Run, unwaited: list[Run]) -> None:
-        # Caller holds the lock. Runs nobody waits on go to the completion thread.
+        # Caller holds the lock. Runs nobody waits on go to the completion thread, except
+        # one without a future, whose own thread claims it when it next looks (or abandons).
         if run.finished:
             return
         run.finished = True
         self._runs.discard(run)
-        if run.waiters == 0:
+        if run.waiters == 0 and (run.future is not None or run.abandoned):
             unwaited.append(run)
 
     # ---- from the connection's driver --------------------------------------------------

@@ -186,15 +186,17 @@ class Runtime:
         completion thread, never while a runtime lock is held: they may block or call
         ``rt.run``.
         """
-        return self._start(name, args).future
+        future = self._start(name, args, with_future=True).future
+        assert future is not None
+        return future
 
-    def _start(self, name: str, args: Any) -> Run:
+    def _start(self, name: str, args: Any, with_future: bool) -> Run:
         self._check_open()
         reg = self._registry.get(name)
         if reg is None:
             raise KeyError(f"no orchestration registered as {name!r}; "
                            f"registered: {sorted(self._registry)}")
-        run = self._book.new_run()  # its future's cancel() drops its tasks (pto/run.py)
+        run = self._book.new_run(with_future)  # a future's cancel() drops its tasks
         ctx = OrchContext(self._book, run, reg)
         try:
             value = reg.orch(ctx, args)
@@ -219,15 +221,20 @@ class Runtime:
         With ``progress=True``, a bar of tasks done/total is drawn on stderr. After
         ``timeout`` seconds the run is cancelled and ``TimeoutError`` raised.
         """
-        run = self._start(name, args)
+        run = self._start(name, args, with_future=False)  # nobody else sees it: no Future
         if progress:
             _show_progress(run, self._book.wait)
-        # This thread receives the results itself while it waits: one wake-up less.
-        if not self._book.wait(run, timeout) and not run.future.done():
-            run.future.cancel()
+        # This thread receives the results itself while it waits: one wake-up less; and it
+        # resolves the run (sets run.outcome), the one thread that may.
+        if not self._book.wait(run, timeout) and not self._book.abandon(run):
             raise TimeoutError(f"run of {name!r} did not finish within {timeout:g}s; "
                                "its tasks not yet started were cancelled")
-        return run.future.result()
+        assert run.outcome is not None
+        value, error = run.outcome
+        del run  # the error's traceback holds this frame: not the run and its tensors too
+        if error is not None:
+            raise error
+        return value
 
     def _host_kernel(self, fn: Callable[..., Any]) -> int:
         """The kernel id of a host sub-task function, registering it on first use."""

@@ -16,7 +16,7 @@ import pytest
 
 import pto
 
-from ._util import children
+from ._util import children, shm_path, wait_gone
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -89,17 +89,50 @@ def test_run_past_its_timeout_drops_its_tasks_not_started(rt):
     assert int(target.numpy()[0]) == -1, "a task of the timed-out run ran"
 
 
-def test_cancel_twice_then_the_runtime_serves_on(rt):
-    [target] = rt.run("ones", 1)
+def test_a_timed_out_run_that_ends_later_frees_what_it_returned(rt):
+    names: list[str] = []
+
+    def napping_named(ctx, seconds):
+        y = napping(ctx, seconds)
+        names.append(y.name)
+        return y
+
+    rt.register("nap_named", orch=napping_named, kernels=KERNELS)
+    with pytest.raises(TimeoutError):
+        rt.run("nap_named", 2.0, timeout=0.3)  # the started task runs on to its end
+    assert len(names) == 1
+    assert wait_gone([shm_path(names[0])], timeout=30) == [], (
+        "nobody can get the value of a run whose rt.run gave up: its tensors must go")
+    assert int(rt.run("nap", 0.0).numpy()[0]) == 1
+
+
+def test_rt_run_raises_what_the_orchestration_raised(rt):
+    class Mine(Exception):
+        pass
+
+    def failing(ctx, args):
+        napping(ctx, 0.0)
+        raise Mine("after one task")
+
+    rt.register("failing", orch=failing, kernels=KERNELS)
+    with pytest.raises(Mine, match="after one task"):
+        rt.run("failing")
+    with pytest.raises(Mine):
+        rt.submit("failing").result(timeout=30)
+
+
+def test_cancel_twice_drops_the_tasks_and_the_runtime_serves_on(rt):
+    [target, probe] = rt.run("ones", 2)
     f = rt.submit("gated", target)
     assert f.cancel() is True
     assert f.cancel() is True  # already cancelled: still True, as for any Future
     assert f.cancelled()
     with pytest.raises(cf.CancelledError):
         f.result(timeout=10)
-    rt.run("mark", (0, target, 3))  # after the 3 s task, which had started
-    rt.run("mark", (1, target, 5))
-    assert int(target.numpy()[0]) == 5
+    rt.run("mark", (0, probe, 3))  # as in the timeout test: chip 1's queue is past it
+    rt.run("mark", (1, probe, 5))
+    assert int(probe.numpy()[0]) == 5
+    assert int(target.numpy()[0]) == -1, "a task of the cancelled run ran"
 
 
 def test_cancel_after_the_end_changes_nothing(rt):
