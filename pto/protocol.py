@@ -248,7 +248,7 @@ class WorkerHello(Struct, tag=20):
     device: int
     pid: int
     status: str = ""  # shm segment: its status words and completion ring (worker.completions)
-    wake: str = ""  # endpoint of its wake-up socket: a peer pokes it when a task it waits for ends
+    wake: str = ""  # its wake-up pipe (worker.wakeup): poked when a task it waits for ends
 
 
 class PeerInfo(Struct):

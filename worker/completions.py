@@ -1,12 +1,12 @@
 """How a task learns, without a broker round trip, that a predecessor on another worker
-ended: each worker's completion ring, and wake-up sockets between workers.
+ended: each worker's completion ring, and wake-up pipes between workers.
 
     worker W (runs predecessor P, its task number k)   worker V (holds S, wait=[(W, k)])
     ------------------------------------------------   -------------------------------------
     runs P                                             S heads its queue: reads W's ring
     ring[k % RING_SLOTS] = outcome        ---- shm --> (mapped), P has not ended: V blocks
-    pokes V's wake socket (the broker     ---- zmq --> in one poll on its broker socket and
-      asked it to: Dispatch.watch)                     its wake socket; woken, reads again,
+    pokes V's wake-up pipe (the broker    --- pipe --> in one poll on its broker socket and
+      asked it to: Dispatch.watch)                     its wake-up pipe; woken, reads again,
     reports P to the broker as before                  runs S (or skips it: P failed)
 
 The broker's reports stay the source of truth for clients and traces; the ring only lets
@@ -15,12 +15,8 @@ S start early. The ring lives in the worker's status segment after its two statu
 task whose outcome is in the ring ended even if its report died with the worker, and a
 successor elsewhere may already have used its outputs.
 
-Why a ZeroMQ PULL socket for the wake-up: it waits in the same ``zmq.Poller`` as the
-broker socket, so a waiting worker still hears cancels, shutdowns and heartbeats (a futex
-cannot be polled together with a socket; an eventfd would need fd passing between
-unrelated processes). A poke carries no content: a forged one only makes a worker read a
-ring again, so the endpoint lives in Linux's abstract socket namespace (no file to leave
-behind after a SIGKILL).
+The wake-up is a byte down a pipe the waiting worker polls together with its broker
+socket (``worker.wakeup`` says why a pipe, with the measurement).
 """
 
 from __future__ import annotations
@@ -29,12 +25,12 @@ import logging
 import mmap
 
 import numpy as np
-import zmq
 
 from pto import protocol as P
 from pto import shm
 from pto.ring import SEGMENT_BYTES, WORDS, outcome_in, ring_of, slot_value
-from pto.sockets import incoming
+
+from .wakeup import WakeUp
 
 log = logging.getLogger("pto.worker")
 
@@ -63,25 +59,22 @@ class StatusBlock:
 
 
 class Peers:
-    """Other workers' rings (mapped once) and wake-up sockets, and this worker's own
-    wake-up socket. Peers are named by their broker-assigned uid."""
+    """Other workers' rings (mapped once) and wake-up pipes, this worker's own pipe, and
+    who waits for which of its tasks. Peers are named by their broker-assigned uid."""
 
-    def __init__(self, ctx: zmq.Context, own: StatusBlock):
+    def __init__(self, own: StatusBlock):
         self.own = own
-        self.wake = ctx.socket(zmq.PULL)
-        self.wake.setsockopt(zmq.LINGER, 0)
-        self.address = f"ipc://@pto-wake-{shm.new_owner()}"
-        self.wake.bind(self.address)
-        self._ctx = ctx
+        self._wakeup = WakeUp()
+        self.wake_fd = self._wakeup.fd  # for the worker's poller
+        self.address = self._wakeup.address
         self._rings: dict[int, np.ndarray | None] = {}  # None: its segment was gone
         self._maps: list[mmap.mmap] = []
-        self._wake_addresses: dict[int, str] = {}
-        self._pushers: dict[int, zmq.Socket] = {}
         self._watchers: dict[int, list[int]] = {}  # our task seq -> uids to poke when it ends
 
     def learn(self, peers: list[P.PeerInfo]) -> None:
         for peer in peers:
-            self._wake_addresses[peer.uid] = peer.wake
+            if peer.status != self.own.name:
+                self._wakeup.learn(peer.uid, peer.wake)
             if peer.status == self.own.name:
                 self._rings[peer.uid] = self.own.ring
                 continue
@@ -118,30 +111,13 @@ class Peers:
                 self.poke(uid)
 
     def poke(self, uid: int) -> None:
-        sock = self._pushers.get(uid)
-        if sock is None:
-            address = self._wake_addresses.get(uid)
-            if not address:
-                return
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 64)  # a full pipe means it has pokes to read already
-            sock.connect(address)
-            self._pushers[uid] = sock
-        try:
-            sock.send(b"", zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        self._wakeup.poke(uid)
 
     def drain_pokes(self) -> None:
-        for _ in incoming(self.wake):  # (asking first: no zmq.Again raised when empty)
-            pass
+        self._wakeup.drain()
 
     def close(self) -> None:
-        for sock in self._pushers.values():
-            sock.close(0)
-        self._pushers.clear()
-        self.wake.close(0)
+        self._wakeup.close()
         self._rings.clear()
         for mm in self._maps:
             try:

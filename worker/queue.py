@@ -61,12 +61,6 @@ class LocalQueue:
                 fifo = self._fifos.get(client, deque())
         return None
 
-    def any_ready(self, check: WaitCheck) -> bool:
-        """Whether some client's next task need not wait any more (it may run, or is to be
-        skipped): what a worker spinning on its peers' rings looks for."""
-        return any(not fifo[0].wait or check(fifo[0]) is not None
-                   for fifo in self._fifos.values())
-
     def take(self, keep: Callable[[P.WorkTask], bool]) -> list[P.WorkTask]:
         """Remove and return the tasks ``keep`` rejects, in each client's order."""
         taken: list[P.WorkTask] = []
