@@ -47,12 +47,12 @@ _OWNER = re.compile(r"^[0-9]+x[0-9a-f]{1,32}$")
 # Messages per socket per round: bounds a round's work (timers stay on time) and keeps one
 # busy socket from starving the other.
 _MAX_DRAIN = 32
-# Submitted tasks taken in per round at most (a round ends once past it): linking costs a
-# few microseconds a task, and what is ready is dispatched only at the end of the round,
-# so 32 full Submits (8k tasks) of one client's flood would hold another client's task
-# for tens of milliseconds. ZeroMQ's ROUTER takes its peers in turn, so the next round
-# starts with the other clients' messages.
-_LINK_BUDGET = 512
+# Tasks submitted, and tasks reported, taken in per round at most (a socket's drain ends
+# once past it): each costs microseconds, and what is ready is dispatched only at the end
+# of the round, so 32 full Submits or Reports (8k tasks) of one client's flood would hold
+# another client's task for tens of milliseconds. ZeroMQ's ROUTER takes its peers in
+# turn, so the next round starts with the other clients' messages.
+_TASK_BUDGET = 512
 _NO_WAIT: list[int] = []  # WorkTask.wait of most tasks (never mutated)
 
 
@@ -135,14 +135,17 @@ class Broker:
                 if self._wake_r.fileno() in ready or self._wake_r in ready:
                     self._drain_wakeups()
                 if self.frontend in ready:
-                    linked = 0
+                    tasks = 0
                     for identity, *frames in incoming(self.frontend, _MAX_DRAIN):
-                        linked += self._on_client_frames(identity, frames)
-                        if linked >= _LINK_BUDGET:
+                        tasks += self._on_client_frames(identity, frames)
+                        if tasks >= _TASK_BUDGET:
                             break
                 if self.backend in ready:
+                    tasks = 0
                     for identity, *frames in incoming(self.backend, _MAX_DRAIN):
-                        self._on_worker_frames(identity, frames)
+                        tasks += self._on_worker_frames(identity, frames)
+                        if tasks >= _TASK_BUDGET:
+                            break
                 self._dispatch()
                 self._send_results()
                 aborts, closes = self.sched.take_barrier_orders()
@@ -285,24 +288,27 @@ class Broker:
 
     # ---- workers ---------------------------------------------------------------------
 
-    def _on_worker_frames(self, identity: bytes, frames: list[bytes]) -> None:
+    def _on_worker_frames(self, identity: bytes, frames: list[bytes]) -> int:
+        """Handle one worker message; returns how many tasks it reported."""
         msg = self._decode(self.backend, identity, frames)
         if msg is None:
-            return
+            return 0
         worker = self.workers.get(identity)
         if worker is None:
             if isinstance(msg, P.WorkerHello):
                 self._on_worker_hello(identity, msg)
             else:
                 self._send(self.backend, identity, P.Error("unknown worker: send WorkerHello"))
-            return
+            return 0
         worker.last_seen = time.monotonic()
         if isinstance(msg, P.Report):
             worker.done += len(msg.done)
             worker.failed += len(msg.failed)
             self.sched.report(worker.device, msg.done, msg.failed, msg.times, msg.launches)
-        elif not isinstance(msg, P.Heartbeat):
+            return len(msg.done) + len(msg.failed)
+        if not isinstance(msg, P.Heartbeat):
             self._send(self.backend, identity, P.Error(f"unexpected {type(msg).__name__}"))
+        return 0
 
     def _on_worker_hello(self, identity: bytes, msg: P.WorkerHello) -> None:
         if msg.device in self.worker_by_device:
