@@ -122,11 +122,10 @@ class Worker:
 
     def _idle_poll(self) -> bool:
         """Report, then sleep until a message or a poke comes; False if the broker socket
-        surely has nothing to read. With the head of the queue
-        waiting for a peer, what finished is reported at most ``_REPORT_AFTER`` late: the
-        tasks that wait for it are already here or elsewhere on their workers, and on a
-        chain across chips a report per task would keep the broker and the client busy on
-        the cores the chain needs."""
+        surely has nothing to read. While tasks here wait for peers, what finished is
+        reported at most ``_REPORT_AFTER`` late: the tasks that wait for it are already
+        on their workers, and on a chain across chips a report per task would keep the
+        broker and the client busy on the cores the chain needs."""
         timeout_ms = int(self.heartbeat * 1000)
         if self.queue and (self.done or self.failed) and (
                 time.monotonic() - self.last_report < _REPORT_AFTER):
