@@ -79,7 +79,7 @@ class WorkerPeer:
     gone: list[int] = field(default_factory=list)  # clients whose state to drop
     cancels: list[int] = field(default_factory=list)  # gids of queued tasks to drop
     status: WorkerStatus = field(default_factory=lambda: WorkerStatus(""))
-    wake: str = ""  # its wake-up endpoint (worker.completions)
+    wake: str = ""  # its wake-up pipe's endpoint (worker.wakeup)
     uid: int = 0  # the scheduler's name for it in tasks' waits
     peers: set[int] = field(default_factory=set)  # uids of the workers it has been told of
     watch: list[int] = field(default_factory=list)  # Dispatch.watch pairs to send

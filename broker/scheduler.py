@@ -288,7 +288,7 @@ class Scheduler:
                             send_waiting(task, slot, self._out)
                         out.append((slot.worker, task, 0, 0, task.seq))
                         if task.dependents:
-                            for dep in no_longer_waiting(task):
+                            for dep in no_longer_waiting(task, same_chip=False):
                                 self._ready_now(dep)
                                 progress = True  # a task on another chip became READY
                         continue
@@ -419,14 +419,7 @@ class Scheduler:
             self._move(task, READY)
             for chip in task.chips:
                 self._ready[chip].append(task)
-            # Successors on the same chip may now queue right behind it.
-            for dep in task.dependents:
-                if dep.state == PENDING and dep.chip == task.chip and waits_on_worker(dep, task):
-                    dep.after = dep.after or []
-                    dep.after.append(task)
-                    dep.waiting -= 1
-                    if dep.waiting == 0:
-                        todo.append(dep)
+            todo.extend(no_longer_waiting(task, same_chip=True))
 
     def _member_left(self, task: Task, failure: tuple[str, bool, bool] | None = None) -> None:
         """One member of ``task`` reported (or its worker died: ``failure`` says why,

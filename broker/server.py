@@ -18,6 +18,7 @@ import re
 import signal
 import socket
 import time
+from collections.abc import Callable
 
 import msgspec
 import zmq
@@ -135,17 +136,9 @@ class Broker:
                 if self._wake_r.fileno() in ready or self._wake_r in ready:
                     self._drain_wakeups()
                 if self.frontend in ready:
-                    tasks = 0
-                    for identity, *frames in incoming(self.frontend, _MAX_DRAIN):
-                        tasks += self._on_client_frames(identity, frames)
-                        if tasks >= _TASK_BUDGET:
-                            break
+                    self._take_in(self.frontend, self._on_client_frames)
                 if self.backend in ready:
-                    tasks = 0
-                    for identity, *frames in incoming(self.backend, _MAX_DRAIN):
-                        tasks += self._on_worker_frames(identity, frames)
-                        if tasks >= _TASK_BUDGET:
-                            break
+                    self._take_in(self.backend, self._on_worker_frames)
                 self._dispatch()
                 self._send_results()
                 aborts, closes = self.sched.take_barrier_orders()
@@ -153,6 +146,16 @@ class Broker:
                     self.barriers.apply(aborts, closes)
         finally:
             self._shutdown()
+
+    @staticmethod
+    def _take_in(sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], int]) -> None:
+        """Handle what ``sock`` holds, within a round's message and task budgets
+        (``handle`` returns the tasks a message submitted or reported)."""
+        tasks = 0
+        for identity, *frames in incoming(sock, _MAX_DRAIN):
+            tasks += handle(identity, frames)
+            if tasks >= _TASK_BUDGET:
+                break
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.info("signal %d: shutting down", signum)

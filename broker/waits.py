@@ -78,13 +78,15 @@ def send_waiting(task: Task, slot: WorkerSlot, out: Outbox) -> None:
     task.after = [pred for pred in task.after or () if pred.state == DISPATCHED] or None
 
 
-def no_longer_waiting(task: Task) -> list[Task]:
-    """``task`` was dispatched: its PENDING dependents on other chips need no longer wait
-    for it in the broker. Returns those that wait for nothing else there now."""
+def no_longer_waiting(task: Task, same_chip: bool) -> list[Task]:
+    """``task`` became READY (``same_chip``: its PENDING dependents on its own chip may now
+    queue behind it) or was dispatched (those on other chips may now wait for it on their
+    workers): they need no longer wait for it in the broker. Returns those that wait for
+    nothing else there now."""
     free = []
     for dep in task.dependents:
-        if (dep.state == PENDING and dep.chip != task.chip and waits_on_worker(dep, task)
-                and task not in (dep.after or ())):
+        if (dep.state == PENDING and (dep.chip == task.chip) == same_chip
+                and waits_on_worker(dep, task) and task not in (dep.after or ())):
             dep.after = dep.after or []
             dep.after.append(task)
             dep.waiting -= 1

@@ -73,11 +73,10 @@ class Peers:
 
     def learn(self, peers: list[P.PeerInfo]) -> None:
         for peer in peers:
-            if peer.status != self.own.name:
-                self._wakeup.learn(peer.uid, peer.wake)
             if peer.status == self.own.name:
                 self._rings[peer.uid] = self.own.ring
                 continue
+            self._wakeup.learn(peer.uid, peer.wake)
             try:
                 mm = shm.open_existing(peer.status)
             except Exception:  # noqa: BLE001 - it died (and was swept) before we looked
