@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import pto
-from pto.simlib import default_cores
+from pto.chip.simlib import default_cores
 
 HERE = Path(__file__).resolve().parent
 MATMUL_C = HERE.parent / "examples" / "matmul" / "kernels" / "matmul.c"

@@ -8,9 +8,9 @@ import logging
 import os
 import sys
 
-from pto import config
-from pto import protocol as P
-from pto.procs import parent_gone, runtime_dir, setup_logging
+from pto.wire import config
+from pto.wire import protocol as P
+from pto.wire.procs import parent_gone, runtime_dir, setup_logging
 
 from .server import Broker
 

@@ -1,4 +1,4 @@
-"""The group barriers (``pto.barrier``) of the tasks a broker dispatches as groups.
+"""The group barriers (``pto.wire.barrier``) of the tasks a broker dispatches as groups.
 
 The scheduler decides when a group's barrier opens (at dispatch), is aborted (a member
 failed, or its worker died) and goes (every member is done with it); this module only
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pto import shm
-from pto.barrier import GroupBarrier
+from pto.wire import shm
+from pto.wire.barrier import GroupBarrier
 
 
 class Barriers:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pto.args import ParamType
-from pto.protocol import ArgSpec, Failure, unpack_args
+from pto.wire.args import ParamType
+from pto.wire.protocol import ArgSpec, Failure, unpack_args
 
 from .task import DONE, FAILED, Task
 

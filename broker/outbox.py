@@ -6,7 +6,7 @@ queued tasks to drop and the tasks other workers wait for (``Dispatch.cancel``,
 
 from __future__ import annotations
 
-from pto.protocol import Failure, TaskTime
+from pto.wire.protocol import Failure, TaskTime
 
 # per client: (task ids done, failures, task times)
 Results = dict[int, tuple[list[int], list[Failure], list[TaskTime]]]

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pto import protocol as P
-from pto import shm
-from pto.ring import outcome_in, ring_of
-from pto.sockets import HOST_QUEUE
+from pto.wire import protocol as P
+from pto.wire import shm
+from pto.wire.chips import HOST_QUEUE
+from pto.wire.ring import outcome_in, ring_of
 
 
 @dataclass
@@ -30,7 +30,7 @@ class ClientPeer:
 
 class WorkerStatus:
     """A worker's status segment ([running task, last finished task], then its completion
-    ring: ``pto.ring``), mapped when the worker connects: a janitor that unlinks the name
+    ring: ``pto.wire.ring``), mapped when the worker connects: a janitor that unlinks the name
     after the worker died cannot hide what it was doing."""
 
     def __init__(self, name: str):
@@ -65,7 +65,7 @@ class WorkerStatus:
 @dataclass
 class WorkerPeer:
     """A connected worker: a chip's (device >= 0), or a host worker's
-    (``pto.sockets.host_chip(k)``). What it holds is the scheduler's (``in_flight``)."""
+    (``pto.wire.chips.host_chip(k)``). What it holds is the scheduler's (``in_flight``)."""
 
     identity: bytes
     device: int

@@ -29,8 +29,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from pto.errors import ProtocolError
-from pto.protocol import (
+from pto.wire.errors import ProtocolError
+from pto.wire.protocol import (
     SKIPPED,
     Failure,
     LaunchTime,
@@ -106,7 +106,7 @@ class Scheduler:
         return self._kernel_names.get((task.client, task.kernel), f"#{task.kernel}")
 
     def add_worker(self, worker: int, queue: int, limit: int) -> int:
-        """A worker (its chip, or ``pto.sockets.host_chip(k)``) takes tasks from ``queue``,
+        """A worker (its chip, or ``pto.wire.chips.host_chip(k)``) takes tasks from ``queue``,
         at most ``limit`` in flight. Returns its uid (what tasks waiting for its tasks name
         it by)."""
         if worker in self._workers:

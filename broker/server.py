@@ -23,12 +23,12 @@ from collections.abc import Callable
 import msgspec
 import zmq
 
-from pto import protocol as P
-from pto import shm
-from pto.errors import ProtocolError
-from pto.procs import SpinPoll, parent_gone, worker_address
-from pto.sockets import (
-    HOST_QUEUE,
+from pto.wire import protocol as P
+from pto.wire import shm
+from pto.wire.chips import HOST_QUEUE
+from pto.wire.errors import ProtocolError
+from pto.wire.procs import SpinPoll, parent_gone, worker_address
+from pto.wire.sockets import (
     bind_routers,
     incoming,
     remove_endpoint,
@@ -72,10 +72,10 @@ class Broker:
         curve: str | None = None,
         spin_seconds: float = 0.0,
     ):
-        """Serve clients at ``address`` (workers at ``pto.procs.worker_address``); with
+        """Serve clients at ``address`` (workers at ``pto.wire.procs.worker_address``); with
         ``spawn_workers``, run a worker per chip in ``devices`` and ``host_workers`` host
         workers. ``credit``: tasks in flight per chip worker; ``spin_seconds``: see
-        ``pto.procs.SpinPoll``."""
+        ``pto.wire.procs.SpinPoll``."""
         if not 1 <= credit <= P.MAX_CREDIT:
             raise ValueError(f"credit must be in 1..{P.MAX_CREDIT}, not {credit}")
         self.address = address

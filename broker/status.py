@@ -8,8 +8,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from pto import shm
-from pto.sockets import HOST_QUEUE
+from pto.wire import shm
+from pto.wire.chips import HOST_QUEUE
 
 from .peers import ClientPeer, WorkerPeer
 from .scheduler import Scheduler

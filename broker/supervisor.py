@@ -17,8 +17,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pto import shm
-from pto.sockets import child_env, chip_label, host_chip, host_index
+from pto.wire import shm
+from pto.wire.chips import chip_label, host_chip, host_index
+from pto.wire.sockets import child_env
 
 log = logging.getLogger("pto.broker")
 

@@ -21,8 +21,8 @@ from collections.abc import Collection
 from enum import IntEnum
 from typing import Any
 
-from pto.protocol import Failure, PackedTaskSpec, TaskSpec, pack_args
-from pto.sockets import HOST_QUEUE
+from pto.wire.chips import HOST_QUEUE
+from pto.wire.protocol import Failure, PackedTaskSpec, TaskSpec, pack_args
 
 
 class State(IntEnum):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pto.protocol import RING_SLOTS
+from pto.wire.protocol import RING_SLOTS
 
 from .outbox import Outbox
 from .task import DISPATCHED, DONE, PENDING, Task, waits_on_worker

@@ -15,10 +15,9 @@
 [2. 2. 2.]
 """
 
-from . import types as types  # the original's module: pto.types.Arg is pto.Arg
-from .args import Arg, ParamType
-from .compiler import CompiledPackage, KernelRef, compile, include_dir
-from .errors import (
+from .runtime import Runtime
+from .wire.args import Arg, ParamType
+from .wire.errors import (
     BrokerLost,
     CompileError,
     HostLost,
@@ -29,30 +28,40 @@ from .errors import (
     TensorFreed,
     WorkerLost,
 )
-from .runtime import OrchContext, Runtime
-from .status import status
-from .taskinfo import TaskInfo, task
-from .tensor import TensorHandle
+from .wire.taskinfo import TaskInfo, task
 
 __version__ = "0.1.0"
 
+# Names from the levels load on first use: ``import pto`` (and so every broker and worker,
+# which import ``pto.wire``) loads neither the compiler, nor the client, nor Ray.
+_LAZY = {
+    "compile": "pto.chip.compiler", "include_dir": "pto.chip.compiler",
+    "CompiledPackage": "pto.chip.package", "KernelRef": "pto.chip.package",
+    "OrchContext": "pto.host.orchestration", "TensorHandle": "pto.host.tensor",
+    "status": "pto.tools.status", "Ref": "pto.cluster.refs", "LocalCluster": "pto.cluster.local",
+}
+
 
 def __getattr__(name: str) -> object:
-    # L4 names load on first use: ``import pto`` must not import Ray.
-    if name == "Ref":
-        from .cluster.refs import Ref
+    import importlib
 
-        return Ref
-    if name == "LocalCluster":
-        from .cluster.local import LocalCluster
+    if name == "types":  # the original's module: pto.types.Arg is pto.Arg
+        return importlib.import_module("pto.types")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pto' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return LocalCluster
-    raise AttributeError(f"module 'pto' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | {"types"})
 
 
 __all__ = [
     "Arg", "ParamType", "Runtime", "OrchContext", "TensorHandle", "TaskInfo", "task",
     "PtoError", "TaskError", "WorkerLost", "BrokerLost", "HostLost", "TensorFreed", "OutOfMemory",
     "ProtocolError", "CompileError", "compile", "include_dir", "CompiledPackage", "KernelRef",
-    "status", "Ref", "LocalCluster",
+    "status", "Ref", "LocalCluster", "types",
 ]

@@ -7,8 +7,8 @@
 True
 """
 
-from .args import Arg, ParamType
-from .package import CompiledPackage
-from .tensor import TensorHandle
+from .chip.package import CompiledPackage
+from .host.tensor import TensorHandle
+from .wire.args import Arg, ParamType
 
 __all__ = ["Arg", "TensorHandle", "CompiledPackage", "ParamType"]

@@ -7,10 +7,10 @@ import gc
 import signal
 import sys
 
-from pto import config
-from pto import protocol as P
-from pto.procs import die_with_parent, setup_logging
-from pto.sockets import host_chip
+from pto.wire import config
+from pto.wire import protocol as P
+from pto.wire.chips import host_chip
+from pto.wire.procs import die_with_parent, setup_logging
 
 from .loop import Worker
 

@@ -26,9 +26,9 @@ import mmap
 
 import numpy as np
 
-from pto import protocol as P
-from pto import shm
-from pto.ring import SEGMENT_BYTES, WORDS, outcome_in, ring_of, slot_value
+from pto.wire import protocol as P
+from pto.wire import shm
+from pto.wire.ring import SEGMENT_BYTES, WORDS, outcome_in, ring_of, slot_value
 
 from .wakeup import WakeUp
 

@@ -6,7 +6,7 @@ arguments in order (zero-copy numpy views of shared memory, inputs read-only, an
 scalars) and ``kinds`` their ``pto.ParamType`` values. Kinds:
 
 - ``"py"``: the blob is a cloudpickled Python callable, called as ``fn(*values)``.
-- ``"sim"``: the blob names a compiled package and one kernel symbol (``pto.package``).
+- ``"sim"``: the blob names a compiled package and one kernel symbol (``pto.chip.package``).
 - ``"sim-orch"``: the blob names a compiled package whose C orchestration the task runs
   (it launches the package's kernels itself).
 """
@@ -29,11 +29,11 @@ def load_kernel(kind: str, name: str, blob: bytes) -> Kernel:
         return lambda values, kinds: fn(*values)
     # Imported only where C code runs: workers of pure-Python clients never load ctypes.
     if kind == "sim":
-        from pto.package import load_sim_kernel
+        from pto.chip.runner import load_sim_kernel
 
         return load_sim_kernel(name, blob)
     if kind == "sim-orch":
-        from pto.package import load_sim_orch
+        from pto.chip.runner import load_sim_orch
 
         return load_sim_orch(name, blob)
     raise ValueError(f"kernel {name!r} has unknown kind {kind!r}")

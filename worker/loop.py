@@ -33,14 +33,15 @@ import numpy as np
 import posix_ipc
 import zmq
 
-from pto import protocol as P
-from pto import shm
-from pto.args import ParamType
-from pto.barrier import BarrierAborted, GroupBarrier
-from pto.dtypes import CODE_DTYPES
-from pto.procs import SpinPoll, parent_gone, worker_address
-from pto.sockets import chip_label, connect, incoming, send_frames
-from pto.taskinfo import TaskInfo, set_current
+from pto.wire import protocol as P
+from pto.wire import shm
+from pto.wire.args import ParamType
+from pto.wire.barrier import BarrierAborted, GroupBarrier
+from pto.wire.chips import chip_label
+from pto.wire.dtypes import CODE_DTYPES
+from pto.wire.procs import SpinPoll, parent_gone, worker_address
+from pto.wire.sockets import connect, incoming, send_frames
+from pto.wire.taskinfo import TaskInfo, set_current
 
 from .completions import Peers, StatusBlock
 from .kernels import Kernel, load_kernel
@@ -57,8 +58,8 @@ class Worker:
                  liveness: int = P.LIVENESS,
                  parent_pid: int | None = None, curve: str | None = None,
                  spin_seconds: float = 0.0):
-        """Serve ``device`` (a chip, or ``pto.sockets.host_chip(k)``) for the broker whose
-        client address is ``broker``; ``spin_seconds``: see ``pto.procs.SpinPoll``."""
+        """Serve ``device`` (a chip, or ``pto.wire.chips.host_chip(k)``) for the broker whose
+        client address is ``broker``; ``spin_seconds``: see ``pto.wire.procs.SpinPoll``."""
         self.device = device
         self.heartbeat = heartbeat
         self.liveness = liveness
@@ -322,7 +323,7 @@ class Worker:
         return True
 
     def _note_launches(self, task: P.WorkTask, fn: Kernel) -> None:
-        """A compiled orchestration's launches, for the trace (pto.simtasks.Orchestration)."""
+        """A compiled orchestration's launches, for the trace (pto.chip.simtasks.Orchestration)."""
         spans = getattr(fn, "last_launches", None)
         if spans:
             self.launches.append((task.task, task.rank, [

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from pto import protocol as P
+from pto.wire import protocol as P
 
 # What a task's waits say: True, it may run; False, a predecessor failed; None, not yet.
 WaitCheck = Callable[[P.WorkTask], bool | None]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import HostLost, TaskError
+from ..wire.errors import HostLost, TaskError
 
 
 class HostTaskError(TaskError):

@@ -34,8 +34,8 @@ from typing import Any
 import cloudpickle
 import ray
 
-from ..errors import BrokerLost, TaskError
-from ..tensor import TensorHandle
+from ..host.tensor import TensorHandle
+from ..wire.errors import BrokerLost, TaskError
 from .errors import HostLostError, HostTaskError
 from .refs import TensorDesc, fill, instances_in, map_instances
 from .shipping import unpack_registration
@@ -85,14 +85,14 @@ class HostActor:
     """Owns host ``host``'s L3 runtime (``chips`` chips) and the tensors its runs returned."""
 
     def __init__(self, host: int, chips: int, session: str, timeout: float, trace: bool):
-        from ..runtime import Runtime
+        from ..host.runtime import HostRuntime
 
         self.host = host
         self.session = session
         self._lock = threading.Lock()
         self._trace_dir = tempfile.mkdtemp(prefix=f"pto-trace-h{host}-") if trace else None
         l3_trace = os.path.join(self._trace_dir, "l3.json") if self._trace_dir else None
-        self._new_l3 = lambda: Runtime(level="host", devices=list(range(chips)),
+        self._new_l3 = lambda: HostRuntime(devices=list(range(chips)),
                                        timeout=timeout, trace=l3_trace)
         self.rt = self._new_l3()
         ctx = ray.get_runtime_context()

@@ -27,7 +27,7 @@ from types import TracebackType
 
 import psutil
 
-from .. import shm
+from ..wire import shm
 
 HOST_LABEL = "pto.host"      # node label naming a host's index (the runtime orders hosts by it)
 CHIPS_RESOURCE = "pto_chips"  # a node advertising it is a host; its value is the chip count
@@ -72,6 +72,7 @@ class LocalCluster:
         self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
         from ray.cluster_utils import Cluster  # imported here: `import pto` must not import ray
 
+        _make_ray_address_dir()
         try:
             self._ray = Cluster(initialize_head=False, shutdown_at_exit=True)
             # The head: the GCS, Ray's state API server (no dashboard UI), no autoscaler.
@@ -253,6 +254,17 @@ def _disconnect_driver(address: str | None) -> None:
         gcs = ray.get_runtime_context().gcs_address
         if gcs == address:
             ray.shutdown()
+
+
+def _make_ray_address_dir() -> None:
+    """Ray's test cluster writes the head's address into its default temp dir (/tmp/ray)
+    even when every node has its own ``temp_dir``; on a machine where Ray never ran that
+    folder is missing and the head fails to start."""
+    try:
+        from ray._private.utils import get_ray_address_file
+    except ImportError:  # a private helper: if it moved, Ray makes the folder itself
+        return
+    os.makedirs(os.path.dirname(get_ray_address_file(None)), exist_ok=True)
 
 
 def _forget_ray_address(address: str | None) -> None:

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import PtoError
+from ..wire.errors import PtoError
 from .host import CONTROL, CONTROL_THREADS, NAMESPACE, HostActor, actor_name
 
 INDEX_RESOURCE = "pto_host_index_"

@@ -20,19 +20,18 @@ may run on any thread, so they never call Ray themselves).
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
 import pickle
 import secrets
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import PtoError
+from ..base import RuntimeBase, check_timeout
+from ..wire.errors import PtoError
 from . import placement
 from .context import ClusterContext, check_host
 from .errors import HostLostError, first_failure, from_ray
@@ -67,7 +66,7 @@ class _L4Run:
     error: BaseException | None = None  # what it raised
 
 
-class ClusterRuntime:
+class ClusterRuntime(RuntimeBase):
     """L4: runs L3 entries on the hosts of a Ray cluster (one host actor per node).
 
     >>> with pto.Runtime(level="cluster", cluster=lc.address) as rt:
@@ -76,19 +75,19 @@ class ClusterRuntime:
     ...     total = rt.run("scatter", args=np.arange(1000.0))
     """
 
+    level = "cluster"
+
     def __init__(self, cluster: str | None = None, devices: list[int] | None = None,
                  timeout: float = 60.0, trace: str | None = None, retries: int = 1,
                  platform: str = "sim"):
         if platform != "sim":
             raise ValueError(f"platform {platform!r} needs Ascend hardware; use 'sim'")
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        timeout = check_timeout(timeout)
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ValueError(f"retries must be an int >= 0, not {retries!r}")
         if cluster is not None and (not isinstance(cluster, str) or not cluster):
             raise ValueError(f"cluster must be a Ray address string, not {cluster!r}")
         local_chips = len(list(devices)) if devices is not None else 1
-        self._closed = True
         self._token = object()  # Refs made by this runtime point at it
         self._session = secrets.token_hex(4)
         self._timeout = float(timeout)
@@ -114,8 +113,7 @@ class ClusterRuntime:
         self._run_ids = itertools.count(1)
         self._finisher = ThreadPoolExecutor(8, thread_name_prefix="pto-l4-finish")
         self._releaser = Releaser(self._actors)
-        self._closed = False
-        atexit.register(_close_at_exit, weakref.ref(self))
+        self._opened()
 
     # ---- hosts -------------------------------------------------------------------------
 
@@ -183,8 +181,8 @@ class ClusterRuntime:
         Refs. Raises ``pto.TaskError`` (naming the host) or ``pto.HostLost``; after
         ``timeout`` seconds the run's L3 runs not yet finished are cancelled and
         ``TimeoutError`` raised."""
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if timeout is not None:
+            check_timeout(timeout)
         run = self._start(name, args)
         deadline = None if timeout is None else time.monotonic() + timeout
         self._finish(run, deadline)  # in this thread: one hand-off less
@@ -349,10 +347,6 @@ class ClusterRuntime:
 
     # ---- life --------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise PtoError("the runtime is closed")
-
     def close(self) -> None:
         """Fail runs in flight, write the trace, stop every host actor (its L3 runtime)."""
         import ray
@@ -383,18 +377,6 @@ class ClusterRuntime:
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
 
-    def __enter__(self) -> ClusterRuntime:
-        return self
+    def _describe(self) -> str:
+        return f"hosts={self.hosts}"
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else f"hosts={self.hosts}"
-        return f"<pto.Runtime cluster {state}>"
-
-
-def _close_at_exit(ref: weakref.ref) -> None:
-    rt = ref()
-    if rt is not None:
-        rt.close()

@@ -1,6 +1,6 @@
 """Shipping an L3 entry (orchestration + kernels) from the driver to every host.
 
-Callables travel by value (``pto.pickling``: a test module or script need not be importable
+Callables travel by value (``pto.wire.pickling``: a test module or script need not be importable
 on the hosts). A compiled package travels as its shared library's bytes: a host on another
 machine has no file at the driver's path, so it writes the bytes into its own cache
 directory (named by the package's SHA-256) and registers a package pointing there.
@@ -15,8 +15,8 @@ from typing import Any
 
 import cloudpickle
 
-from ..compiler import CompiledPackage, KernelRef
-from ..pickling import pickle_by_value
+from ..chip.compiler import CompiledPackage, KernelRef
+from ..wire.pickling import pickle_by_value
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _by_value(what: str, fn: Callable[..., Any]) -> bytes:
 def _library_path(item: _ShippedKernel) -> str:
     """The package's library on this host: written once into our cache (its name is the
     package's cache key, so an existing file holds these bytes)."""
-    from ..procs import runtime_dir
+    from ..wire.procs import runtime_dir
 
     folder = os.path.join(runtime_dir(), "cluster-packages")
     os.makedirs(folder, mode=0o700, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..errors import PtoError
+from ..wire.errors import PtoError
 from .host import NAMESPACE
 from .placement import pto_nodes
 

@@ -3,7 +3,7 @@
 Layout: process 0 is the driver (a track of L4 runs, one of L3 submits); process
 ``h + 1`` is host ``h``, holding an "L3 runs" track, a "transfers in" track (each
 cross-host fetch: source host, bytes, time in Ray, time of the copy into shm) and that
-host's per-chip tracks exactly as its L3 runtime traced them (pto/trace.py). Runs and
+host's per-chip tracks exactly as its L3 runtime traced them (pto/host/trace.py). Runs and
 transfers overlap, so they are async slices (``b``/``e``). Each host's times are its
 ``time.monotonic()`` shifted to wall-clock time with the offset it reports; everything is
 then relative to the first event.

@@ -288,7 +288,7 @@ def test_started_inout_task_is_not_rerun_when_a_janitor_took_the_dead_workers_st
     try:
         kill9(worker.pid)
         assert wait_until(lambda: worker.status() == psutil.STATUS_ZOMBIE, 5, 0.005)
-        pto.shm.reap_dead_owners()  # what another pto process does when it starts or closes
+        pto.wire.shm.reap_dead_owners()  # what another pto process does when it starts or closes
     finally:
         broker.resume()
     try:

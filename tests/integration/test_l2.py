@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import pto
-from pto.dtypes import bfloat16
+from pto.wire.dtypes import bfloat16
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,7 +95,7 @@ def bf16_to_float(b: np.ndarray) -> np.ndarray:
 
 
 def test_runtime_level_chip_is_the_chip_runtime():
-    from pto.chip import ChipRuntime
+    from pto.chip.runtime import ChipRuntime
 
     with pto.Runtime(level="chip", platform="sim", device=0) as rt:
         assert isinstance(rt, ChipRuntime)

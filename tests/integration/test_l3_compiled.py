@@ -212,4 +212,4 @@ def test_missing_package_file_fails_the_task(rt1, tmp_path, monkeypatch):
     with pytest.raises(pto.TaskError, match="not found") as ei:
         rt1.run("l3c_lonely", args=None)
     assert ei.value.kernel == "lonely"
-    assert json.loads(pto.compiler.kernel_registration("lonely", pkg)[1])["path"] == pkg.path
+    assert json.loads(pto.chip.compiler.kernel_registration("lonely", pkg)[1])["path"] == pkg.path

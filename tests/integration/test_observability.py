@@ -515,7 +515,7 @@ def script(name: str) -> str | None:
 
 def test_console_scripts_are_declared_and_pto_broker_serves(tmp_path):
     scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts")}
-    assert scripts.get("pto") == "pto.cli:main"
+    assert scripts.get("pto") == "pto.tools.cli:main"
     assert scripts.get("pto-broker") == "broker.__main__:main"
     helped = pto_cmd("--help")
     assert helped.returncode == 0

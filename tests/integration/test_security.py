@@ -13,9 +13,9 @@ import pytest
 import zmq
 
 import pto
-from pto import protocol as P
-from pto.procs import runtime_dir, worker_address
-from pto.security import keygen
+from pto.wire import protocol as P
+from pto.wire.procs import runtime_dir, worker_address
+from pto.wire.security import keygen
 
 from ._util import read_line, stop_process
 

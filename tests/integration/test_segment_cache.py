@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import pto
-import pto.tensor
+import pto.host.tensor
 
 from ._util import REPO, read_line, shm_path, stop_process, wait_until
 

@@ -259,7 +259,7 @@ def test_reap_pid_removes_what_a_dead_child_left_and_nothing_else():
     import subprocess
     import sys
 
-    from pto import shm
+    from pto.wire import shm
 
     code = ("import os; from pto import shm; "
             "n = shm.segment_name(shm.new_owner(), 'status'); shm.create(n, 16); "

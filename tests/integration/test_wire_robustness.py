@@ -16,8 +16,8 @@ import pytest
 import zmq
 
 import pto
-from pto import protocol as P
-from pto.procs import worker_address
+from pto.wire import protocol as P
+from pto.wire.procs import worker_address
 
 from ._util import REPO, read_line, stop_process
 
@@ -167,13 +167,13 @@ def test_bad_worker_frames_pickled_are_refused(broker, raw):
 
 # ---- every frame of a real run, as the broker saw it ---------------------------------------
 
-# Runs ``python -m broker`` with pto.protocol's encode and decode wrapped to record every
+# Runs ``python -m broker`` with pto.wire.protocol's encode and decode wrapped to record every
 # frame the broker sends and receives (clients' and workers'), written out at exit.
 RECORDING_BROKER = textwrap.dedent(
     """
     import atexit, sys
     import msgspec
-    from pto import protocol as P
+    from pto.wire import protocol as P
 
     seen = []
     encode, decode = P.encode, P.decode

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pto import cli
+from pto.tools import cli
 
 
 def x(task, kernel, tid, ts, dur, deps=(), submit=0.0, failure=None, rank=0, world=1):

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import pto
-from pto.args import ParamType
-from pto.compiler import kernel_registration, load_sim_kernel
-from pto.dtypes import DTYPE_CODES, bfloat16
-from pto.package import load_sim_orch
+from pto.chip.compiler import kernel_registration
+from pto.chip.runner import load_sim_kernel, load_sim_orch
+from pto.wire.args import ParamType
+from pto.wire.dtypes import DTYPE_CODES, bfloat16
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -150,7 +150,7 @@ def test_header_found_through_an_include_flag_is_part_of_the_key(cache, src, tmp
 
 
 def test_cache_misses_when_pto_kernel_h_changes(cache, src, tmp_path, monkeypatch):
-    from pto import compiler
+    from pto.chip import compiler
 
     include = tmp_path / "include"
     include.mkdir()
@@ -384,7 +384,7 @@ def test_header_constants_match_python():
         assert consts[f"PTO_{kind.name}"] == int(kind)
     for dtype, code in DTYPE_CODES.items():
         assert consts[f"PTO_{dtype.name.upper()}"] == code, dtype
-    assert consts["PTO_BFLOAT16"] == pto.dtypes.dtype_code(bfloat16) == 11
+    assert consts["PTO_BFLOAT16"] == pto.wire.dtypes.dtype_code(bfloat16) == 11
 
 
 def test_header_compiles_standalone_as_strict_c_and_cxx(tmp_path):
@@ -399,5 +399,6 @@ def test_header_compiles_standalone_as_strict_c_and_cxx(tmp_path):
 
 def test_package_data_is_declared():
     text = (REPO / "pyproject.toml").read_text()
-    assert re.search(r'\[tool\.setuptools\.package-data\]\s*pto = \[[^]]*"include/\*\.h"', text)
+    assert re.search(r'\[tool\.setuptools\.package-data\]\s*"pto\.chip" = \[[^]]*"include/\*\.h"',
+                     text)
     assert '"sim/*.c"' in text

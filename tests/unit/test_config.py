@@ -1,4 +1,4 @@
-"""pto.config: one table of PTO_* variables, read at start, checked, and shown in docs/api.md."""
+"""pto.wire.config: one table of PTO_* variables, read at start, checked, shown in docs/api.md."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pto import config
+from pto.wire import config
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE_DIRS = ("pto", "broker", "worker")
@@ -94,7 +94,7 @@ def test_every_variable_the_code_mentions_is_in_the_table():
 
 
 def _header_constants() -> set[str]:
-    header = (REPO / "pto" / "include").rglob("*.h")
+    header = (REPO / "pto" / "chip" / "include").rglob("*.h")
     names: set[str] = set()
     for path in header:
         names |= set(re.findall(r"\bPTO_[A-Z0-9_]+\b", path.read_text()))
@@ -116,7 +116,7 @@ def test_docs_api_shows_the_table_of_the_module():
 
 def test_importing_pto_reads_no_variable():
     # a bad value must not break `import pto`; it fails when a runtime starts
-    code = "import pto, pto.runtime, pto.tensor, pto.connection; print('ok')"
+    code = "import pto, pto.host.runtime, pto.host.tensor, pto.host.connection; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"PTO_SPIN_US": "x", "PTO_MAX_OUTSTANDING_TASKS": "x",
                                "PTO_RELEASE_BACKLOG_BYTES": "x", "PTO_SEGMENT_POOL_BYTES": "x",

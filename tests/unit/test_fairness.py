@@ -8,8 +8,8 @@ import pytest
 
 from broker.ready import ReadyQueue
 from broker.scheduler import Scheduler
-from pto.args import ParamType
-from pto.protocol import ArgSpec, TaskSpec
+from pto.wire.args import ParamType
+from pto.wire.protocol import ArgSpec, TaskSpec
 
 KERNEL = 7
 FLOOD, SMALL, THIRD = 1, 2, 3

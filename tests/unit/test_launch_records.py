@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import pto
-from pto.args import ParamType
-from pto.simlib import LAUNCHES_KEPT
-from pto.simtasks import package_kernel, package_orchestration
+from pto.chip.simlib import LAUNCHES_KEPT
+from pto.chip.simtasks import package_kernel, package_orchestration
+from pto.wire.args import ParamType
 
 pytestmark = pytest.mark.timeout(120)
 

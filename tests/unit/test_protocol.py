@@ -11,8 +11,8 @@ from typing import Any, Union, get_args, get_origin
 import msgspec
 import pytest
 
-from pto import protocol as P
-from pto.errors import ProtocolError
+from pto.wire import protocol as P
+from pto.wire.errors import ProtocolError
 
 MESSAGE_TYPES = list(get_args(P.Message))
 

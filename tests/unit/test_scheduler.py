@@ -14,9 +14,9 @@ import pytest
 from broker.deps import inputs_overwritten
 from broker.scheduler import Scheduler
 from broker.task import ALLOWED, IllegalTransition, State, Task, check_transition
-from pto.args import ParamType
-from pto.protocol import SKIPPED, ArgSpec, Failure, TaskSpec
-from pto.sockets import HOST_QUEUE, host_chip
+from pto.wire.args import ParamType
+from pto.wire.chips import HOST_QUEUE, host_chip
+from pto.wire.protocol import SKIPPED, ArgSpec, Failure, TaskSpec
 
 IN, OUT, INOUT = ParamType.INPUT, ParamType.OUTPUT, ParamType.INOUT
 KERNEL = 7

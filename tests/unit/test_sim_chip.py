@@ -1,4 +1,4 @@
-"""The simulated chip seen from the host (pto.simlib): the group hook of pto_task_ctx
+"""The simulated chip seen from the host (pto.chip.simlib): the group hook of pto_task_ctx
 (rank, world, and the barrier that pto_barrier() calls), and argument packing."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import pto
-from pto.args import ParamType
-from pto.simlib import PTO_ERR_BARRIER, open_package, pack_args
+from pto.chip.simlib import PTO_ERR_BARRIER, open_package, pack_args
+from pto.wire.args import ParamType
 
 pytestmark = pytest.mark.timeout(60)
 

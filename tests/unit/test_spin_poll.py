@@ -1,8 +1,8 @@
-"""pto.procs.SpinPoll: spin before sleeping only while spinning catches messages."""
+"""pto.wire.procs.SpinPoll: spin before sleeping only while spinning catches messages."""
 
 from __future__ import annotations
 
-from pto.procs import SpinPoll
+from pto.wire.procs import SpinPoll
 
 
 class FakePoll:

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from pto import shm
-from pto.errors import OutOfMemory
-from pto.tensor import TensorStore
+from pto.host.tensor import TensorStore
+from pto.wire import shm
+from pto.wire.errors import OutOfMemory
 
 MIB = 1024 * 1024
 

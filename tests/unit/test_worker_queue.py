@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pto import protocol as P
+from pto.wire import protocol as P
 from worker.queue import LocalQueue
 
 
