@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -68,14 +69,19 @@ class _ReplayFuture(Future):
         self._replay = replay
 
     def result(self, timeout: float | None = None) -> Any:
-        if not self.done():
-            self._graph.wait_for(self._replay, timeout)
-        return super().result(0 if timeout is not None else None)
+        return super().result(self._wait(timeout))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self.done():
-            self._graph.wait_for(self._replay, timeout)
-        return super().exception(0 if timeout is not None else None)
+        return super().exception(self._wait(timeout))
+
+    def _wait(self, timeout: float | None) -> float | None:
+        """Wait for the replay's outcome; the time left (the completion thread may still
+        be setting it)."""
+        if self.done():
+            return timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._graph.wait_for(self._replay, timeout)
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class Graph:
