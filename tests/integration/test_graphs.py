@@ -6,6 +6,9 @@ broker's work per replay stays a handful of messages."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -392,6 +395,14 @@ def test_status_shows_graphs_and_replays(rt):
         (row,) = graph_status(rt)["graphs"]
         assert row["name"] == "pipeline" and row["replays"] == 3 and row["tasks"] == 4
         assert row["chips"] == [0, 1, 2, 3]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        text = subprocess.run([sys.executable, "-m", "pto", "status", "--broker", rt.address],
+                              capture_output=True, text=True, env=env, timeout=60).stdout
+        assert "GRAPH" in text and "pipeline" in text, text
+        js = subprocess.run([sys.executable, "-m", "pto", "status", "--broker", rt.address,
+                             "--json"], capture_output=True, text=True, env=env,
+                            timeout=60).stdout
+        assert json.loads(js)["graphs"][0]["replays"] == 3
     finally:
         g.close()
 
