@@ -51,7 +51,8 @@ from .kernels import Kernel, load_kernel
 log = logging.getLogger("pto.worker")
 
 _STEP = 64  # graph tasks run before live tasks get a turn
-_SPIN = 50  # sched_yield()s on a predecessor's word before sleeping in the poll
+_SPIN = 50  # sched_yield()s (looking again each time) before sleeping in the poll
+_WINDOW = 32  # tasks of a part, in order, among which the first that may run goes
 
 
 @dataclass(slots=True)
@@ -73,7 +74,7 @@ class _Task:
 class _Part:
     client: int
     graph: int
-    flags: np.ndarray
+    flags: memoryview
     tasks: list[_Task]
     maps: list[mmap.mmap]
     groups: bool  # has group tasks
@@ -84,7 +85,7 @@ class _Replay:
     part: _Part
     replay: int
     trace: bool
-    pos: int = 0
+    pending: list[int] = field(default_factory=list)  # positions not run yet, in order
     aborted: bool = False
     failed: list[P.Failure] = field(default_factory=list)
     times: list[tuple[int, int, float, float]] = field(default_factory=list)
@@ -119,7 +120,8 @@ class Graphs:
                 self._send(P.GraphDone(msg.client, msg.graph, msg.replay, [P.Failure(
                     -1, "", self.device, "graph not installed on this worker", -1)]))
             else:
-                self._runs.append(_Replay(part, msg.replay, msg.trace))
+                self._runs.append(_Replay(part, msg.replay, msg.trace,
+                                          list(range(len(part.tasks)))))
         elif isinstance(msg, P.GraphPart):
             try:
                 self._install(msg)
@@ -164,7 +166,8 @@ class Graphs:
 
         tasks = []
         try:
-            flags = segment(msg.flags).view(np.int64)
+            words = segment(msg.flags)
+            flags = memoryview(words[: len(words) // 8 * 8]).cast("B").cast("q")  # plain ints
             for t in msg.tasks:
                 name, fn = kernels.get(t.kernel, (f"#{t.kernel}", LookupError(
                     f"kernel #{t.kernel} was never sent to this worker")))
@@ -191,66 +194,78 @@ class Graphs:
             return
         self._runs = deque(r for r in self._runs if r.part is not part)
         part.tasks.clear()
-        del part.flags
+        part.flags.release()
         _close(part.maps)
 
     # ---- the replay loop -------------------------------------------------------------
 
     def step(self) -> bool:
-        """Run up to ``_STEP`` tasks of the replay at the head; True if any ran (or the
-        replay ended), False if its next task waits for a peer."""
+        """Run up to ``_STEP`` tasks of the replays here, the oldest first; True if any
+        ran (or a replay ended), False if every task within reach waits for a peer."""
         ran = 0
         while self._runs and ran < _STEP:
             run = self._runs[0]
             part = run.part
             if not run.aborted and self._aborted.get((part.client, part.graph), 0) >= run.replay:
                 run.aborted = True
-            tasks = part.tasks
-            flags = part.flags
-            done_word = run.replay * 2
-            while run.pos < len(tasks) and ran < _STEP:
-                task = tasks[run.pos]
-                ok = True
-                if run.aborted:
-                    ok = False
-                else:
-                    for d in task.deps:
-                        word = int(flags[d])
-                        if word >> 1 != run.replay:
-                            word = self._spin(flags, d, run.replay)
-                            if word is None:
-                                return ran > 0
-                        if word & 1:
-                            ok = False
-                            break
-                if ok:
-                    ok = self._run(run, task)
-                elif not run.aborted:
-                    run.failed.append(P.Failure(task.index, task.name, self.device,
-                                                "not run: a task it depends on failed",
-                                                P.SKIPPED))
-                flags[task.word] = done_word + (0 if ok else 1)
-                for uid in task.poke:
-                    self._peers.poke(uid)
-                run.pos += 1
-                ran += 1
-            if run.pos >= len(tasks):
+            done = self._advance(run, _STEP - ran)
+            if not run.pending:
                 self._runs.popleft()
                 self._send(P.GraphDone(part.client, part.graph, run.replay, run.failed,
                                        run.times))
                 ran += 1
+            elif not done:
+                for _ in range(_SPIN):  # its peer is usually mid-task on the other core
+                    os.sched_yield()
+                    done = self._advance(run, _STEP - ran)
+                    if done:
+                        break
+                else:
+                    return ran > 0
+            ran += done
+
         return ran > 0
 
-    @staticmethod
-    def _spin(flags: np.ndarray, d: int, replay: int) -> int | None:
-        """A predecessor's word once it holds this replay's outcome, after a short spin
-        (its worker is usually mid-task on the other core); None: still running."""
-        for _ in range(_SPIN):
-            os.sched_yield()
-            word = int(flags[d])
-            if word >> 1 == replay:
-                return word
-        return None
+    def _advance(self, run: _Replay, budget: int) -> int:
+        """Run (or skip) the tasks of ``run`` that may go now, among the first ``_WINDOW``
+        not yet run (the first only, if the graph has group tasks: members must meet in
+        the order every chip runs them); how many went."""
+        part = run.part
+        tasks, flags, replay = part.tasks, part.flags, run.replay
+        pending = run.pending
+        window = 1 if part.groups else _WINDOW
+        went = 0
+        kept: list[int] = []
+        i = 0
+        while i < len(pending) and i < window and went < budget:
+            task = tasks[pending[i]]
+            i += 1
+            ok: bool | None = not run.aborted
+            if ok:
+                for d in task.deps:
+                    word = flags[d]
+                    if word >> 1 != replay:
+                        ok = None
+                        break
+                    if word & 1:
+                        ok = False
+                        break
+            if ok is None:
+                kept.append(pending[i - 1])
+                continue
+            if ok:
+                ok = self._run(run, task)
+            elif not run.aborted:
+                run.failed.append(P.Failure(task.index, task.name, self.device,
+                                            "not run: a task it depends on failed", P.SKIPPED))
+            flags[task.word] = replay * 2 + (0 if ok else 1)
+            for uid in task.poke:
+                self._peers.poke(uid)
+            went += 1
+        if went:
+            kept += pending[i:]
+            run.pending = kept
+        return went
 
     def _run(self, run: _Replay, task: _Task) -> bool:
         start = time.monotonic() if run.trace else 0.0
