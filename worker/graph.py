@@ -68,6 +68,7 @@ class _Task:
     barrier: str
     deps: list[int]
     poke: list[int]
+    info: TaskInfo | None  # prebuilt for a single-chip task (a group member's has a barrier)
 
 
 @dataclass
@@ -177,7 +178,8 @@ class Graphs:
                                      f"graph's {len(flags)} words")
                 tasks.append(_Task(t.index, t.word, name, fn, values,
                                    [a.kind for a in t.args], t.rank, t.world, t.barrier, t.deps,
-                                   t.poke))
+                                   t.poke, TaskInfo(0, 1, self.device)
+                                   if t.world == 1 and not isinstance(fn, Exception) else None))
         except Exception:
             del segments
             _close(maps)
@@ -254,7 +256,16 @@ class Graphs:
                 kept.append(pending[i - 1])
                 continue
             if ok:
-                ok = self._run(run, task)
+                info = task.info
+                if info is not None and not run.trace:  # the common case, inline
+                    set_current(info)
+                    try:
+                        task.fn(task.values, task.kinds)
+                    except BaseException as exc:  # noqa: BLE001 - recorded as its result
+                        self._failed(run, task, exc)
+                        ok = False
+                else:
+                    ok = self._run(run, task)
             elif not run.aborted:
                 run.failed.append(P.Failure(task.index, task.name, self.device,
                                             "not run: a task it depends on failed", P.SKIPPED))
@@ -262,6 +273,7 @@ class Graphs:
             for uid in task.poke:
                 self._peers.poke(uid)
             went += 1
+        set_current(None)
         if went:
             kept += pending[i:]
             run.pending = kept
@@ -287,20 +299,23 @@ class Graphs:
                 if barrier is not None:
                     barrier.close()
         except BaseException as exc:  # noqa: BLE001 - even sys.exit() in a kernel is its result
-            reason = "".join(traceback.format_exception_only(exc)).strip()
-            if task.world > 1:
-                reason = f"rank {task.rank} of {task.world}: {reason}"
-            frames = traceback.format_tb(exc.__traceback__)[1:]
-            if frames:
-                reason += "\nkernel traceback (most recent call last):\n" + "".join(frames[-5:])
-            root = 0 if isinstance(exc, BarrierAborted) else task.index
-            run.failed.append(P.Failure(task.index, task.name, self.device, reason, root))
+            self._failed(run, task, exc)
             ok = False
         else:
             ok = True
         if run.trace:
             run.times.append((task.index, task.rank, start, time.monotonic()))
         return ok
+
+    def _failed(self, run: _Replay, task: _Task, exc: BaseException) -> None:
+        reason = "".join(traceback.format_exception_only(exc)).strip()
+        if task.world > 1:
+            reason = f"rank {task.rank} of {task.world}: {reason}"
+        frames = traceback.format_tb(exc.__traceback__)[1:]
+        if frames:
+            reason += "\nkernel traceback (most recent call last):\n" + "".join(frames[-5:])
+        root = 0 if isinstance(exc, BarrierAborted) else task.index
+        run.failed.append(P.Failure(task.index, task.name, self.device, reason, root))
 
     def close(self) -> None:
         for key in list(self._parts):
