@@ -87,6 +87,7 @@ class _Replay:
     replay: int
     trace: bool
     pending: list[int] = field(default_factory=list)  # positions not run yet, in order
+    blocker: int = 0  # the word the first waiting task waits for
     aborted: bool = False
     failed: list[P.Failure] = field(default_factory=list)
     times: list[tuple[int, int, float, float]] = field(default_factory=list)
@@ -217,12 +218,15 @@ class Graphs:
                                        run.times))
                 ran += 1
             elif not done:
-                for _ in range(_SPIN):  # its peer is usually mid-task on the other core
+                # Spin a little on the word the first waiting task waits for: its peer is
+                # usually mid-task on the other core, and sleeping costs two wake-ups.
+                flags, word = part.flags, run.blocker
+                for _ in range(_SPIN):
                     os.sched_yield()
-                    done = self._advance(run, _STEP - ran)
-                    if done:
+                    if flags[word] >> 1 == run.replay:
+                        done = self._advance(run, _STEP - ran)
                         break
-                else:
+                if not done:
                     return ran > 0
             ran += done
 
@@ -253,6 +257,8 @@ class Graphs:
                         ok = False
                         break
             if ok is None:
+                if not kept:
+                    run.blocker = d
                 kept.append(pending[i - 1])
                 continue
             if ok:
