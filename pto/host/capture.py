@@ -189,7 +189,7 @@ def analyse(tasks: list[PendingTask], created: list[tuple[TensorHandle, bool]],
             inputs: list[Input]) -> Analysis:
     specs = [t.spec for t in tasks]
     graph_tasks = [P.GraphTask(s.chip, s.kernel, s.args, s.group, sorted(d))
-                   for s, d in zip(specs, _dependencies(specs), strict=True)]
+                   for s, d in zip(specs, dependencies(specs), strict=True)]
     bound = {segment_of(h).tensor_id for inp in inputs for h in inp.bound}
     allocated = {segment_of(h).tensor_id: segment_of(h) for h, zero in created
                  if zero and segment_of(h).tensor_id not in bound}
@@ -206,7 +206,7 @@ def analyse(tasks: list[PendingTask], created: list[tuple[TensorHandle, bool]],
             span = (a.offset, a.offset + a.nbytes)
             if a.tensor in allocated and a.tensor not in zero and (
                     kind in _READS or kind == ParamType.NO_DEP):
-                if not _covered(span, written.get(a.tensor, [])):
+                if not covered(span, written.get(a.tensor, [])):
                     zero[a.tensor] = allocated[a.tensor]
             if kind in _WRITES or kind == ParamType.NO_DEP:
                 written.setdefault(a.tensor, []).append(span)
@@ -217,7 +217,7 @@ def analyse(tasks: list[PendingTask], created: list[tuple[TensorHandle, bool]],
                     [(seg, seg.buf.copy()) for seg in restore.values()])
 
 
-def _covered(span: tuple[int, int], writes: list[tuple[int, int]]) -> bool:
+def covered(span: tuple[int, int], writes: list[tuple[int, int]]) -> bool:
     """Whether earlier writes cover every byte of ``span``."""
     start, end = span
     for s, e in sorted(writes):
@@ -229,7 +229,7 @@ def _covered(span: tuple[int, int], writes: list[tuple[int, int]]) -> bool:
     return start >= end
 
 
-def _dependencies(specs: list[P.TaskSpec]) -> list[set[int]]:
+def dependencies(specs: list[P.TaskSpec]) -> list[set[int]]:
     """Each task's predecessors by byte overlap, as the broker's live tracking does. Per
     tensor, the accesses since the last write covering them (later conflicts with older
     ones are ordered through that write)."""
