@@ -195,6 +195,11 @@ class Graphs:
         self._aborted.pop((client, graph), None)
         if part is None:
             return
+        for run in [r for r in self._runs if r.part is part]:
+            # Said ended, so a broker waiting for it (a replay failed by a worker's death,
+            # whose graph is installed again) is not kept waiting; one dropped with its
+            # graph is ignored there.
+            self._send(P.GraphDone(client, graph, run.replay))
         self._runs = deque(r for r in self._runs if r.part is not part)
         part.tasks.clear()
         part.flags.release()

@@ -82,6 +82,12 @@ def allreduce_inplace(*bufs):
     t.barrier(timeout=30)
 
 
+def allreduce_or_fail(*bufs):
+    if pto.task().rank == 1 and bufs[0][-1] < 0:  # nobody writes it before the barrier
+        raise ValueError("rank 1 refuses negative data")
+    allreduce_inplace(*bufs)
+
+
 def host_fn(x):
     pass
 
@@ -164,6 +170,7 @@ def registered(rt):
     for name, fn in [("pipeline", pipeline), ("dag", random_dag), ("acc", accumulating),
                      ("guarded", guarded), ("groups", groups), ("with_host", with_host)]:
         rt.register(name, orch=fn, kernels=KERNELS)
+    rt.register("groups_fail", orch=groups, kernels={**KERNELS, "allreduce": allreduce_or_fail})
 
 
 def live(rt, name, args):
@@ -354,6 +361,22 @@ def test_a_kernel_failure_fails_the_replay_as_live_then_a_good_replay_runs(rt):
         np.testing.assert_array_equal(w, 3.0)
         f = g.submit({"x": -np.ones(4)})
         assert isinstance(f.exception(timeout=30), pto.TaskError)
+    finally:
+        g.close()
+
+
+def test_a_failed_group_member_fails_the_replay_and_the_next_one_meets_again(rt):
+    chips = [0, 2, 3]
+    ok = {"chips": chips, **{f"s{i}": np.full(64, i + 1.0) for i in range(3)}}
+    g = rt.capture("groups_fail", args=ok)
+    try:
+        with pytest.raises(pto.TaskError) as err:
+            g.run({**ok, "s0": -np.ones(64)})
+        assert err.value.kernel == "allreduce" and err.value.chip == 2
+        assert "rank 1 refuses" in err.value.reason
+        for _ in range(3):  # the group's barrier works again
+            for out in g.run(ok):
+                np.testing.assert_array_equal(out, 2 * 6.0)
     finally:
         g.close()
 
