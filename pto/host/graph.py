@@ -13,44 +13,30 @@ graph's segments, and its read-before-written tensors zeroed, only when the prev
 replay has ended (a second ``submit`` queues here, its arrays copied at once). Results
 arrive on whichever thread drives the result socket (``pto/host/connection.py``): it
 copies the outputs and starts the next queued replay there (no user code), and the
-replay's future is resolved by the thread waiting for it, or else by this book's own
-completion thread, never under a lock.
+replay's future is resolved by the thread waiting for it, or else by the runtime's graph
+book's completion thread (pto/host/graph_book.py, which also holds ``capture``), never
+under a lock.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..wire import protocol as P
-from ..wire.errors import BrokerLost, PtoError
-from .capture import (
-    Analysis,
-    CaptureContext,
-    Input,
-    analyse,
-    check_frozen,
-    frozen_copy,
-    top_level_tensors,
-)
-from .connection import Connection
-from .run import Registration, task_error
-from .tensor import TensorHandle, TensorStore, segment_of
-
-log = logging.getLogger("pto.host.graph")
-
-REPLIES = (P.GraphInstalled, P.GraphResult)
+from .capture import Analysis, Input, check_frozen
+from .run import task_error
+from .tensor import TensorHandle
 
 
 @dataclass(eq=False)
-class _Replay:
+class Replay:
     number: int
     args: Any
     copy: bool
@@ -63,7 +49,7 @@ class _Replay:
 class _ReplayFuture(Future):
     """A replay's future: ``result()`` drives the result socket itself while it waits."""
 
-    def __init__(self, graph: Graph, replay: _Replay):
+    def __init__(self, graph: Graph, replay: Replay):
         super().__init__()
         self._graph = graph
         self._replay = replay
@@ -92,7 +78,7 @@ class Graph:
     at every replay). Tensors the orchestration allocated belong to the graph.
     """
 
-    def __init__(self, book: GraphBook, gid: int, name: str, inputs: list[Input],
+    def __init__(self, book: Any, gid: int, name: str, inputs: list[Input],
                  frozen: Any, value: Any, analysis: Analysis, keep: list[TensorHandle]):
         self.name = name
         self._book = book
@@ -106,8 +92,8 @@ class Graph:
         self._kernel_names: dict[int, str] = {}
         self._lock = threading.Lock()
         self._numbers = itertools.count(1)
-        self._running: _Replay | None = None
-        self._queue: list[_Replay] = []
+        self._running: Replay | None = None
+        self._queue: list[Replay] = []
         self._closed: BaseException | None = None
         self.replays = 0  # ended, well or not
         self.tasks = len(analysis.tasks)
@@ -145,9 +131,9 @@ class Graph:
 
     # ---- inside ----------------------------------------------------------------------
 
-    def _enqueue(self, args: Any, copy: bool, future: bool) -> _Replay:
+    def _enqueue(self, args: Any, copy: bool, future: bool) -> Replay:
         self._check_args(args)
-        replay = _Replay(next(self._numbers), args, copy, None)
+        replay = Replay(next(self._numbers), args, copy, None)
         if future:
             replay.future = _ReplayFuture(self, replay)
         with self._lock:
@@ -175,7 +161,7 @@ class Graph:
                                  f"{np.dtype(value.dtype)}; the graph was captured with "
                                  f"{inp.shape} and {inp.dtype}")
 
-    def _start(self, replay: _Replay) -> None:
+    def _start(self, replay: Replay) -> None:
         """Bind the inputs, reset the graph's state, send the one GraphReplay."""
         try:
             for seg in self._analysis.zero:
@@ -212,7 +198,7 @@ class Graph:
             return
         self._ended(replay, value, None)
 
-    def _ended(self, replay: _Replay, value: Any, error: BaseException | None) -> None:
+    def _ended(self, replay: Replay, value: Any, error: BaseException | None) -> None:
         """Record the outcome, start the next queued replay, hand the future over."""
         with self._lock:
             replay.outcome = (value, error)
@@ -230,7 +216,7 @@ class Graph:
         if unwaited:
             self._book.resolve_later(replay)
 
-    def wait_for(self, replay: _Replay, timeout: float | None) -> bool:
+    def wait_for(self, replay: Replay, timeout: float | None) -> bool:
         with self._lock:
             replay.waiters += 1
         try:
@@ -242,7 +228,7 @@ class Graph:
                 if mine:
                     replay.claimed = True
         if mine and replay.future is not None:
-            _resolve(replay)
+            resolve_replay(replay)
         return replay.outcome is not None
 
     @property
@@ -260,7 +246,7 @@ class Graph:
         self._analysis.restore.clear()
         self._value = None
 
-    def fail_all(self, exc: BaseException) -> list[_Replay]:
+    def fail_all(self, exc: BaseException) -> list[Replay]:
         """End every queued and running replay with ``exc`` (closing, or broker lost)."""
         with self._lock:
             self._closed = self._closed or exc
@@ -271,7 +257,7 @@ class Graph:
         return pending
 
 
-def _resolve(replay: _Replay) -> None:
+def resolve_replay(replay: Replay) -> None:
     future = replay.future
     if future is None or not future.set_running_or_notify_cancel():
         return
@@ -307,157 +293,3 @@ def _snapshot(args: Any, inputs: list[Input]) -> Any:
     for inp in arrays:
         out[inp.key] = np.array(out[inp.key], copy=True)
     return out if isinstance(args, (dict, list)) else tuple(out)
-
-
-class GraphBook:
-    """A runtime's graphs: routes the broker's graph replies, resolves unwaited futures."""
-
-    def __init__(self, conn: Connection, traced: bool, trace_replay: Any):
-        self._conn = conn
-        self.traced = traced
-        self._trace_replay = trace_replay  # (graph name, GraphResult) -> None, or None
-        self._graphs: dict[int, Graph] = {}
-        self._installed: dict[int, str | None] = {}  # graph id -> error, once answered
-        self.gids = itertools.count(1)
-        self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-
-    def new_id(self) -> int:
-        return next(self.gids)
-
-    def send(self, msg: P.Message) -> None:
-        self._conn.send(msg)
-
-    def wait_until(self, done: Any, timeout: float | None) -> bool:
-        return self._conn.wait_until(done, timeout)
-
-    def install(self, graph: Graph, msg: P.GraphInstall, timeout: float) -> None:
-        with self._lock:
-            self._graphs[graph.gid] = graph
-        self._conn.send(msg)
-        if not self._conn.wait_until(lambda: graph.gid in self._installed, timeout):
-            if self._conn.lost is not None:
-                raise self._conn.lost
-            raise PtoError(f"the broker did not confirm graph {graph.name!r} within {timeout}s")
-        error = self._installed.pop(graph.gid)
-        if error:
-            with self._lock:
-                self._graphs.pop(graph.gid, None)
-            raise ValueError(f"graph {graph.name!r} cannot be installed: {error}")
-
-    def on_message(self, msg: P.Message) -> None:
-        if isinstance(msg, P.GraphInstalled):
-            self._installed[msg.graph] = msg.error or None
-        elif isinstance(msg, P.GraphResult):
-            graph = self._graphs.get(msg.graph)
-            if graph is not None:
-                graph.on_result(msg)
-
-    def trace_replay(self, graph: Graph, msg: P.GraphResult) -> None:
-        if self._trace_replay is not None:
-            self._trace_replay(graph.name, graph.kernel_list, msg)
-
-    def resolve_later(self, replay: _Replay) -> None:
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="pto-graph-done")
-            executor = self._executor
-        executor.submit(_resolve, replay)
-
-    def drop(self, graph: Graph) -> None:
-        with self._lock:
-            known = self._graphs.pop(graph.gid, None)
-        if known is None:
-            return
-        for replay in graph.fail_all(PtoError(f"graph {graph.name!r} is closed")):
-            if replay.future is not None and not replay.claimed:
-                replay.claimed = True
-                _resolve(replay)
-        try:
-            self._conn.send(P.GraphDrop(graph.gid))
-        except BrokerLost:
-            pass
-        graph.release()
-
-    def fail_all(self, exc: BaseException) -> None:
-        """The broker is lost: every replay in flight fails with ``exc``."""
-        with self._lock:
-            graphs = list(self._graphs.values())
-        for graph in graphs:
-            for replay in graph.fail_all(exc):
-                if replay.future is not None and not replay.claimed:
-                    replay.claimed = True
-                    self.resolve_later(replay)  # user callbacks: not on this thread
-
-    def close(self) -> None:
-        with self._lock:
-            graphs = list(self._graphs.values())
-        for graph in graphs:
-            self.drop(graph)
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-
-    def status(self) -> list[Graph]:
-        with self._lock:
-            return list(self._graphs.values())
-
-
-
-def capture(book: GraphBook, store: TensorStore, devices: list[int], reg: Registration,
-            args: Any, timeout: float) -> Graph:
-    """Run ``reg``'s orchestration once with ``args``, record its tasks, install them."""
-    found = top_level_tensors(args)
-    inputs = {id(v): Input(path, key, tuple(v.shape), np.dtype(v.dtype),
-                           isinstance(v, TensorHandle), source=v) for path, key, v in found}
-    ctx = CaptureContext(devices, store, reg, inputs, [v for _, _, v in found])
-    try:
-        value = reg.orch(ctx, args)
-        ctx.finish()
-    finally:
-        with store.lock:  # the graph holds its tensors by handle, not as in use by tasks
-            for task in ctx.recorder.tasks:
-                for seg in task.segments:
-                    store.release_use(seg)
-    recorded = ctx.recorder.tasks
-    if not recorded:
-        raise ValueError(f"capture of {reg.name!r}: the orchestration submitted no task")
-    for array, _ in ctx.run.copy_back:
-        if id(array) in inputs:
-            inputs[id(array)].copy_back = True
-    value = _onto_graph(value, {id(segment_of(v)): inp for v, inp in
-                                ((inp.source, inp) for inp in inputs.values())
-                                if isinstance(v, TensorHandle)})
-    analysis = analyse(recorded, ctx.created, list(inputs.values()))
-    flags_seg = store.create(8 * analysis.words)
-    flags = TensorHandle(flags_seg, (analysis.words,), np.dtype(np.int64))
-    keep = [h for h, _ in ctx.created] + [flags]
-    frozen = frozen_copy(args, set(inputs))
-    for inp in inputs.values():
-        inp.source = None
-    graph = Graph(book, book.new_id(), reg.name, list(inputs.values()), frozen, value,
-                  analysis, keep)
-    graph.set_kernel_names({kid: kname for kname, kid in reg.kernel_ids.items()})
-    try:
-        book.install(graph, P.GraphInstall(graph.gid, reg.name, flags_seg.tensor_id,
-                                           analysis.tasks), timeout)
-    except BaseException:
-        graph.release()
-        raise
-    return graph
-
-
-def _onto_graph(value: Any, by_segment: dict[int, Input], depth: int = 0) -> Any:
-    """The orchestration's value with the example's handles replaced by the graph's."""
-    if isinstance(value, TensorHandle):
-        inp = by_segment.get(id(segment_of(value)))
-        if inp is None or not inp.bound:
-            return value
-        return TensorHandle(segment_of(inp.bound[0]), value.shape, value.dtype, value.offset,
-                            is_view=True)
-    if depth < 8 and isinstance(value, list):
-        return [_onto_graph(v, by_segment, depth + 1) for v in value]
-    if depth < 8 and type(value) is tuple:
-        return tuple(_onto_graph(v, by_segment, depth + 1) for v in value)
-    if depth < 8 and isinstance(value, dict):
-        return {k: _onto_graph(v, by_segment, depth + 1) for k, v in value.items()}
-    return value

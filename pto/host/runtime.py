@@ -29,9 +29,10 @@ from ..wire.pickling import pickle_by_value
 from ..wire.security import curve_dir
 from .connection import Connection
 from .embedded import EmbeddedBroker
-from .graph import REPLIES as GRAPH_REPLIES
-from .graph import Graph, GraphBook
-from .graph import capture as capture_graph
+from .graph import Graph
+from .graph_book import REPLIES as GRAPH_REPLIES
+from .graph_book import GraphBook
+from .graph_book import capture as capture_graph
 from .orchestration import OrchContext
 from .run import Registration, Run
 from .runbook import RunBook
