@@ -281,7 +281,8 @@ class Graphs:
         tasks: list[P.PartTask] = []
         kernels: dict[int, P.KernelDef] = {}
         uids: set[int] = set()
-        for i, t in enumerate(graph.tasks):
+        for i in _order(graph.tasks, bool(graph.barriers)):
+            t = graph.tasks[i]
             if chip not in where[i]:
                 continue
             rank = where[i].index(chip)
@@ -316,6 +317,19 @@ class Graphs:
             for barrier in graph.barriers.values():
                 barrier.close()
         shm.unlink_owner(self._owner)
+
+
+def _order(tasks: list[P.GraphTask], groups: bool) -> list[int]:
+    """The order each worker is to run its tasks in: by depth (longest path from a task
+    with no predecessor), so the chips move through the graph's levels together and
+    seldom wait for each other; capture order if the graph has groups (their members
+    must meet in one order on every chip)."""
+    if groups:
+        return list(range(len(tasks)))
+    depth = [0] * len(tasks)
+    for i, t in enumerate(tasks):  # predecessors come first: one pass
+        depth[i] = 1 + max((depth[d] for d in t.deps), default=-1)
+    return sorted(range(len(tasks)), key=depth.__getitem__)
 
 
 def _check(msg: P.GraphInstall, devices: list[int]) -> str | None:
