@@ -149,3 +149,11 @@ def fairness(system, cfg) -> list[dict]:
     got = system.fairness(cfg.flood_tasks, cfg.trips, cfg.fairness_limit_s)
     return [_row(system, "fairness", **got["idle"]),
             {**_row(system, "fairness_flood", **got["flood"]), "system": f"{system.key}-flood"}]
+
+
+def graph(system, cfg) -> list[dict]:
+    """Captured graphs replayed vs the same work live, in the same run (only systems with
+    a ``graph`` method: pto; benchmarks/pto_graph.py holds the case)."""
+    if not hasattr(system, "graph"):
+        return []
+    return system.graph()

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field
 
 MiB = 1 << 20
 
-CASES = ("noop", "roundtrip", "chain", "handoff", "scaling", "fairness", "launch", "cluster")
+CASES = ("noop", "roundtrip", "chain", "handoff", "scaling", "fairness", "graph", "launch",
+         "cluster")
 
 
 @dataclass
@@ -32,6 +33,11 @@ class Config:
     cluster_chain: int = 50  # consecutive same-host L3 runs in one L4 run
     cluster_trips: int = 200  # actor calls / empty L4 runs per repeat
     cluster_runs: int = 1_000  # small L3 runs from one L4 orchestration
+    # graph (captured graphs, issue 20): replays per timed repeat, and the three graphs
+    graph_replays: int = 40
+    graph_dag_tasks: int = 1_000
+    graph_chain_tasks: int = 16
+    graph_noop_tasks: int = 10_000
     seed: int = 7
 
     @classmethod
@@ -41,7 +47,7 @@ class Config:
         return cls(quick=True, repeats=repeats or 3, noop_tasks=2_000, trips=300,
                    chain_tasks=200, handoff_mib=[1, 64], scaling_tasks=[1_000, 10_000],
                    flood_tasks=40_000, fairness_limit_s=60.0, cluster_handoff_mib=[1, 64],
-                   cluster_chain=20, cluster_trips=50, cluster_runs=200)
+                   cluster_chain=20, cluster_trips=50, cluster_runs=200, graph_replays=10)
 
     def to_dict(self) -> dict:
         return asdict(self)

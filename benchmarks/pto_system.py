@@ -271,6 +271,11 @@ class PtoSystem:
                 "bytes_per_live_task": max(0, peak_rss - base) / peak_live,
                 "samples": len(samples)}
 
+    def graph(self) -> list[dict]:
+        from .pto_graph import graph_case
+
+        return graph_case(self.rt, self.cfg)
+
     def fairness(self, flood_tasks: int, runs: int, limit_s: float) -> dict:
         """A small client's single-task runs on a fresh 2-chip broker: ``runs`` of them
         idle, then as many as fit while another client process runs ``flood_tasks``

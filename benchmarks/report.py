@@ -49,7 +49,31 @@ def _target(text: str, met: bool, detail: str, issue: int = 7) -> dict:
 
 def targets(cases: dict) -> list[dict]:
     """Issues 7's, 14's and 13's targets that this run's rows can decide."""
-    return _targets_7(cases) + _targets_14(cases) + _targets_13(cases)
+    return _targets_7(cases) + _targets_14(cases) + _targets_13(cases) + _targets_20(cases)
+
+
+def _targets_20(cases: dict) -> list[dict]:
+    out = []
+    dag = _row_of(cases, "graph", "pto-graph-dag")
+    if dag:
+        out.append(_target(f"{dag['tasks']:,}-task DAG replay >= 200k tasks/s",
+                           dag["replay_tasks_per_s"] >= 200_000,
+                           f"{dag['replay_tasks_per_s']:,.0f} tasks/s", 20))
+        out.append(_target(f"{dag['tasks']:,}-task DAG replay >= 5x its live run",
+                           dag["vs_live"] >= 5, f"{dag['vs_live']:.2f}x", 20))
+    chain = _row_of(cases, "graph", "pto-graph-chain")
+    if chain:
+        out.append(_target(f"{chain['tasks']}-task chain replay <= 1.5x a 1-task rt.run",
+                           chain["replay_us"] <= 1.5 * chain["live_us"],
+                           f"{chain['replay_us']:.0f} us vs {chain['live_us']:.0f} us "
+                           f"({chain['replay_us'] / chain['live_us']:.2f}x)", 20))
+    noop = _row_of(cases, "graph", "pto-graph-noop")
+    if noop:
+        out.append(_target(f"{noop['tasks']:,} no-op replay >= 2x live no-op throughput",
+                           noop["vs_live"] >= 2, f"{noop['replay_tasks_per_s']:,.0f} vs "
+                           f"{noop['live_tasks_per_s']:,.0f} tasks/s ({noop['vs_live']:.2f}x)",
+                           20))
+    return out
 
 
 def _row_of(cases: dict, case: str, system: str) -> dict | None:
@@ -213,6 +237,12 @@ TABLES = {
         ("broker MiB peak", "broker_peak_rss_mib", "{:.1f}"),
         ("peak live", "peak_live_tasks", "{:,}"), ("B/live task", "bytes_per_live_task",
                                                    "{:,.0f}")]),
+    "graph": ("9. captured graphs: one replay vs the same work live, and the original's model", [
+        ("tasks", "tasks", "{:,}"), ("replay us", "replay_us", "{:,.0f}"),
+        ("replay tasks/s", "replay_tasks_per_s", "{:,.0f}"), ("live us", "live_us", "{:,.0f}"),
+        ("live tasks/s", "live_tasks_per_s", "{:,.0f}"), ("live/replay", "vs_live", "{:.2f}x"),
+        ("model us", "model_us", "{:,.1f}"), ("model tasks/s", "model_tasks_per_s",
+                                              "{:,.0f}")]),
     "cluster": ("8. L4 on a 2-host LocalCluster: pto and plain Ray on the same two nodes", [
         ("ms", "ms", "{:.2f}"), ("us", "us", "{:.0f}"), ("runs/s", "runs_per_s", "{:,.0f}"),
         ("vs Ray", "ratio_to_ray", "{:.2f}x"), ("bytes copied", "bytes_copied", "{:,}"),
@@ -225,6 +255,9 @@ TABLES = {
 }
 
 NOTES = {
+    "graph": "live = the same orchestration through rt.run (the chain row: a single-task "
+             "rt.run round trip). model = the original runtime's published host dispatch "
+             "model, 43.3 us per run + 8.08 us per task, for the same task count.",
     "noop": "vs pto = system time / pto time (>1: pto is faster). Batched rows use map() with "
             "a chunksize: many tasks per message, shown for reference only.",
     "roundtrip": "median over repeats of each repeat's median and p99; p99.9 and max over every "
@@ -283,7 +316,7 @@ def print_tables(result: dict) -> None:
         for case, msg in errs.items():
             print(f"\nERROR {key} {case}: {msg}")
     if result["targets"]:
-        print("\ntargets of issues 7, 14 and 13 (this run):")
+        print("\ntargets of issues 7, 14, 13 and 20 (this run):")
         for t in result["targets"]:
             print(f"  [{'met' if t['met'] else 'MISSED':>6}] #{t.get('issue', 7)} {t['target']}: "
                   f"{t['detail']}")
@@ -338,6 +371,8 @@ def write_chart(result: dict, out_dir: str) -> str:
                [r for r in _ordered(case, result["cases"][case]["rows"]) if metric in r])
               for case, metric, title in panels if case in result["cases"]]
     panels = [p for p in panels if p[3]]
+    if not panels:
+        return "(no chart: none of this run's cases is charted)"
     heights = [len(p[3]) + 1.5 for p in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1 + 0.3 * sum(heights)),
                              squeeze=False, gridspec_kw={"height_ratios": heights})

@@ -37,6 +37,7 @@ from pto.wire.sockets import (
 )
 
 from .barriers import Barriers
+from .graphs import Graphs
 from .peers import ClientPeer, WorkerPeer, WorkerStatus
 from .scheduler import Scheduler
 from .status import broker_status
@@ -55,6 +56,7 @@ _MAX_DRAIN = 32
 # turn, so the next round starts with the other clients' messages.
 _TASK_BUDGET = 512
 _NO_WAIT: list[int] = []  # WorkTask.wait of most tasks (never mutated)
+_GRAPH_REQUESTS = (P.GraphReplay, P.GraphInstall, P.GraphDrop)  # broker.graphs
 
 
 class Broker:
@@ -95,6 +97,9 @@ class Broker:
         self.worker_by_device: dict[int, WorkerPeer] = {}
         self.worker_by_uid: dict[int, WorkerPeer] = {}
         self.barriers = Barriers(shm.new_owner())
+        self.graphs = Graphs(self._send_to_chip, self._send_to_client, self._uid_of_chip,
+                             self._peer_info, self.kernels.get, self._owner_of,
+                             self._live_group_on)
         self._next_client = 1
         self._stop = False
 
@@ -195,6 +200,8 @@ class Broker:
             status = broker_status(self.address, self.started, self.devices(),
                                    self.workers.values(), self.clients_by_index.values(),
                                    self.sched)
+            status["graphs"] = self.graphs.status()
+            status["graph_messages"] = self.graphs.messages
             self._send(self.frontend, identity, P.StatusReply(json.dumps(status)))
             return 0
         client = self.clients.get(identity)
@@ -208,7 +215,9 @@ class Broker:
                 self._send(self.frontend, identity, P.Error("unknown client: send Hello first"))
             return 0
         client.last_seen = now
-        if isinstance(msg, P.PackedSubmit):
+        if isinstance(msg, _GRAPH_REQUESTS):
+            self._on_graph_request(client, msg)
+        elif isinstance(msg, P.PackedSubmit):
             self.sched.submit(client.index, msg.tasks)
             return len(msg.tasks)
         elif isinstance(msg, P.Cancel):
@@ -229,6 +238,35 @@ class Broker:
         elif not isinstance(msg, P.Heartbeat):
             self._send(self.frontend, identity, P.Error(f"unexpected {type(msg).__name__}"))
         return 0
+
+    def _on_graph_request(self, client: ClientPeer, msg: P.Message) -> None:
+        if isinstance(msg, P.GraphReplay):
+            self.graphs.replay(client.index, msg)
+        elif isinstance(msg, P.GraphInstall):
+            self.graphs.install(client.index, msg, self.devices())
+        elif isinstance(msg, P.GraphDrop):
+            self.graphs.drop(client.index, msg.graph)
+
+    def _send_to_client(self, index: int, msg: P.Message) -> None:
+        client = self.clients_by_index.get(index)
+        if client is not None:
+            self._send(self.frontend, client.identity, msg)
+            client.last_sent = time.monotonic()
+
+    def _send_to_chip(self, device: int, msg: P.Message) -> bool:
+        worker = self.worker_by_device.get(device)
+        if worker is None:
+            return False
+        self._send(self.backend, worker.identity, msg)
+        worker.last_sent = time.monotonic()
+        return True
+
+    def _uid_of_chip(self, device: int) -> int | None:
+        worker = self.worker_by_device.get(device)
+        return None if worker is None else worker.uid
+
+    def _live_group_on(self, device: int) -> bool:
+        return any(len(task.chips) > 1 for task in self.sched.in_flight(device))
 
     def _on_hello(self, identity: bytes, msg: P.Hello, now: float) -> None:
         if not _OWNER.match(msg.owner):
@@ -270,6 +308,7 @@ class Broker:
             self.clients.pop(identity, None)
         self.clients_by_index.pop(client.index, None)
         self.sched.drop_client(client.index)
+        self.graphs.drop_client(client.index)
         for key in [k for k in self.kernels if k[0] == client.index]:
             del self.kernels[key]
         for worker in self.workers.values():
@@ -304,6 +343,9 @@ class Broker:
                 self._send(self.backend, identity, P.Error("unknown worker: send WorkerHello"))
             return 0
         worker.last_seen = time.monotonic()
+        if isinstance(msg, P.GraphDone):
+            self.graphs.done(worker.device, msg)
+            return 0
         if isinstance(msg, P.Report):
             worker.done += len(msg.done)
             worker.failed += len(msg.failed)
@@ -330,6 +372,7 @@ class Broker:
         self.worker_by_uid[worker.uid] = worker
         log.info("worker for device %d connected (pid %d)", msg.device, msg.pid)
         self._announce_devices()
+        self.graphs.worker_joined(msg.device)
 
     def _dispatch(self) -> None:
         batches: dict[int, list[P.WorkTask]] = {}
@@ -378,6 +421,7 @@ class Broker:
                                f"worker of {what} (pid {worker.pid}) died ({how})",
                                self.supervisor.log_hint(worker.device), worker.status.outcome)
         worker.status.release()
+        self.graphs.worker_lost(worker.device, f"worker of {what} (pid {worker.pid}) died ({how})")
         self._announce_devices()
 
     # ---- timers ----------------------------------------------------------------------
@@ -403,6 +447,7 @@ class Broker:
             elif not shm.pid_alive(worker.pid):
                 self._worker_lost(worker, "process gone")
             elif (not self.sched.in_flight(worker.device)
+                  and not self.graphs.busy_on(worker.device)
                   and now - worker.last_seen > deadline):
                 self._worker_lost(worker, f"silent for {now - worker.last_seen:.1f}s")
             elif now - worker.last_sent > self.heartbeat:
@@ -418,6 +463,7 @@ class Broker:
             self._send(self.frontend, client.identity, P.Shutdown("broker stopping"))
         self.supervisor.stop(timeout=2.0)
         self.barriers.close_all()
+        self.graphs.close()
         for worker in self.workers.values():  # workers killed on the way out leave theirs
             worker.status.release()
         self.frontend.close(0)

@@ -38,6 +38,7 @@ _LAZY = {
     "compile": "pto.chip.compiler", "include_dir": "pto.chip.compiler",
     "CompiledPackage": "pto.chip.package", "KernelRef": "pto.chip.package",
     "OrchContext": "pto.host.orchestration", "TensorHandle": "pto.host.tensor",
+    "Graph": "pto.host.graph",
     "status": "pto.tools.status", "Ref": "pto.cluster.refs", "LocalCluster": "pto.cluster.local",
 }
 
@@ -63,5 +64,5 @@ __all__ = [
     "Arg", "ParamType", "Runtime", "OrchContext", "TensorHandle", "TaskInfo", "task",
     "PtoError", "TaskError", "WorkerLost", "BrokerLost", "HostLost", "TensorFreed", "OutOfMemory",
     "ProtocolError", "CompileError", "compile", "include_dir", "CompiledPackage", "KernelRef",
-    "status", "Ref", "LocalCluster", "types",
+    "status", "Ref", "LocalCluster", "types", "Graph",
 ]

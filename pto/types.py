@@ -1,5 +1,5 @@
 """The original runtime's ``pto.types`` module, under its own name: ``Arg``, ``TensorHandle``,
-``CompiledPackage`` and ``ParamType`` (the same objects as ``pto.Arg`` and so on), so
+``CompiledPackage``, ``ParamType`` and ``Graph`` (the same objects as ``pto.Arg`` and so on), so
 ``from pto.types import Arg`` in ported code keeps working.
 
 >>> from pto.types import Arg, ParamType
@@ -8,7 +8,8 @@ True
 """
 
 from .chip.package import CompiledPackage
+from .host.graph import Graph
 from .host.tensor import TensorHandle
 from .wire.args import Arg, ParamType
 
-__all__ = ["Arg", "TensorHandle", "CompiledPackage", "ParamType"]
+__all__ = ["Arg", "TensorHandle", "CompiledPackage", "ParamType", "Graph"]

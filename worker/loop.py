@@ -44,6 +44,7 @@ from pto.wire.sockets import connect, incoming, send_frames
 from pto.wire.taskinfo import TaskInfo, set_current
 
 from .completions import Peers, StatusBlock
+from .graph import Graphs
 from .kernels import Kernel, load_kernel
 from .queue import LocalQueue
 
@@ -93,6 +94,7 @@ class Worker:
         self.status = self.block.words
         self.peers = Peers(self.block)
         self.poller.register(self.peers.wake_fd, zmq.POLLIN)
+        self.graphs = Graphs(device, self.peers, self._send)  # captured graphs (worker.graph)
 
     def _hello(self) -> P.WorkerHello:
         return P.WorkerHello(self.device, os.getpid(), self.status_name, self.peers.address)
@@ -107,7 +109,11 @@ class Worker:
                                  daemon=True).start()
             log.info("worker for %s started", chip_label(self.device))
             while not self.stopping:
+                ran = self.graphs.busy and self.graphs.step()
                 task = self._next_task()
+                if task is None and ran:
+                    self._drain()
+                    continue
                 if task is None:  # nothing queued, or every client's next task waits
                     if self._idle_poll():
                         self._drain()
@@ -148,7 +154,10 @@ class Worker:
     def _next_task(self) -> P.WorkTask | None:
         """Take the next task that may run now (``worker.queue``); None if there is none
         or every client's next task waits for a predecessor elsewhere."""
-        return self.queue.next(self._check_waits, self._skip) if self.queue else None
+        if not self.queue:
+            return None
+        hold = self.graphs.hold if self.graphs.busy else None
+        return self.queue.next(self._check_waits, self._skip, hold)
 
     def _check_waits(self, task: P.WorkTask) -> bool | None:
         try:
@@ -223,6 +232,8 @@ class Worker:
             self.last_recv = time.monotonic()
             if isinstance(msg, P.Dispatch):
                 self._apply(msg)
+            elif self.graphs.handle(msg):
+                pass
             elif isinstance(msg, P.Shutdown):
                 log.info("broker asked us to stop: %s", msg.reason)
                 self.stopping = True
@@ -249,6 +260,7 @@ class Worker:
             self._unmap(ref.client, ref.tensor)
         for client in msg.gone:
             self._forget_client(client)
+            self.graphs.forget_client(client)
         self.queue.extend(msg.tasks)
         if msg.cancel:
             self._drop_queued(set(msg.cancel), "cancelled")
@@ -391,6 +403,7 @@ class Worker:
     def _close(self) -> None:
         try:
             self._report()
+            self.graphs.close()
             for key in list(self.segments):
                 self._unmap(*key)
             self.sock.close(0)

@@ -40,13 +40,17 @@ class LocalQueue:
             fifo.append(task)
         self._size += len(tasks)
 
-    def next(self, check: WaitCheck, skipped: Callable[[P.WorkTask], None]) -> P.WorkTask | None:
+    def next(self, check: WaitCheck, skipped: Callable[[P.WorkTask], None],
+             hold: Callable[[P.WorkTask], bool] | None = None) -> P.WorkTask | None:
         """Take the first task that may run now, trying the clients in turn (the one it
         comes from goes last); None if every client's next task waits. A task whose
-        predecessor failed is taken out and handed to ``skipped``."""
+        predecessor failed is taken out and handed to ``skipped``; one ``hold`` names
+        waits (``worker.graph``: live groups during some replays)."""
         for client, fifo in list(self._fifos.items()):
             while fifo:
                 task = fifo[0]
+                if hold is not None and hold(task):
+                    break
                 ok = True if not task.wait else check(task)
                 if ok is None:
                     break  # this client waits; try the next one

@@ -29,6 +29,10 @@ from ..wire.pickling import pickle_by_value
 from ..wire.security import curve_dir
 from .connection import Connection
 from .embedded import EmbeddedBroker
+from .graph import Graph
+from .graph_book import REPLIES as GRAPH_REPLIES
+from .graph_book import GraphBook
+from .graph_book import capture as capture_graph
 from .orchestration import OrchContext
 from .run import Registration, Run
 from .runbook import RunBook
@@ -98,10 +102,23 @@ class HostRuntime(RuntimeBase):
         self._host_kernels: dict[int, tuple[Callable[..., Any], int]] = {}  # id(fn) -> (fn, id)
         self._book = RunBook(self._conn, self._store, self.devices, self._trace,
                              self._host_kernel, settings.max_outstanding_tasks)
-        self._conn.on_message = self._book.on_message
-        self._conn.on_lost = self._book.fail_all
+        self._graphs = GraphBook(self._conn, self._trace is not None,
+                                 self._trace.graph_replay if self._trace else None)
+        self._timeout = timeout
+        self._conn.on_message = self._on_message
+        self._conn.on_lost = self._on_lost
         self._conn.start()
         self._opened()
+
+    def _on_message(self, msg: P.Message) -> None:
+        if isinstance(msg, GRAPH_REPLIES):
+            self._graphs.on_message(msg)
+        else:
+            self._book.on_message(msg)
+
+    def _on_lost(self, exc: BaseException) -> None:
+        self._book.fail_all(exc)
+        self._graphs.fail_all(exc)
 
     def _wait_for_devices(self, wanted: list[int] | None, timeout: float) -> list[int]:
         welcome = self._conn.welcome
@@ -222,6 +239,21 @@ class HostRuntime(RuntimeBase):
             raise error
         return value
 
+    def capture(self, name: str, args: Any = None) -> Graph:
+        """Run orchestration ``name`` once with ``args`` and record its tasks as a
+        ``pto.Graph`` installed on the broker and workers; ``g.run(new_args)`` replays it.
+
+        Top-level arrays and handles of ``args`` are the graph's inputs; every other
+        value, and the orchestration's control flow, is frozen (see docs/api.md,
+        "Captured graphs"). ``ctx.submit_host`` cannot be captured (ValueError).
+        """
+        self._check_open()
+        reg = self._registry.get(name)
+        if reg is None:
+            raise KeyError(f"no orchestration registered as {name!r}; "
+                           f"registered: {sorted(self._registry)}")
+        return capture_graph(self._graphs, self._store, self.devices, reg, args, self._timeout)
+
     def _host_kernel(self, fn: Callable[..., Any]) -> int:
         """The kernel id of a host sub-task function, registering it on first use."""
         known = self._host_kernels.get(id(fn))
@@ -247,6 +279,7 @@ class HostRuntime(RuntimeBase):
         if self._closed:
             return
         self._closed = True
+        self._graphs.close()  # dropped on the broker and workers; their tensors freed
         # Runs still in flight end first, so their waiters see why instead of a closed socket.
         self._book.fail_all(BrokerLost("the runtime was closed while this run was in flight"))
         self._conn.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ class TraceRecorder:
         self.path = path
         self._lock = threading.Lock()
         self._tasks: dict[int, _Submitted] = {}
+        self._replays: list[tuple[str, list[str], P.GraphResult, float]] = []
 
     def submitted(self, task: int, kernel: str, chips: list[int], nbytes: int, t: float) -> None:
         with self._lock:
@@ -50,6 +52,35 @@ class TraceRecorder:
                 rec = self._tasks.get(f.task)
                 if rec is not None:
                     rec.failure = f.reason
+
+    def graph_replay(self, name: str, kernels: list[str], msg: P.GraphResult) -> None:
+        """A replay of captured graph ``name`` ended (``kernels``: each task's kernel)."""
+        ended = time.monotonic()
+        with self._lock:
+            self._replays.append((name, kernels, msg, ended))
+
+    def _replay_events(self, tracks: set[int]) -> list[dict[str, Any]]:
+        """One slice per replay on the "graphs" track; its tasks on their chips' tracks."""
+        events: list[dict[str, Any]] = []
+        with self._lock:
+            replays = list(self._replays)
+        for name, kernels, msg, ended in replays:
+            events.append({"ph": "X", "name": f"graph {name}", "cat": "graph", "pid": 1,
+                           "tid": _GRAPHS_TRACK, "ts": _us(msg.started),
+                           "dur": max(_us(ended) - _us(msg.started), 0.001),
+                           "args": {"replay": msg.replay, "tasks": len(kernels),
+                                    "failed": len(msg.failed)}})
+            for index, rank, chip, start, end in msg.times:
+                tracks.add(chip)
+                events.append({"ph": "X", "name": kernels[index], "cat": "graph-task",
+                               "pid": 1, "tid": _track(chip), "ts": _us(start),
+                               "dur": max(_us(end) - _us(start), 0.001),
+                               "args": {"graph": name, "replay": msg.replay, "task": index,
+                                        "rank": rank}})
+        if replays:
+            events.append({"ph": "M", "name": "thread_name", "pid": 1, "tid": _GRAPHS_TRACK,
+                           "args": {"name": "graphs"}})
+        return events
 
     def events(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -79,6 +110,7 @@ class TraceRecorder:
                 events.append({"ph": "i", "s": "g", "name": f"{rec.kernel} (not run)",
                                "pid": 1, "tid": _track(rec.chips[0]), "ts": _us(rec.submit),
                                "args": {"task": task, "failure": rec.failure}})
+        events += self._replay_events(tracks)
         flow = 0
         for rec in tasks.values():
             for m in rec.members:
@@ -111,6 +143,9 @@ def _launch_events(task: int, member: P.TaskTime) -> list[dict[str, Any]]:
              "args": {"task": task, "rank": member.rank, "block_dim": launch.block_dim,
                       "rc": launch.rc}}
             for launch in member.launches]
+
+
+_GRAPHS_TRACK = 2001  # replays of captured graphs
 
 
 def _us(seconds: float) -> float:

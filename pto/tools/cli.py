@@ -159,6 +159,14 @@ def format_status(st: dict[str, Any]) -> str:
                          for c in clients])
     else:
         lines.append("no clients connected")
+    graphs = st.get("graphs", [])
+    if graphs:
+        lines.append("")
+        lines += _table(["GRAPH", "CLIENT", "NAME", "TASKS", "CHIPS", "REPLAYS", "FAILED",
+                         "QUEUED"],
+                        [[g.get("graph"), g.get("client"), g.get("name"), g.get("tasks"),
+                          ",".join(map(str, g.get("chips", []))), g.get("replays"),
+                          g.get("failed"), g.get("queued")] for g in graphs])
     return "\n".join(lines)
 
 

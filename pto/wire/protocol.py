@@ -286,11 +286,129 @@ class Shutdown(Struct, tag=23):
     reason: str = ""
 
 
+# ---- captured graphs (pto.host.graph, broker.graphs, worker.graph) ------------------
+
+
+class GraphTask(Struct):
+    """One task of a captured graph as the client installs it: ``deps`` are the indexes
+    (in the graph's task list) of every task it depends on, all earlier than it."""
+
+    chip: int
+    kernel: int
+    args: list[ArgSpec]
+    group: list[int] = []
+    deps: list[int] = []
+
+
+class GraphInstall(Struct, tag=30):
+    """Client -> broker, once per graph: its tasks, and the tensor holding an int64
+    outcome word per task member (``flags``: a group task has one per chip), written by
+    the workers and read by the waiting ones."""
+
+    graph: int  # client-local graph id
+    name: str
+    flags: int  # tensor id
+    tasks: list[GraphTask]
+
+
+class GraphInstalled(Struct, tag=31):
+    """Broker -> client: the graph is installed (``error`` empty) or refused."""
+
+    graph: int
+    error: str = ""
+
+
+class GraphReplay(Struct, tag=32):
+    """Client -> broker: replay the graph once (its inputs are bound already)."""
+
+    graph: int
+    replay: int  # client-local number, echoed in GraphResult
+    trace: bool = False
+
+
+class GraphDrop(Struct, tag=33):
+    graph: int
+
+
+class GraphResult(Struct, tag=34):
+    """Broker -> client: one replay ended; ``failed`` empty if every task ran well.
+    ``times``: (task index, rank, chip, start, end) of each task, for traced replays."""
+
+    graph: int
+    replay: int
+    failed: list[Failure] = []
+    times: list[tuple[int, int, int, float, float]] = []
+    started: float = 0.0  # when the broker triggered it (time.monotonic())
+
+
+class PartTask(Struct):
+    """One task of a worker's part of a graph, in the order it runs them. Each member of
+    a graph task has an outcome word (``word``) in the graph's flags tensor; ``deps`` are
+    the words it waits for, ``poke`` the uids of the workers waiting for its own."""
+
+    index: int  # in the graph's task list
+    word: int
+    kernel: int
+    args: list[ArgSpec]
+    rank: int = 0
+    world: int = 1
+    barrier: str = ""
+    deps: list[int] = []
+    poke: list[int] = []
+
+
+class GraphPart(Struct, tag=35):
+    """Broker -> worker: install (or replace) this worker's part of a graph."""
+
+    client: int
+    graph: int
+    owner: str  # the client's segment owner
+    flags: int  # tensor id of the outcome words
+    kernels: list[KernelDef]
+    peers: list[PeerInfo]
+    tasks: list[PartTask]
+
+
+class GraphRun(Struct, tag=36):
+    """Broker -> worker: run your part of the graph once, as replay number ``replay``."""
+
+    client: int
+    graph: int
+    replay: int
+    trace: bool = False
+
+
+class GraphAbort(Struct, tag=37):
+    """Broker -> worker: replay ``replay`` failed (a worker died): skip what is left of it."""
+
+    client: int
+    graph: int
+    replay: int
+
+
+class GraphForget(Struct, tag=38):
+    client: int
+    graph: int
+
+
+class GraphDone(Struct, tag=39):
+    """Worker -> broker: its part of a replay ended (failures, and times if traced:
+    (task index, rank, start, end))."""
+
+    client: int
+    graph: int
+    replay: int
+    failed: list[Failure] = []
+    times: list[tuple[int, int, float, float]] = []
+
+
 Message = Union[  # noqa: UP007 - msgspec needs a real Union of tagged structs
     Hello, RegisterKernel, Submit, FreeTensors, Heartbeat, Cancel, StatusRequest, Attach, Bye,
     Welcome,
     Results, Error, DeviceStatus, StatusReply,
     WorkerHello, Dispatch, Report, Shutdown,
+    GraphInstall, GraphInstalled, GraphReplay, GraphDrop, GraphResult, GraphPart, GraphRun,
+    GraphAbort, GraphForget, GraphDone,
 ]
 
 # What the broker receives: Submit's task arguments stay packed until it needs them.

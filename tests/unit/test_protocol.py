@@ -50,7 +50,7 @@ def test_the_union_holds_every_message_struct_of_the_module():
               and issubclass(obj, msgspec.Struct) and obj.__struct_config__.tag is not None}
     assert tagged - set(MESSAGE_TYPES) == {P.PackedSubmit}  # the broker's view of Submit
     tags = [t.__struct_config__.tag for t in MESSAGE_TYPES]
-    assert len(tags) == len(set(tags)) == 18
+    assert len(tags) == len(set(tags)) == 28
 
 
 @pytest.mark.parametrize("kind", MESSAGE_TYPES, ids=lambda t: t.__name__)
