@@ -1,9 +1,11 @@
-"""The ``pto`` command: ``pto status``, ``pto trace summarize FILE``, ``pto keygen DIR``.
+"""The ``pto`` command: ``pto status``, ``pto trace summarize FILE``, ``pto keygen DIR``,
+``pto clean``.
 
     pto status [--broker ADDR] [--json] [--timeout S]   what a broker is doing
     pto status --cluster ADDRESS [--json]               a Ray cluster's pto hosts (L4)
     pto trace summarize run.json [--top N] [--json]     busy %, critical path, top kernels
     pto keygen DIR [--force]                            CURVE keys for a tcp broker
+    pto clean [--dry-run]                               remove what killed pto processes left
 
 Exit status: 0 on success, 1 when the command could not do its job (no broker answered,
 unreadable trace, keys already there), 2 for a usage error.
@@ -77,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("dir", metavar="DIR")
     k.add_argument("--force", action="store_true", help="replace keys already in DIR")
     k.set_defaults(func=_cmd_keygen)
+
+    c = sub.add_parser("clean", help="remove what killed pto processes left in /dev/shm",
+                       description="Remove this user's pto shared-memory segments and "
+                       "semaphores whose owning process is gone, and stale broker sockets in "
+                       "the runtime directory (what a broker's start-up janitor does). Another "
+                       "user's files and a live process's are never touched.")
+    c.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    c.set_defaults(func=_cmd_clean)
     return parser
 
 
@@ -186,6 +196,33 @@ def _cmd_trace_summarize(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary, args.file, top=args.top))
+    return 0
+
+
+# ---- clean -------------------------------------------------------------------------------
+
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    from ..wire import shm
+    from ..wire.procs import runtime_dir
+    from ..wire.sockets import stale_endpoints
+
+    found = [(os.path.join(shm.SHM_DIR, f), f) for f in shm.dead_leftovers()]
+    sockets = stale_endpoints(runtime_dir(config.load().runtime_dir))
+    removed = 0
+    for path, name in found:
+        if args.dry_run or shm.remove_file(name):
+            print(f"{'would remove' if args.dry_run else 'removed'} {path}")
+            removed += 1
+    for path in sockets:
+        if not args.dry_run:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+        print(f"{'would remove' if args.dry_run else 'removed'} {path}")
+        removed += 1
+    print(f"{removed} file(s) of dead pto processes {'to remove' if args.dry_run else 'removed'}")
     return 0
 
 
