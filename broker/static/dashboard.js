@@ -124,7 +124,7 @@ function draw(s) {
   fill($("failures").tBodies[0], (s.failures || []).map((f) => el("tr", {},
     el("td", {}, fmtTime(f.time)), el("td", {}, f.client), el("td", {}, f.task),
     el("td", { class: "kernel" }, f.kernel), el("td", {}, f.chip),
-    el("td", { class: "reason" }, f.reason.split("\n").slice(-3).join("\n")))),
+    el("td", { class: "reason", title: f.reason }, f.reason.split("\n")[0]))),
     "none", 6);
   fill($("deaths").tBodies[0], (s.deaths || []).map((d) => el("tr", {},
     el("td", {}, fmtTime(d.time)), el("td", {}, d.chip), el("td", {}, d.pid), el("td", {}, d.how))),
