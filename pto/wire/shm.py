@@ -187,7 +187,11 @@ def remove_file(f: str) -> bool:
 def reap_dead_owners() -> int:
     """Unlink this user's segments whose owning process no longer exists (a janitor's
     sweep: every broker start, ``pto clean``); returns how many were removed."""
-    removed = sum(remove_file(f) for f in dead_leftovers())
+    removed = 0
+    for f in dead_leftovers():
+        if remove_file(f):
+            log.debug("janitor: removed %s", f)
+            removed += 1
     if removed:
         log.info("janitor: removed %d segment(s) of dead owners", removed)
     return removed
