@@ -62,9 +62,11 @@ function drawChips(chips, queues) {
 function drawChart(rates) {
   const svg = $("chart"), W = 600, H = 180, L = 44, B = 18;
   const pts = rates.filter((r) => r.t >= -300);
+  // the last 5 minutes, or less while the broker is younger (at least 1 minute)
+  const span = Math.min(300, Math.max(60, Math.ceil(-Math.min(0, ...pts.map((r) => r.t)) / 60) * 60));
   const top = Math.max(1, ...pts.map((r) => r.done + r.failed));
   const scale = niceCeil(top);
-  const x = (t) => L + (W - L - 4) * (1 + t / 300);
+  const x = (t) => L + (W - L - 4) * (1 + t / span);
   const y = (v) => H - B - (H - B - 6) * (v / scale);
   const ns = "http://www.w3.org/2000/svg";
   const mk = (tag, attrs, text) => {
@@ -78,9 +80,10 @@ function drawChart(rates) {
     kids.push(mk("line", { x1: L, x2: W, y1: y(scale * f), y2: y(scale * f), stroke: "#e2e5ea" }));
     kids.push(mk("text", { x: L - 6, y: y(scale * f) + 4, "text-anchor": "end" }, fmtInt(scale * f)));
   }
-  for (const t of [-300, -240, -180, -120, -60, 0]) {
-    kids.push(mk("text", { x: x(t), y: H - 4, "text-anchor": t === 0 ? "end" : "middle" },
-      t === 0 ? "now" : (t / 60) + " min"));
+  const step = span <= 60 ? 15 : 60;
+  for (let t = -span; t <= 0; t += step) {
+    kids.push(mk("text", { x: x(t), y: H - 4, "text-anchor": t === 0 ? "end" : t === -span ? "start" : "middle" },
+      t === 0 ? "now" : step < 60 ? t + " s" : (t / 60) + " min"));
   }
   for (const [key, color] of [["done", "#2f6fde"], ["failed", "#d64545"]]) {
     if (pts.length > 1) {
