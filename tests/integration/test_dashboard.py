@@ -29,7 +29,7 @@ def add_one(x, y):
 def slow_kernel(x, y):
     import time
 
-    time.sleep(2.0)
+    time.sleep(3.0)  # long enough for the page to see chip 1 busy on a loaded machine
     y[:] = x
 
 
