@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-dir", help="write broker and worker logs here")
     parser.add_argument("--curve", metavar="DIR", help="require CURVE keys from `pto keygen DIR` "
                         "(needed for tcp:// unless --insecure)")
+    parser.add_argument("--metrics-port", type=int, metavar="N",
+                        help="serve Prometheus /metrics and a live dashboard (/) on port N "
+                        "(0: any free port, logged)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR",
+                        help="interface for --metrics-port (default 127.0.0.1)")
     parser.add_argument("--insecure", action="store_true",
                         help="allow tcp:// without CURVE: any local user could run code on workers")
     args = parser.parse_args(argv)
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--credit must be in 1..{P.MAX_CREDIT}")
     if args.workers < 0 or args.host_workers < 0:
         parser.error("--workers and --host-workers must be >= 0")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error("--metrics-port must be in 0..65535")
     if args.workers and args.devices:
         parser.error("give --workers or --devices, not both")
     try:
@@ -74,18 +81,36 @@ def main(argv: list[str] | None = None) -> int:
     if parent_gone(args.parent_pid):
         return 1  # our parent died before we started
     gc.set_threshold(100_000, 50, 100)  # per-task objects are short-lived; full GCs dominate
+    metrics, http = None, None
+    if args.metrics_port is not None:
+        from .metrics import BrokerMetrics
+        from .metrics_http import MetricsServer
+
+        metrics = BrokerMetrics()
+        try:
+            http = MetricsServer(metrics, args.metrics_host, args.metrics_port)
+        except OSError as exc:
+            print(f"error: cannot serve metrics on {args.metrics_host}:{args.metrics_port}: "
+                  f"{exc}", file=sys.stderr)
+            return 1
     try:
         broker = Broker(address, devices, spawn_workers=bool(devices), heartbeat=args.heartbeat,
                         liveness=args.liveness, credit=args.credit, parent_pid=args.parent_pid,
                         log_dir=args.log_dir, host_workers=args.host_workers, curve=args.curve,
-                        spin_seconds=cfg.spin_seconds)
+                        spin_seconds=cfg.spin_seconds, metrics=metrics)
     except Exception as exc:  # noqa: BLE001 - report bind errors plainly
         logging.getLogger("pto.broker").error("cannot start: %s", exc)
         print(f"error: cannot start broker on {address}: {exc}", file=sys.stderr)
+        if http is not None:
+            http.stop()
         return 1
     print(address, flush=True)
     gc.freeze()
-    broker.serve()
+    try:
+        broker.serve()
+    finally:
+        if http is not None:
+            http.stop()
     return 0
 
 

@@ -38,6 +38,7 @@ from pto.wire.sockets import (
 
 from .barriers import Barriers
 from .graphs import Graphs
+from .metrics import BrokerMetrics
 from .peers import ClientPeer, WorkerPeer, WorkerStatus
 from .scheduler import Scheduler
 from .status import broker_status
@@ -73,11 +74,13 @@ class Broker:
         host_workers: int = 1,
         curve: str | None = None,
         spin_seconds: float = 0.0,
+        metrics: BrokerMetrics | None = None,
     ):
         """Serve clients at ``address`` (workers at ``pto.wire.procs.worker_address``); with
         ``spawn_workers``, run a worker per chip in ``devices`` and ``host_workers`` host
         workers. ``credit``: tasks in flight per chip worker; ``spin_seconds``: see
-        ``pto.wire.procs.SpinPoll``."""
+        ``pto.wire.procs.SpinPoll``; ``metrics``: counters to update and publish (only the
+        loop touches them: see ``broker.metrics``)."""
         if not 1 <= credit <= P.MAX_CREDIT:
             raise ValueError(f"credit must be in 1..{P.MAX_CREDIT}, not {credit}")
         self.address = address
@@ -85,6 +88,7 @@ class Broker:
         self.liveness = liveness
         self.credit = credit
         self.parent_pid = parent_pid
+        self.metrics = metrics
         self.started = time.monotonic()
         self.supervisor = Supervisor(address, devices if spawn_workers else [], host_workers,
                                      heartbeat, liveness, log_dir, curve)
@@ -137,6 +141,7 @@ class Broker:
                     next_tick = now + tick
                 timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
                 ready = dict(self._poll(timeout_ms, busy))
+                round_start = time.perf_counter()
                 busy = bool(ready)
                 if self._wake_r.fileno() in ready or self._wake_r in ready:
                     self._drain_wakeups()
@@ -149,6 +154,8 @@ class Broker:
                 aborts, closes = self.sched.take_barrier_orders()
                 if aborts or closes:
                     self.barriers.apply(aborts, closes)
+                if self.metrics is not None and busy:
+                    self.metrics.on_round(round_start)
         finally:
             self._shutdown()
 
@@ -218,6 +225,8 @@ class Broker:
         if isinstance(msg, _GRAPH_REQUESTS):
             self._on_graph_request(client, msg)
         elif isinstance(msg, P.PackedSubmit):
+            if self.metrics is not None:
+                self.metrics.on_submit(client.index, msg.tasks)
             self.sched.submit(client.index, msg.tasks)
             return len(msg.tasks)
         elif isinstance(msg, P.Cancel):
@@ -309,6 +318,8 @@ class Broker:
         self.clients_by_index.pop(client.index, None)
         self.sched.drop_client(client.index)
         self.graphs.drop_client(client.index)
+        if self.metrics is not None:
+            self.metrics.on_client_gone(client.index)
         for key in [k for k in self.kernels if k[0] == client.index]:
             del self.kernels[key]
         for worker in self.workers.values():
@@ -325,6 +336,8 @@ class Broker:
         for index, (done, failed, times) in self.sched.take_results().items():
             client = self.clients_by_index.get(index)
             if client is not None:
+                if self.metrics is not None:
+                    self.metrics.on_results(index, done, failed)
                 self._send(self.frontend, client.identity, P.Results(done, failed, times))
                 client.last_sent = now
 
@@ -349,6 +362,8 @@ class Broker:
         if isinstance(msg, P.Report):
             worker.done += len(msg.done)
             worker.failed += len(msg.failed)
+            if self.metrics is not None:
+                self.metrics.on_report(worker.device, len(msg.done), len(msg.failed))
             self.sched.report(worker.device, msg.done, msg.failed, msg.times, msg.launches)
             return len(msg.done) + len(msg.failed)
         if not isinstance(msg, P.Heartbeat):
@@ -411,6 +426,8 @@ class Broker:
 
     def _worker_lost(self, worker: WorkerPeer, how: str) -> None:
         log.warning("worker for device %d (pid %d) lost: %s", worker.device, worker.pid, how)
+        if self.metrics is not None:
+            self.metrics.on_worker_lost(worker.device, worker.pid, how)
         self.workers.pop(worker.identity, None)
         self.worker_by_uid.pop(worker.uid, None)
         if self.worker_by_device.get(worker.device) is worker:
@@ -454,6 +471,9 @@ class Broker:
                 self._send(self.backend, worker.identity, P.Heartbeat())
                 worker.last_sent = now
         self.supervisor.tick(now, self._stop)
+        if self.metrics is not None:
+            self.metrics.publish(self.address, self.started, self.workers.values(),
+                                 self.clients_by_index.values(), self.sched)
 
     def _shutdown(self) -> None:
         signal.set_wakeup_fd(-1)

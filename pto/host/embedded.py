@@ -14,13 +14,15 @@ from ..wire.sockets import child_env
 
 
 class EmbeddedBroker:
-    """A child broker process serving ``devices``, stopped by ``stop()``.
+    """A child broker process serving ``devices``, stopped by ``stop()`` (with
+    ``metrics_port``, serving /metrics and the dashboard there).
 
     It runs in its own session (Ctrl-C in a terminal reaches only the user's process,
     which then closes it), watches our pid, and exits with its workers if we die.
     """
 
-    def __init__(self, devices: list[int], owner: str, settings: config.Config):
+    def __init__(self, devices: list[int], owner: str, settings: config.Config,
+                 metrics_port: int | None = None):
         self._keep_logs = settings.keep_logs  # PTO_KEEP_LOGS
         base = runtime_dir(settings.runtime_dir)
         self.address = f"ipc://{base}/{owner}.sock"
@@ -29,6 +31,8 @@ class EmbeddedBroker:
         cmd = [sys.executable, "-m", "broker", "--listen", self.address,
                "--devices", ",".join(map(str, devices)), "--parent-pid", str(os.getpid()),
                "--log-dir", self.log_dir]
+        if metrics_port is not None:  # /metrics and the dashboard on 127.0.0.1
+            cmd += ["--metrics-port", str(metrics_port)]
         env = child_env()  # the broker reads its own PTO_* settings from it
         with open(os.path.join(self.log_dir, "broker.out"), "ab") as out:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,

@@ -55,7 +55,9 @@ class HostRuntime(RuntimeBase):
     ``broker=ADDRESS`` (or ``PTO_BROKER``) connects to a broker started with
     ``scripts/start_broker.sh``; then ``devices`` defaults to every chip it serves.
     Without one, a broker and one worker per device start as child processes and stop
-    on ``close()``, at interpreter exit, or when this process dies.
+    on ``close()``, at interpreter exit, or when this process dies; ``metrics_port=N``
+    has that broker serve Prometheus ``/metrics`` and a live dashboard on
+    ``http://127.0.0.1:N/`` (a running broker takes ``--metrics-port N`` instead).
     """
 
     level = "host"
@@ -63,7 +65,7 @@ class HostRuntime(RuntimeBase):
     def __init__(self, platform: str = "sim",
                  devices: list[int] | None = None, broker: str | None = None,
                  device: int | None = None, timeout: float = 10.0, trace: str | None = None,
-                 curve: str | None = None):
+                 curve: str | None = None, metrics_port: int | None = None):
         if platform != "sim":
             raise ValueError(f"platform {platform!r} needs Ascend hardware and its toolkit; "
                              "this machine supports platform='sim'")
@@ -78,10 +80,18 @@ class HostRuntime(RuntimeBase):
         self._owner = shm.new_owner()
         self._embedded: EmbeddedBroker | None = None
         address = broker or settings.broker
+        if metrics_port is not None and (isinstance(metrics_port, bool)
+                                         or not isinstance(metrics_port, int)
+                                         or not 0 < metrics_port <= 65535):
+            raise ValueError(f"metrics_port must be a port number 1..65535, not {metrics_port!r}")
         if address:
             _check_address(address)
+            if metrics_port is not None:
+                raise ValueError("metrics_port= is for an embedded broker: start a running "
+                                 "broker with --metrics-port N instead")
         else:
-            self._embedded = EmbeddedBroker(devices or [0], self._owner, settings)
+            self._embedded = EmbeddedBroker(devices or [0], self._owner, settings,
+                                            metrics_port=metrics_port)
             address = self._embedded.address
         trace = trace or settings.trace
         self._trace = TraceRecorder(trace) if trace else None

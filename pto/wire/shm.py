@@ -138,14 +138,60 @@ def unlink_owner(owner: str) -> int:
     return removed
 
 
+def dead_leftovers() -> list[str]:
+    """Our files in /dev/shm (segments, kept segments, ``sem.`` semaphores) that belong to
+    this user and whose owning process is gone: what a janitor may remove.
+
+    Another user's files are never listed (run as root, a sweep must not remove another
+    user's live data because its owner pid is not visible or was reused), nor a live
+    process's."""
+    uid = os.getuid()
+    alive: dict[int, bool] = {}
+    found = []
+    try:
+        files = sorted(os.listdir(SHM_DIR))
+    except FileNotFoundError:
+        return []
+    for f in files:
+        base = f[4:] if f.startswith("sem.") else f
+        if not base.startswith((PREFIX, CACHE_PREFIX)):
+            continue
+        pid = owner_pid(owner_of(base))
+        if pid is None:
+            continue
+        if pid not in alive:
+            alive[pid] = pid_alive(pid)
+        if alive[pid]:
+            continue
+        try:
+            if os.lstat(os.path.join(SHM_DIR, f)).st_uid != uid:
+                continue
+        except FileNotFoundError:
+            continue
+        found.append(f)
+    return found
+
+
+def remove_file(f: str) -> bool:
+    """Unlink one of ``dead_leftovers()``'s names (``sem.`` ones as semaphores); False if
+    it is already gone."""
+    if f.startswith("sem."):
+        try:
+            posix_ipc.unlink_semaphore("/" + f[4:])
+            return True
+        except posix_ipc.ExistentialError:
+            return False
+    return unlink("/" + f)
+
+
 def reap_dead_owners() -> int:
-    """Unlink segments whose owning process no longer exists (a janitor's sweep)."""
+    """Unlink this user's segments whose owning process no longer exists (a janitor's
+    sweep: every broker start, ``pto clean``); returns how many were removed."""
     removed = 0
-    owners = {owner_of(name) for sem in (False, True) for name in list_names(semaphores=sem)}
-    for owner in owners:
-        pid = owner_pid(owner)
-        if pid is not None and not pid_alive(pid):
-            removed += unlink_owner(owner)
+    for f in dead_leftovers():
+        if remove_file(f):
+            log.debug("janitor: removed %s", f)
+            removed += 1
     if removed:
         log.info("janitor: removed %d segment(s) of dead owners", removed)
     return removed

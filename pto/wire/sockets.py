@@ -137,21 +137,36 @@ def remove_endpoint(address: str) -> None:
         os.unlink(address[len("ipc://"):])
 
 
-def remove_stale_endpoints(address: str) -> None:
-    """Remove the ipc endpoints next to ``address`` that brokers killed before they could
-    clean up left behind (named broker-<pid>.sock or <pid>x<hex>.sock, with a .w twin
-    for workers), judged by whether <pid> still runs."""
-    if not address.startswith("ipc://"):
-        return
-    directory = os.path.dirname(address[len("ipc://"):])
+def stale_endpoints(directory: str) -> list[str]:
+    """The ipc endpoint files in ``directory`` that brokers killed before they could clean
+    up left behind (named broker-<pid>.sock or <pid>x<hex>.sock, with a .w twin for
+    workers), judged by whether <pid> still runs; only this user's."""
     if not directory or not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
+        return []
+    found = []
+    for name in sorted(os.listdir(directory)):
         if not name.endswith((".sock", ".sock.w")):
             continue
         head = name.removeprefix("broker-").split(".", 1)[0].split("x", 1)[0]
-        if head.isdigit() and not pid_alive(int(head)):
-            try:
-                os.unlink(os.path.join(directory, name))
-            except OSError:
-                pass
+        path = os.path.join(directory, name)
+        try:
+            mine = os.lstat(path).st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and head.isdigit() and not pid_alive(int(head)):
+            found.append(path)
+    return found
+
+
+def remove_stale_endpoints(address: str) -> list[str]:
+    """Remove ``stale_endpoints`` next to ``address`` (an ipc address); returns them."""
+    if not address.startswith("ipc://"):
+        return []
+    removed = []
+    for path in stale_endpoints(os.path.dirname(address[len("ipc://"):])):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed

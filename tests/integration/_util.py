@@ -143,10 +143,10 @@ SCRIPT = REPO / "scripts" / "start_broker.sh"
 class ExternalBroker:
     """A broker started by start_broker.sh; ``procs`` is the script and all it started."""
 
-    def __init__(self, tmp_path, workers: int = 2):
+    def __init__(self, tmp_path, workers: int = 2, args: tuple[str, ...] = ()):
         self.log = open(tmp_path / f"broker-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [str(SCRIPT), "--workers", str(workers)],
+            [str(SCRIPT), "--workers", str(workers), *args],
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

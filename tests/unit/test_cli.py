@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pto.tools import cli
+from pto.tools import cli, render, trace_summary
 
 
 def x(task, kernel, tid, ts, dur, deps=(), submit=0.0, failure=None, rank=0, world=1):
@@ -27,7 +27,7 @@ def test_fan_in_critical_path_follows_the_dependency_that_ended_last():
         x(1, "a", 0, 0, 100), x(2, "b", 1, 0, 300), x(3, "c", 0, 310, 40, deps=[1, 2]),
         x(4, "d", 1, 300, 5),
     ]
-    s = cli.summarize_trace(events)
+    s = trace_summary.summarize_trace(events)
     path = s["critical_path"]
     assert [t["kernel"] for t in path["tasks"]] == ["b", "c"]
     assert path["tasks"][1]["wait_us"] == 10 and path["tasks"][1]["after"] == 2
@@ -43,13 +43,13 @@ def test_groups_count_once_per_task_and_overlaps_once_per_track():
         x(1, "g", 0, 0, 50, rank=0, world=2), x(1, "g", 1, 10, 50, rank=1, world=2),
         x(2, "h", 1, 65, 10, deps=[1]),
     ]
-    s = cli.summarize_trace(events)
+    s = trace_summary.summarize_trace(events)
     assert s["tasks"] == 2 and s["slices"] == 3
     assert [t["kernel"] for t in s["critical_path"]["tasks"]] == ["g", "h"]
     assert s["critical_path"]["tasks"][0]["track"] == "chip 0, chip 1"
     assert s["top_kernels"][0] == {"kernel": "g", "calls": 2, "total_us": 100.0,
                                    "max_us": 50.0, "mean_us": 50.0}
-    assert cli._union([(0, 10), (5, 20), (30, 40)]) == 30
+    assert trace_summary._union([(0, 10), (5, 20), (30, 40)]) == 30
 
 
 def test_failures_and_tasks_that_never_ran_are_listed():
@@ -58,16 +58,17 @@ def test_failures_and_tasks_that_never_ran_are_listed():
         {"ph": "i", "s": "g", "name": "after (not run)", "pid": 1, "tid": 0, "ts": 1,
          "args": {"task": 2, "failure": "not run: task 1 (kernel 'boom' on chip 0) failed"}},
     ]
-    s = cli.summarize_trace(events)
+    s = trace_summary.summarize_trace(events)
     assert [(f["task"], f["kernel"], f["ran"]) for f in s["failures"]] == [
         (1, "boom", True), (2, "after", False)]
-    text = cli.format_summary(s, "t.json")
+    text = trace_summary.format_summary(s, "t.json")
     assert "failures: 2 task(s) (1 failed running, 1 not run)" in text
     assert "RuntimeError: boom" in text and "kernel traceback" not in text
 
 
 def test_an_empty_trace_says_so():
-    assert cli.format_summary(cli.summarize_trace([]), "e.json") == "e.json: no tasks"
+    empty = trace_summary.summarize_trace([])
+    assert trace_summary.format_summary(empty, "e.json") == "e.json: no tasks"
 
 
 def test_trace_summarize_reads_a_bare_event_list(tmp_path, capsys):
@@ -101,8 +102,8 @@ def test_status_table_renders_every_section():
 
 
 def test_units():
-    assert [cli._duration(s) for s in (5, 65, 3600 * 5 + 60, 86400 * 2 + 3600)] == [
+    assert [render.duration(s) for s in (5, 65, 3600 * 5 + 60, 86400 * 2 + 3600)] == [
         "5.0s", "1m05s", "5h01m", "2d01h"]
-    assert [cli._bytes(n) for n in (0, 1023, 2048, 5 * 2**30)] == [
+    assert [render.nbytes(n) for n in (0, 1023, 2048, 5 * 2**30)] == [
         "0 B", "1023 B", "2.0 KiB", "5.0 GiB"]
-    assert [cli._us(u) for u in (12.34, 4500, 2.5e6)] == ["12.3 us", "4.5 ms", "2.50 s"]
+    assert [render.us(u) for u in (12.34, 4500, 2.5e6)] == ["12.3 us", "4.5 ms", "2.50 s"]
