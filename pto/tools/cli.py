@@ -173,7 +173,7 @@ def format_status(st: dict[str, Any]) -> str:
     graphs = st.get("graphs", [])
     if graphs:
         lines.append("")
-        lines += _table(["GRAPH", "CLIENT", "NAME", "TASKS", "CHIPS", "REPLAYS", "FAILED",
+        lines += table(["GRAPH", "CLIENT", "NAME", "TASKS", "CHIPS", "REPLAYS", "FAILED",
                          "QUEUED"],
                         [[g.get("graph"), g.get("client"), g.get("name"), g.get("tasks"),
                           ",".join(map(str, g.get("chips", []))), g.get("replays"),
