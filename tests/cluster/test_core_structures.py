@@ -28,9 +28,9 @@ Pair = namedtuple("Pair", "a b")
 
 
 def _output(owner, run_id=1, host=0, released=None):
-    release = (lambda h, r: released.append((h, r))) if released is not None else (
-        lambda h, r: None)
-    return _Output(owner, run_id, host, "entry", object_ref=f"obj{run_id}", release=release)
+    release = (lambda h, r, copies: released.append((h, r))) if released is not None else (
+        lambda h, r, copies: None)
+    return _Output(owner, run_id, host, "entry", release=release)
 
 
 def _desc(host=0, run=1, i=0):
