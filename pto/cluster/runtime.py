@@ -152,6 +152,7 @@ class ClusterRuntime(RuntimeBase):
             infos = placement.wait_up(self._actors, self._timeout)
             self._nodes = nodes
             self._chips = [list(info["chips"]) for info in infos]
+            self._pids = [info["pid"] for info in infos]
             self._host_of_actor = {info["actor"]: h for h, info in enumerate(infos)}
             self.hosts: list[int] = list(range(len(self._actors)))
             self._hosts = [_Host() for _ in self.hosts]
@@ -378,10 +379,7 @@ class ClusterRuntime(RuntimeBase):
                 self._settle(rec, error=_load_error(msg.error, host))
 
     def _on_silent(self, host: int) -> None:
-        with self._lock:
-            if self._hosts[host].restarting or self._closed:
-                return
-        self._host_lost(host, f"it sent nothing for {P.SILENT_LOST_S:g}s (no heartbeat)")
+        self._suspect(host, f"it sent nothing for {P.SILENT_LOST_S:g}s (no heartbeat)")
 
     def _host_lost(self, host: int, reason: str) -> None:
         """``host`` is gone for good: fail its runs and the runs reading its tensors."""
@@ -400,7 +398,7 @@ class ClusterRuntime(RuntimeBase):
 
     def _watch(self) -> None:
         """Wait on every host actor's parked ``watch()``: Ray fails it the moment the actor
-        dies; then reopen the restarted actor and resend its runs, or declare it lost."""
+        dies (no polling while all is well)."""
         import ray
 
         while not self._closed:
@@ -411,34 +409,54 @@ class ClusterRuntime(RuntimeBase):
             ready, _ = ray.wait(list(refs), num_returns=1)
             for ref in ready:
                 host = refs[ref]
-                self._hosts[host].watch = None
+                if self._hosts[host].watch is ref:
+                    self._hosts[host].watch = None
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayError as exc:
-                    if not self._closed:
-                        self._restart(host, exc)
+                    self._suspect(host, from_ray(exc, self._host_of_actor, host))
 
-    def _restart(self, host: int, died: BaseException) -> None:
+    def _suspect(self, host: int, why: str | BaseException) -> None:
+        """Ray or the wire says ``host`` may be gone: find out (a thread of its own)."""
+        with self._lock:
+            state = self._hosts[host]
+            if state.restarting or state.lost is not None or self._closed:
+                return
+            state.restarting = True
+        threading.Thread(target=self._recover, args=(host, why), daemon=True,
+                         name=f"pto-l4-recover-{host}").start()
+
+    def _recover(self, host: int, why: str | BaseException) -> None:
+        """Wait for Ray to restart ``host``'s actor, then open it again and resend its runs
+        (each at most ``retries`` more times); or declare it lost: its node died, the actor
+        is out of restarts, or it is the same process, alive but silent."""
         import ray
 
-        with self._lock:
-            self._hosts[host].restarting = True
+        reason = why.reason if isinstance(why, HostLostError) else str(why)
         try:
-            if not self._node_alive(host):
-                raise HostLostError(host, "its Ray node is gone")
-            # Ray restarts the actor (max_restarts) and holds this call until it is up;
-            # an actor out of restarts fails it.
-            ray.get(self._actors[host].info.remote(), timeout=self._timeout)
-            self._open_host(host)
+            # Ray holds this call until a restarting actor is up; one out of restarts fails it.
+            ref = self._actors[host].info.remote()
+            deadline = time.monotonic() + self._timeout
+            while not ray.wait([ref], timeout=0.25)[0]:
+                if not self._node_alive(host):
+                    raise HostLostError(host, "its Ray node is gone")
+                if time.monotonic() > deadline or self._closed:
+                    raise HostLostError(host, f"{reason}; it did not come back within "
+                                        f"{self._timeout:g}s")
+            info = ray.get(ref)
+            if info["pid"] == self._pids[host]:
+                raise HostLostError(host, reason)
+            self._pids[host] = info["pid"]
+            if not self._closed:
+                self._open_host(host)
         except (ray.exceptions.RayError, HostLostError, PtoError) as exc:
-            reason = (exc.reason if isinstance(exc, HostLostError) else
-                      from_ray(died, self._host_of_actor, host).reason
-                      if isinstance(from_ray(died, self._host_of_actor, host), HostLostError)
-                      else str(died))
+            if isinstance(exc, ray.exceptions.RayError):
+                exc = from_ray(exc, self._host_of_actor, host)
             with self._lock:
                 self._hosts[host].restarting = False
-            self._host_lost(host, reason)
+            self._host_lost(host, exc.reason if isinstance(exc, HostLostError) else reason)
             return
+        log.warning("host %d restarted (%s): resending its runs in flight", host, reason)
         with self._lock:
             self._hosts[host].restarting = False
             for rec in list(self._inflight.values()):
