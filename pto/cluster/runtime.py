@@ -98,6 +98,7 @@ class _L3Run:
 @dataclass
 class _Host:
     control: str = ""
+    control_key: bytes = b""
     tensors: str = ""
     lost: str | None = None  # why it is lost for this runtime
     restarting: bool = False
@@ -183,11 +184,13 @@ class ClusterRuntime(RuntimeBase):
         return list(self._chips[int(host)])
 
     def endpoints(self, host: int) -> dict[str, str]:
-        """Where ``host`` listens: ``{"control": tcp address, "tensors": tcp address}``
-        (CURVE and the session's stream secret guard them)."""
+        """Where ``host`` listens: ``{"control": tcp address, "control_key": its CURVE
+        public key (Z85), "tensors": tcp address}``. Only this runtime's client key gets
+        through the control endpoint, only the session's secret through the tensor one."""
         check_host(host, self.hosts)
         state = self._hosts[int(host)]
-        return {"control": state.control, "tensors": state.tensors}
+        return {"control": state.control, "control_key": state.control_key.decode(),
+                "tensors": state.tensors}
 
     def _open_host(self, host: int) -> None:
         """Give ``host``'s actor fresh server keys, learn its endpoints, connect to it."""
@@ -199,6 +202,7 @@ class ClusterRuntime(RuntimeBase):
         ends = ray.get(actor.open.remote(keys, self._stream_auth), timeout=self._timeout)
         state = self._hosts[host]
         state.control, state.tensors = ends["control"], ends["tensors"]
+        state.control_key = server_public
         self._links.connect(host, state.control, server_public)
         state.watch = actor.watch.options(max_task_retries=0).remote()
 
@@ -549,8 +553,9 @@ class ClusterRuntime(RuntimeBase):
 
     def stats(self) -> dict[str, Any]:
         """Per host: L3 runs, cross-host transfers into it and the bytes they copied (each
-        the tensor's size once: the network's copy), same-host handoffs (zero copies); and
-        the totals. A lost host shows as ``{"lost": reason}`` and counts for nothing."""
+        the tensor's size once: the network's copy), same-host handoffs (zero copies); the
+        totals; and the driver's L3 runs in flight. A lost host shows as
+        ``{"lost": reason}`` and counts for nothing."""
         import ray
 
         live = [h for h in self.hosts if self._hosts[h].lost is None]
@@ -559,7 +564,9 @@ class ClusterRuntime(RuntimeBase):
         per_host = [got.get(h, {"lost": self._hosts[h].lost}) for h in self.hosts]
         keys = next(iter(got.values()), {})
         total = {k: sum(s.get(k, 0) for s in per_host) for k in keys}
-        return {"hosts": per_host, "total": total}
+        with self._lock:
+            driver = {"in_flight": len(self._inflight)}
+        return {"hosts": per_host, "total": total, "driver": driver}
 
     def write_trace(self, path: str | None = None) -> str:
         """Write the cluster trace so far (also done at close())."""
