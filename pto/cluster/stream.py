@@ -37,9 +37,10 @@ API (everything a caller needs; all of it thread-safe unless said otherwise)::
   ``copied == 0`` (so bytes-copied counters count the network copy once). If the fetch fails,
   ``discard(dest)`` (when given) runs once, and every waiter raises the same error. Only
   fetches in flight are merged: keeping a fetched tensor for later users is the caller's job.
-- Errors (all ``StreamError``, a ``pto.PtoError``): ``StreamLost`` (server unreachable, dead,
-  or silent for ``timeout`` seconds; also what a client without the session's credentials
-  sees, since the server tells it nothing), ``UnknownTensor`` (``lookup`` returned None),
+- Errors (all ``StreamError``, a ``pto.PtoError``): ``StreamLost`` (server unreachable, its
+  connection dropped during the fetch, or silent for ``timeout`` seconds), ``StreamRefused``
+  (a ``StreamLost``: the handshake failed, our credentials are not the server's session's;
+  told at once, not after the timeout), ``UnknownTensor`` (``lookup`` returned None),
   ``StreamCorrupt`` (a reply of the wrong length or shape; never silently written),
   ``StreamClosed`` (the fetcher was closed during the fetch).
 - The producer's mapping must stay open while chunks of it are in flight: free a tensor by
@@ -94,6 +95,11 @@ class StreamError(PtoError):
 
 class StreamLost(StreamError):
     """The server could not be reached, died, or did not answer in time."""
+
+
+class StreamRefused(StreamLost):
+    """The server refused our credentials: it is not a host of this session (or no longer:
+    a restarted host with new keys)."""
 
 
 class UnknownTensor(StreamError, KeyError):

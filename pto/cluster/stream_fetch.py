@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from .stream import (
     BAD_RANGE,
@@ -33,6 +34,7 @@ from .stream import (
     StreamCorrupt,
     StreamError,
     StreamLost,
+    StreamRefused,
     UnknownTensor,
 )
 
@@ -58,7 +60,7 @@ class Fetcher:
         self._timeout = timeout
         self._ctx = zmq.Context(io_threads=1)
         self._lock = threading.Condition()
-        self._idle: dict[str, list[zmq.Socket]] = {}
+        self._idle: dict[str, list[_Link]] = {}
         self._active = 0
         self._closed = False
         self._shared: dict[tuple[str, str], Future] = {}
@@ -74,19 +76,19 @@ class Fetcher:
         view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
         if view.nbytes < nbytes:
             raise ValueError(f"destination holds {view.nbytes} bytes, the tensor {nbytes}")
-        sock = self._checkout(address)
+        link = self._checkout(address)
         done = False
         try:
-            self._pull(sock, key, nbytes, view)
+            self._pull(link, key, nbytes, view)
             done = True
         finally:
             with self._lock:
                 idle = self._idle.setdefault(address, [])
                 # After an error replies may still be on their way: never reuse that socket.
                 if done and not self._closed and len(idle) < IDLE_PER_ADDRESS:
-                    idle.append(sock)
+                    idle.append(link)
                 else:
-                    sock.close(linger=0)
+                    link.close()
                 self._active -= 1
                 self._lock.notify_all()
         return nbytes
@@ -134,9 +136,9 @@ class Fetcher:
             self._closed = True
             while self._active:
                 self._lock.wait()
-            for socks in self._idle.values():
-                for sock in socks:
-                    sock.close(linger=0)
+            for links in self._idle.values():
+                for link in links:
+                    link.close()
             self._idle.clear()
         self._ctx.term()
 
@@ -146,29 +148,25 @@ class Fetcher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _checkout(self, address: str) -> zmq.Socket:
+    def _checkout(self, address: str) -> _Link:
         with self._lock:
             if self._closed:
                 raise StreamClosed("the fetcher is closed")
             self._active += 1
             idle = self._idle.get(address)
-            if idle:
-                return idle.pop()
+            link = idle.pop() if idle else None
         try:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.linger = 0
-            # A rogue reply cannot balloon (the margin: CURVE's per-message overhead).
-            sock.maxmsgsize = self._chunk + (1 << 16)
-            self._auth.secure_client(sock)
-            sock.connect(address)
+            if link is None:
+                return _Link(self._ctx, self._auth, address, self._chunk)
+            link.forget_events()  # a reconnection while it sat idle is no concern now
+            return link
         except BaseException:
             with self._lock:
                 self._active -= 1
                 self._lock.notify_all()
             raise
-        return sock
 
-    def _pull(self, sock: zmq.Socket, key: str, nbytes: int, dest: memoryview) -> None:
+    def _pull(self, link: _Link, key: str, nbytes: int, dest: memoryview) -> None:
         tag = next(self._tags) & 0xFFFF_FFFF_FFFF_FFFF
         key_bytes = key.encode()
         pending: dict[int, int] = {}  # offset -> n of requests in flight
@@ -177,23 +175,27 @@ class Fetcher:
         while first or sent < nbytes or pending:
             while (first or sent < nbytes) and len(pending) < self._window:
                 n = min(self._chunk, nbytes - sent)
-                sock.send_multipart([MAGIC, key_bytes, REQUEST.pack(tag, sent, n)])
+                link.sock.send_multipart([MAGIC, key_bytes, REQUEST.pack(tag, sent, n)])
                 pending[sent] = n
                 sent += n
                 first = False
-            self._wait(sock, key)
-            self._take_reply(sock, key, tag, pending, dest)
+            self._wait(link, key)
+            self._take_reply(link.sock, key, tag, pending, dest)
 
-    def _wait(self, sock: zmq.Socket, key: str) -> None:
+    def _wait(self, link: _Link, key: str) -> None:
+        """Until a reply is readable; raises if the connection failed or went silent."""
         deadline = time.monotonic() + self._timeout
-        while not sock.poll(POLL_SLICE_MS):
+        while True:
+            ready = dict(link.poller.poll(POLL_SLICE_MS))
+            if link.sock in ready:  # replies that arrived before any failure count first
+                return
+            if link.monitor in ready:
+                link.check_events(key)
             if self._closed:
                 raise StreamClosed(f"the fetcher was closed while fetching {key!r}")
             if time.monotonic() > deadline:
-                raise StreamLost(
-                    f"no reply for tensor {key!r} from {sock.last_endpoint.decode()} in "
-                    f"{self._timeout:g} s: the host is gone, unreachable, or refused our "
-                    f"credentials")
+                raise StreamLost(f"no reply for tensor {key!r} from {link.address} in "
+                                 f"{self._timeout:g} s: the host is gone or unreachable")
 
     def _take_reply(self, sock: zmq.Socket, key: str, tag: int, pending: dict[int, int],
                     dest: memoryview) -> None:
@@ -220,6 +222,51 @@ class Fetcher:
             raise StreamCorrupt(f"reply for bytes [{offset}, {offset + n}) of tensor {key!r} "
                                 f"held {got} bytes")
         del pending[offset]
+
+
+class _Link:
+    """One DEALER to a server, with a monitor that tells a refused handshake or a dropped
+    connection at once (instead of after the timeout). Used by one thread at a time."""
+
+    FAILURES = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+    def __init__(self, ctx: zmq.Context, auth: StreamAuth, address: str, chunk_bytes: int):
+        self.address = address
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        # A rogue reply cannot balloon (the margin: CURVE's per-message overhead).
+        self.sock.maxmsgsize = chunk_bytes + (1 << 16)
+        auth.secure_client(self.sock)
+        self.monitor = self.sock.get_monitor_socket(self.FAILURES)
+        self.monitor.linger = 0
+        try:
+            self.sock.connect(address)
+        except BaseException:
+            self.close()
+            raise
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+
+    def forget_events(self) -> None:
+        while self.monitor.poll(0):
+            self.monitor.recv_multipart()
+
+    def check_events(self, key: str) -> None:
+        """Raise for the first failure the monitor reported."""
+        while self.monitor.poll(0):
+            event = parse_monitor_message(self.monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                raise StreamLost(f"the connection to {self.address} dropped while fetching "
+                                 f"tensor {key!r}: the host is gone")
+            raise StreamRefused(f"{self.address} refused our credentials for tensor {key!r} "
+                                f"({event.name}): not a host of this session")
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
 
 
 def _drain(sock: zmq.Socket) -> None:

@@ -170,8 +170,10 @@ class TensorServer:
         if offset == 0:
             self._stats["transfers"] += 1
         flat = view if view.ndim == 1 and view.format == "B" else view.cast("B")
-        if self._send(identity, REPLY.pack(OK, tag, offset, n), flat[offset:offset + n]):
-            self._stats["bytes_sent"] += n
+        # Counted before the send: a client may read the stats as soon as its data arrived.
+        self._stats["bytes_sent"] += n
+        if not self._send(identity, REPLY.pack(OK, tag, offset, n), flat[offset:offset + n]):
+            self._stats["bytes_sent"] -= n
 
     def _reply(self, identity: bytes, status: int, tag: int, offset: int, n: int,
                message: str) -> None:
