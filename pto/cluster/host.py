@@ -302,12 +302,15 @@ class HostActor:
         if not leader:
             return future.result()
         start = time.monotonic()
+        handle = None
         try:
             handle = ctx.alloc(desc.shape, np.dtype(desc.dtype))
             if desc.nbytes:
                 self._fetcher.fetch(desc.endpoint, tensor_key(desc.key), desc.nbytes,
                                     handle.numpy().reshape(-1).view(np.uint8))
         except BaseException as exc:
+            if handle is not None:
+                handle.free()  # now: the error's traceback would keep it alive until a gc
             with self._lock:
                 self._copies.get((desc.host, desc.key[0]), {}).pop(desc.key[1], None)
             if isinstance(exc, StreamError):
