@@ -3,7 +3,7 @@
 An L3 run's result lives on its host: the host actor returns the entry's return value with
 every ``TensorHandle`` replaced by a ``TensorDesc`` (host, key, segment name, shape, dtype,
 the address of the host's tensor server) and keeps the handle alive. The driver keeps that
-value (pickled, as it arrived) in the run's ``_Output``, which every ``Ref`` (and
+value (pickled, as it arrived) in the run's ``RunOutput``, which every ``Ref`` (and
 ``ref[0]``/``ref["k"]``, the same output with a path into it) holds. A Ref is a pto-level
 name, (host, run, path): nothing of Ray. When the last holder of an output is gone, its
 finalizer tells the host (and every host that copied its tensors) to drop them
@@ -47,7 +47,7 @@ class _Slot:
     path: tuple[Any, ...]
 
 
-class _Output:
+class RunOutput:
     """One submitted L3 run's result, as the driver knows it: pending, then its value
     (pickled, tensors as descriptors) or its error. The host frees its tensors (and other
     hosts their copies, ``copies``) when the last holder (a Ref, or a run still waiting to
@@ -81,7 +81,7 @@ class Ref:
 
     __slots__ = ("_output", "_path")
 
-    def __init__(self, output: _Output, path: tuple[Any, ...] = ()):
+    def __init__(self, output: RunOutput, path: tuple[Any, ...] = ()):
         self._output = output
         self._path = path
 
@@ -112,7 +112,7 @@ class Ref:
         return f"<pto.Ref {self._output.entry!r} on host {self._output.host}{path}>"
 
 
-def output_of(ref: Ref) -> _Output:
+def output_of(ref: Ref) -> RunOutput:
     """The output ``ref`` names (the driver's record of the run it came from)."""
     return ref._output
 
@@ -120,10 +120,10 @@ def output_of(ref: Ref) -> _Output:
 # ---- driver side: Refs in args -> template + the outputs they name ------------------------
 
 
-def split_refs(args: Any, owner: Any) -> tuple[Any, list[_Output]]:
+def split_refs(args: Any, owner: Any) -> tuple[Any, list[RunOutput]]:
     """``args`` with each Ref replaced by a ``_Slot`` and the outputs they name, in slot
     order (one slot index per distinct output). A Ref of another runtime is a ValueError."""
-    outputs: list[_Output] = []
+    outputs: list[RunOutput] = []
     index: dict[int, int] = {}
 
     def walk(value: Any, depth: int) -> Any:

@@ -12,8 +12,8 @@ the caller of ``run`` (woken by an event), or by a finisher thread for ``submit`
 Future. Finishing raises the first failure, else fetches the returned Refs' tensors from
 their hosts' tensor servers straight into the numpy arrays it returns.
 
-Freeing: the tensors an L3 run returned stay on its host while its ``_Output`` lives (Refs
-hold it, and so does every run still waiting to read it). Its finalizer queues a
+Freeing: the tensors an L3 run returned stay on its host while its ``RunOutput`` lives
+(Refs hold it, and so does every run still waiting to read it). Its finalizer queues a
 ``Release`` to that host and to the hosts that may have copied them (release.Releaser).
 
 Failures: Ray reports a dead host actor (a ``watch`` call parked on every actor fails at
@@ -50,8 +50,8 @@ from .host import STREAM_TIMEOUT_S, drop_registrations, store_registration, tens
 from .links import Links
 from .refs import (
     Ref,
+    RunOutput,
     TensorDesc,
-    _Output,
     follow,
     instances_in,
     map_instances,
@@ -88,8 +88,8 @@ class _L3Run:
     host: int
     entry: str
     args: bytes  # the pickled argument template
-    inputs: list[_Output]  # held until this run has settled: it reads their values
-    output: _Output | None  # held until settled (then only Refs hold it)
+    inputs: list[RunOutput]  # held until this run has settled: it reads their values
+    output: RunOutput | None  # held until settled (then only Refs hold it)
     l4: _L4Run
     waiting: int = 0  # inputs not yet done
     sends: int = 0
@@ -304,7 +304,7 @@ class ClusterRuntime(RuntimeBase):
             raise TypeError(f"the args of {entry!r} cannot be sent to host {host}: {exc}"
                             ) from None
         run_id = next(self._run_ids)
-        output = _Output(self._token, run_id, host, entry, self._releaser.release)
+        output = RunOutput(self._token, run_id, host, entry, self._releaser.release)
         rec = _L3Run(run_id, host, entry, blob, inputs, output, run)
         with self._lock:
             run.pending += 1

@@ -13,8 +13,8 @@ import pto
 from pto.cluster.errors import HostLostError, HostTaskError, is_root
 from pto.cluster.refs import (
     Ref,
+    RunOutput,
     TensorDesc,
-    _Output,
     _Slot,
     fill,
     follow,
@@ -30,7 +30,7 @@ Pair = namedtuple("Pair", "a b")
 def _output(owner, run_id=1, host=0, released=None):
     release = (lambda h, r, copies: released.append((h, r))) if released is not None else (
         lambda h, r, copies: None)
-    return _Output(owner, run_id, host, "entry", release=release)
+    return RunOutput(owner, run_id, host, "entry", release=release)
 
 
 def _desc(host=0, run=1, i=0):
