@@ -25,6 +25,7 @@ from zmq.utils.monitor import parse_monitor_message
 from .stream import (
     BAD_RANGE,
     MAGIC,
+    MAX_KEY_BYTES,
     OK,
     REPLY,
     REQUEST,
@@ -74,6 +75,8 @@ class Fetcher:
         if view.readonly or not view.c_contiguous:
             raise ValueError("fetch needs a writable, contiguous destination")
         view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
+        if len(key.encode()) > MAX_KEY_BYTES:
+            raise ValueError(f"a tensor key is at most {MAX_KEY_BYTES} bytes")
         if view.nbytes < nbytes:
             raise ValueError(f"destination holds {view.nbytes} bytes, the tensor {nbytes}")
         link = self._checkout(address)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import psutil
@@ -26,6 +26,8 @@ import zmq
 
 from pto.cluster.stream import (
     MAGIC,
+    OK,
+    REPLY,
     REQUEST,
     StreamAuth,
     StreamClosed,
@@ -33,6 +35,7 @@ from pto.cluster.stream import (
     StreamLost,
     StreamRefused,
     UnknownTensor,
+    zap_reply,
 )
 from pto.cluster.stream_fetch import Fetcher
 from pto.cluster.stream_server import TensorServer
@@ -330,6 +333,63 @@ def silent_server(auth: StreamAuth) -> Iterator[TensorServer]:
             yield server
         finally:
             release.set()
+
+
+@contextlib.contextmanager
+def rogue_server(auth: StreamAuth, reply: Callable[[int, int, int], list[bytes]]
+                 ) -> Iterator[str]:
+    """A session member that answers each request (tag, offset, n) with ``reply(...)``'s
+    frames: a server gone wrong. Yields its address."""
+    ctx = zmq.Context()
+    zap = ctx.socket(zmq.REP)
+    zap.bind("inproc://zeromq.zap.01")
+    router = ctx.socket(zmq.ROUTER)
+    auth.secure_server(router)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if zap.poll(10):
+                zap.send_multipart(zap_reply(auth, zap.recv_multipart())[0])
+            if router.poll(10):
+                identity, _, _, header = router.recv_multipart()
+                router.send_multipart([identity, *reply(*REQUEST.unpack(header))])
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        yield f"tcp://127.0.0.1:{port}"
+    finally:
+        stop.set()
+        thread.join()
+        ctx.destroy(linger=0)
+
+
+def ok(tag: int, offset: int, n: int) -> bytes:
+    return REPLY.pack(OK, tag, offset, n)
+
+
+@pytest.mark.parametrize("reply, error", [
+    (lambda tag, off, n: [ok(tag, off, n), b"x" * (n - 1)], "held 99 bytes"),
+    (lambda tag, off, n: [ok(tag, off, n), b"x" * (n + 1)], "held 101 bytes"),
+    (lambda tag, off, n: [ok(tag, off + 1, n), b"x" * n], "was not asked for"),
+    (lambda tag, off, n: [ok(tag + 1, off, n), b"x" * n], "was not asked for"),
+    (lambda tag, off, n: [ok(tag, off, n), b"x" * n, b"more"], "held 100 bytes"),
+    (lambda tag, off, n: [ok(tag, off, n)], "malformed reply"),
+    (lambda tag, off, n: [b"short", b"x" * n], "malformed reply"),
+], ids=["short", "long", "offset", "tag", "extra-frame", "no-body", "bad-header"])
+def test_a_wrong_reply_raises_and_never_writes_outside_its_slice(auth, reply, error):
+    dest = bytearray(b"-" * 150)
+    with rogue_server(auth, reply) as address, Fetcher(auth, timeout=5.0) as fetcher:
+        with pytest.raises(StreamCorrupt, match=error):
+            fetcher.fetch(address, "k", 100, dest)
+    assert dest[100:] == b"-" * 50
+
+
+def test_keys_too_long_are_refused_before_sending(fetcher):
+    with pytest.raises(ValueError, match="at most 1024 bytes"):
+        fetcher.fetch("tcp://127.0.0.1:1", "k" * 1025, 0, bytearray())
 
 
 def test_a_silent_server_is_lost_after_the_timeout(auth):
