@@ -366,6 +366,8 @@ def write_chart(result: dict, out_dir: str) -> str:
                [r for r in _ordered(case, result["cases"][case]["rows"]) if metric in r])
               for case, metric, title in panels if case in result["cases"]]
     panels = [p for p in panels if p[3]]
+    if not panels:  # e.g. --cases cluster alone: its rows are tables only
+        return "(no chart: no charted case ran)"
     heights = [len(p[3]) + 1.5 for p in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1 + 0.3 * sum(heights)),
                              squeeze=False, gridspec_kw={"height_ratios": heights})
