@@ -60,7 +60,20 @@ Why our own ZAP handler rather than ``zmq.auth.ThreadAuthenticator``: the latter
 password as text (distinct byte secrets can compare equal), compares it in non-constant time,
 logs it in the clear at debug level, and needs a thread of its own.
 
-Cost of CURVE: measured figures are being added (see the next commit).
+Cost of CURVE (``encrypt=True``), measured here: producer and consumer in two processes over
+127.0.0.1, 4 MiB chunks, 4 in flight, plain and CURVE fetches interleaved, 7 each, on this
+2-core machine while four other sessions kept it busy (load average 11-13, so wall times are
+high and noisy; CPU time per fetch is the steadier measure):
+
+  tensor   plain, wall median (best)   CURVE, wall median (best)   CPU, consumer+producer
+  64 MiB   132 ms (87 ms)              674 ms (577 ms)             plain 80+20, CURVE 200+160 ms
+  256 MiB  1,212 ms (793 ms)           5,180 ms (3,935 ms)         plain 310+110, CURVE 900+760 ms
+
+CURVE costs 2.5x the consumer's CPU and 7x the producer's (which otherwise only hands pages
+to the kernel), about 5x the wall time: on by request only. Memory in flight, 256 MiB tensor:
+consumer peak 16 MiB beyond its destination (plain; 8 MiB with CURVE), producer 1 MiB (13 MiB
+with CURVE, whose encryption copies each chunk). 4 MiB chunks: 1 MiB ones cost more CPU per
+byte, one 64 MiB message costs the consumer twice the CPU (a fresh 64 MiB buffer each time).
 """
 
 from __future__ import annotations

@@ -39,6 +39,10 @@ from .stream import (
     UnknownTensor,
 )
 
+if not hasattr(zmq.Socket, "recv_into"):
+    raise ImportError(f"tensor streams need pyzmq >= 26.4 (Socket.recv_into); this is "
+                      f"{zmq.__version__}")
+
 D = TypeVar("D")
 POLL_SLICE_MS = 100  # how often a waiting fetch looks at close()
 IDLE_PER_ADDRESS = 4  # sockets kept per server for later fetches
