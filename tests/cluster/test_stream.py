@@ -74,7 +74,7 @@ exec(PATTERN, _pattern)
 fill, matches = _pattern["fill"], _pattern["matches"]
 
 SERVER = PATTERN + '''
-import json, sys
+import itertools, json, sys, time
 from pto.cluster.stream import StreamAuth
 from pto.cluster.stream_server import TensorServer
 from pto.wire import shm
@@ -94,7 +94,14 @@ try:
         f.write("5")  # peak RSS from here on
     base = rss()["VmRSS"]
     whole = memoryview(mapping)[:cfg["nbytes"]]
-    server = TensorServer("127.0.0.1", auth, lambda key: whole if key == "t" else None)
+    calls = itertools.count(1)
+
+    def lookup(key):
+        if cfg["stall_after"] and next(calls) > cfg["stall_after"]:
+            time.sleep(3600)  # a producer that hangs mid-transfer, until it is killed
+        return whole if key == "t" else None
+
+    server = TensorServer("127.0.0.1", auth, lookup)
     print(json.dumps({"address": server.address}), flush=True)
     sys.stdin.readline()
     server.close()
@@ -127,8 +134,10 @@ def segment(nbytes: int, filled: bool = False) -> Iterator[memoryview]:
 
 
 @contextlib.contextmanager
-def server_process(auth: StreamAuth, nbytes: int) -> Iterator[tuple[subprocess.Popen, str, str]]:
-    """A producer in its own process serving tensor "t" of ``nbytes``: (proc, address, name)."""
+def server_process(auth: StreamAuth, nbytes: int, stall_after: int = 0
+                   ) -> Iterator[tuple[subprocess.Popen, str, str]]:
+    """A producer in its own process serving tensor "t" of ``nbytes``: (proc, address, name).
+    With ``stall_after``, it hangs once it has served that many chunks."""
     name = new_name()
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
@@ -136,6 +145,7 @@ def server_process(auth: StreamAuth, nbytes: int) -> Iterator[tuple[subprocess.P
     try:
         proc.stdin.write(json.dumps({
             "secret": auth.secret.hex(), "name": name, "nbytes": nbytes,
+            "stall_after": stall_after,
             "curve": [k.hex() for k in auth.curve] if auth.curve else None}) + "\n")
         proc.stdin.flush()
         address = json.loads(proc.stdout.readline())["address"]
@@ -289,21 +299,25 @@ def test_plain_dealer_gets_nothing_and_garbage_is_dropped(server, fetcher, tenso
         for frames in ([b"hello"], [MAGIC, b"k", b"short"], [b"XXXX", b"k", REQUEST.pack(1, 0, 1)],
                        [MAGIC, b"k", REQUEST.pack(1, 0, 1), b"extra"], [os.urandom(5000)]):
             member.send_multipart(frames)
-        assert not member.poll(500)
+        deadline = time.monotonic() + 30
+        while server.stats()["dropped"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.stats()["dropped"] == 4  # the 5th, too big, cut the connection
+        assert not member.poll(200)
         plain.close()
         member.close()
-        assert server.stats()["dropped"] >= 4
         assert "dropped a malformed request" in caplog.text
         assert fetcher.fetch(server.address, "k", MiB, dest) == MiB
         assert matches(dest, MiB)
 
 
-@pytest.mark.slow
-def test_server_killed_mid_transfer_raises_within_the_timeout(auth):
-    nbytes = 256 * MiB
-    with server_process(auth, nbytes) as (proc, address, _), segment(nbytes) as dest, \
+def test_server_killed_mid_transfer_raises_at_once(auth):
+    nbytes = 64 * MiB
+    with server_process(auth, nbytes, stall_after=3) as (proc, address, _), \
+            segment(nbytes) as dest, \
             Fetcher(auth, chunk_bytes=MiB, window=2, timeout=60.0) as fetcher:
-        # Kill the producer once the first bytes arrived: the fetch is then mid-transfer.
+        # The producer hangs after 3 chunks; kill it once the first bytes arrived: the fetch
+        # is then surely mid-transfer.
         words = np.frombuffer(dest, np.uint32)
 
         def kill_when_started() -> None:
@@ -401,21 +415,29 @@ def test_a_silent_server_is_lost_after_the_timeout(auth):
         assert server.stats()["requests"] == 1
 
 
+def wait_for_all(arrived: threading.Semaphore, count: int) -> None:
+    """In the first caller's make_dest: until every caller has come to fetch_shared (then
+    a moment more, for the last to reach its lock), so none comes after the fetch ended."""
+    for _ in range(count):
+        assert arrived.acquire(timeout=30)
+    time.sleep(0.3)
+
+
 def test_four_threads_fetching_one_tensor_make_one_transfer(server, fetcher, tensors):
     nbytes = 8 * MiB + 3
     made: list[memoryview] = []
     results: list = [None] * 4
-    gate = threading.Barrier(4)
+    arrived = threading.Semaphore(0)
     with segment(nbytes, filled=True) as src, contextlib.ExitStack() as stack:
         tensors["k"] = src
 
         def make_dest() -> memoryview:
-            time.sleep(0.2)  # every thread is at the door before the fetch ends
+            wait_for_all(arrived, 4)
             made.append(stack.enter_context(segment(nbytes)))
             return made[-1]
 
         def run(i: int) -> None:
-            gate.wait()
+            arrived.release()
             results[i] = fetcher.fetch_shared(server.address, "k", nbytes, make_dest)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
@@ -433,14 +455,14 @@ def test_four_threads_fetching_one_tensor_make_one_transfer(server, fetcher, ten
 def test_a_shared_fetch_failure_reaches_every_waiter_and_discards_once(server, fetcher):
     errors: list[BaseException] = []
     discarded: list[bytearray] = []
-    gate = threading.Barrier(4)
+    arrived = threading.Semaphore(0)
 
     def make_dest() -> bytearray:
-        time.sleep(0.2)
+        wait_for_all(arrived, 4)
         return bytearray(10)
 
     def run() -> None:
-        gate.wait()
+        arrived.release()
         try:
             fetcher.fetch_shared(server.address, "missing", 10, make_dest, discarded.append)
         except UnknownTensor as exc:
