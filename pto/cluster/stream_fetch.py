@@ -75,14 +75,19 @@ class Fetcher:
     def fetch(self, address: str, key: str, nbytes: int, dest: Any) -> int:
         """Copy bytes ``[0, nbytes)`` of tensor ``key`` at ``address`` into ``dest`` (a writable,
         contiguous buffer of at least ``nbytes``); returns ``nbytes``."""
-        view = memoryview(dest)
-        if view.readonly or not view.c_contiguous:
-            raise ValueError("fetch needs a writable, contiguous destination")
-        view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
         if len(key.encode()) > MAX_KEY_BYTES:
             raise ValueError(f"a tensor key is at most {MAX_KEY_BYTES} bytes")
-        if view.nbytes < nbytes:
-            raise ValueError(f"destination holds {view.nbytes} bytes, the tensor {nbytes}")
+        # Our views of dest are released on the way out, error or not: a traceback that kept
+        # them would keep the caller from closing its mapping.
+        with memoryview(dest) as whole:
+            if whole.readonly or not whole.c_contiguous:
+                raise ValueError("fetch needs a writable, contiguous destination")
+            if whole.nbytes < nbytes:
+                raise ValueError(f"destination holds {whole.nbytes} bytes, the tensor {nbytes}")
+            with whole.cast("B") as flat:
+                return self._fetch(address, key, nbytes, flat)
+
+    def _fetch(self, address: str, key: str, nbytes: int, view: memoryview) -> int:
         link = self._checkout(address)
         done = False
         try:
@@ -223,7 +228,11 @@ class Fetcher:
             if status == BAD_RANGE:
                 raise StreamCorrupt(f"server refused the range: {message}")
             raise StreamError(f"server failed: {message}")
-        got = sock.recv_into(dest[offset:offset + n]) if n else len(sock.recv())
+        if n:
+            with dest[offset:offset + n] as piece:
+                got = sock.recv_into(piece)
+        else:
+            got = len(sock.recv())
         if got != n or sock.rcvmore:
             _drain(sock)
             raise StreamCorrupt(f"reply for bytes [{offset}, {offset + n}) of tensor {key!r} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import mmap
 import os
 import signal
 import subprocess
@@ -394,11 +395,14 @@ def ok(tag: int, offset: int, n: int) -> bytes:
     (lambda tag, off, n: [b"short", b"x" * n], "malformed reply"),
 ], ids=["short", "long", "offset", "tag", "extra-frame", "no-body", "bad-header"])
 def test_a_wrong_reply_raises_and_never_writes_outside_its_slice(auth, reply, error):
-    dest = bytearray(b"-" * 150)
+    dest = mmap.mmap(-1, 150)
+    dest[:] = b"-" * 150
     with rogue_server(auth, reply) as address, Fetcher(auth, timeout=5.0) as fetcher:
-        with pytest.raises(StreamCorrupt, match=error):
+        with pytest.raises(StreamCorrupt, match=error) as caught:
             fetcher.fetch(address, "k", 100, dest)
     assert dest[100:] == b"-" * 50
+    assert caught.tb is not None
+    dest.close()  # the error's traceback holds no view of it (BufferError otherwise)
 
 
 def test_keys_too_long_are_refused_before_sending(fetcher):
