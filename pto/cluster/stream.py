@@ -17,6 +17,7 @@ API (everything a caller needs; all of it thread-safe unless said otherwise)::
 
     auth = StreamAuth.new(encrypt=False)        # once per session, shipped to hosts by Ray
     server = TensorServer("127.0.0.1", auth, lookup)   # lookup(key) -> memoryview | None
+    #        (optional: port=0 for any free one, max_chunk_bytes=64 << 20 per reply)
     server.address                              # "tcp://127.0.0.1:41234"
     server.stats()                              # {"requests", "transfers", "bytes_sent", ...}
     server.close()
@@ -30,6 +31,9 @@ API (everything a caller needs; all of it thread-safe unless said otherwise)::
   of the session; ``curve=(server_public, server_secret, client_public, client_secret)``
   (Z85 bytes, ``zmq.curve_keypair()``) turns on CURVE encryption instead. ``StreamAuth.new``
   makes both. It pickles (Ray ships it) and never shows its secrets in ``repr``.
+- ``lookup`` runs on the server's thread, once per chunk: keep it a dictionary look-up. The
+  server counts in ``stats()``: requests (chunks), transfers (requests at offset 0), bytes
+  sent, unknown keys, dropped (malformed) requests, denied handshakes.
 - ``fetch`` copies bytes ``[0, nbytes)`` of tensor ``key`` into ``dest`` and returns
   ``nbytes``. ``fetch_shared`` is the once-only form for concurrent fetches of one tensor in
   one process: the first caller of an (address, key) calls ``make_dest()`` and fetches; every
@@ -42,9 +46,12 @@ API (everything a caller needs; all of it thread-safe unless said otherwise)::
   (a ``StreamLost``: the handshake failed, our credentials are not the server's session's;
   told at once, not after the timeout), ``UnknownTensor`` (``lookup`` returned None),
   ``StreamCorrupt`` (a reply of the wrong length or shape; never silently written),
-  ``StreamClosed`` (the fetcher was closed during the fetch).
+  ``StreamClosed`` (the fetcher was closed during the fetch). ``ValueError`` for a
+  destination that is read-only, not contiguous or too small, or a key over 1024 bytes.
+  A 0-byte fetch still asks the server once (the key must exist).
 - The producer's mapping must stay open while chunks of it are in flight: free a tensor by
-  dropping references (or unlinking its name), not by ``mmap.close()`` during a transfer.
+  dropping references (or unlinking its name); an ``mmap.close()`` while a chunk is in flight
+  raises ``BufferError`` (ignore it: the mapping goes with the last view).
 
 Authentication, not encryption, by default. ZeroMQ's PLAIN mechanism with the session secret
 as password, checked by our own ZAP handler, run by the server's thread on the server's own
