@@ -33,8 +33,8 @@ from .stream import (
 log = logging.getLogger(__name__)
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by ZeroMQ: one ZAP handler per context
-STAT_NAMES = ("requests", "transfers", "bytes_sent", "unknown", "dropped", "denied",
-              "unreachable")
+STAT_NAMES = ("requests", "transfers", "bytes_sent", "unknown", "dropped", "accepted",
+              "denied", "unreachable")
 
 
 class TensorServer:
@@ -82,7 +82,8 @@ class TensorServer:
     def stats(self) -> dict[str, int]:
         """Counters since start: requests (chunks asked), transfers (requests at offset 0,
         i.e. fetches begun), bytes_sent, unknown (keys not found), dropped (malformed
-        requests), denied (failed authentications), unreachable (replies to gone peers)."""
+        requests), accepted and denied (handshakes: connections of session members, and of
+        peers without the credentials), unreachable (replies to gone peers)."""
         return dict(self._stats)
 
     def close(self) -> None:
@@ -129,8 +130,8 @@ class TensorServer:
             log.exception("tensor server %s: ZAP request failed", self.address)
             reply, allowed, address = [b"1.0", request[1] if len(request) > 1 else b"",
                                        b"500", b"internal error", b"", b""], False, b"?"
+        self._stats["accepted" if allowed else "denied"] += 1
         if not allowed:
-            self._stats["denied"] += 1
             log.warning("tensor server %s: refused a peer at %s without the session's "
                         "credentials", self.address, address.decode(errors="replace"))
         self._zap.send_multipart(reply)

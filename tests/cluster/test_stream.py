@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import psutil
@@ -230,11 +231,31 @@ def test_many_fetches_reuse_one_connection_and_survive_errors(server, fetcher, t
         tensors["k"] = src
         for _ in range(5):
             fetcher.fetch(server.address, "k", 3 * MiB, dest)
+        assert server.stats()["accepted"] == 1  # one connection served all five
+        for _ in range(3):
             with pytest.raises(UnknownTensor, match="unknown tensor 'nope'"):
                 fetcher.fetch(server.address, "nope", 10, dest)
-        assert matches(dest, 3 * MiB)
-    assert server.stats()["transfers"] == 5
-    assert server.stats()["unknown"] == 5
+            dest[:] = bytes(dest.nbytes)
+            fetcher.fetch(server.address, "k", 3 * MiB, dest)
+            assert matches(dest, 3 * MiB)
+    stats = server.stats()
+    assert (stats["transfers"], stats["unknown"]) == (8, 3)
+    assert stats["accepted"] == 4  # a connection that saw an error is never reused
+
+
+def test_concurrent_fetches_of_different_tensors(server, fetcher, tensors):
+    sizes = [MiB + 1, 2 * MiB, 3 * MiB + 5, 7]
+    with contextlib.ExitStack() as stack:
+        dests = []
+        for i, size in enumerate(sizes):
+            tensors[f"t{i}"] = stack.enter_context(segment(size, filled=True))
+            dests.append(stack.enter_context(segment(size)))
+        with ThreadPoolExecutor(4) as pool:
+            done = list(pool.map(lambda i: fetcher.fetch(server.address, f"t{i}", sizes[i],
+                                                         dests[i]), range(4)))
+        assert done == sizes
+        assert all(matches(dest, size) for dest, size in zip(dests, sizes, strict=True))
+    assert server.stats()["transfers"] == 4
 
 
 def test_destination_is_checked_before_anything_is_sent(server, fetcher, tensors):
