@@ -95,6 +95,10 @@ def tensor_key(key: tuple[int, int]) -> str:
     return f"{key[0]}.{key[1]}"
 
 
+class _Failed(Exception):
+    """A run of this host failed: ``args[0]`` is its pickled error, as sent to the driver."""
+
+
 def dumps_error(exc: BaseException) -> bytes:
     """``exc`` pickled for the driver, or a plain RuntimeError with its text if it will not."""
     try:
@@ -135,6 +139,9 @@ class HostActor:
         self._kept: dict[int, list[TensorHandle]] = {}  # run id -> handles it returned
         # (producer host, run) -> {position: Future of the copy here}
         self._copies: dict[tuple[int, int], dict[int, Future]] = {}
+        # run id -> Future of its pickled value (or _Failed): what later runs of this host
+        # sent before it ended read; dropped on Release
+        self._results: dict[int, Future] = {}
         self._running: dict[int, tuple[str, float]] = {}  # run id -> (entry, wall start)
         self._runs: list[dict[str, Any]] = []  # trace records (monotonic seconds)
         self._transfers: list[dict[str, Any]] = []
@@ -165,7 +172,7 @@ class HostActor:
             self._fetcher = Fetcher(stream_auth, timeout=STREAM_TIMEOUT_S)
             self._tensors = TensorServer(self._ip, stream_auth, self._serve_tensor)
             self._control = ControlServer(self._ip, keys, self.run, self.release,
-                                          threads=RUN_THREADS)
+                                          threads=RUN_THREADS, after=self.after)
             return {"control": self._control.endpoint, "tensors": self._tensors.address}
 
     @ray.method(concurrency_group=WATCH)
@@ -203,8 +210,40 @@ class HostActor:
 
     # ---- runs (the control server's run threads) ----------------------------------------
 
+    def after(self, msg: P.Run) -> list[Future]:
+        """The results of this host's runs that ``msg`` reads (the control server starts it
+        once they are done)."""
+        with self._lock:
+            self._results.setdefault(msg.run, Future())
+            return [self._results.setdefault(r, Future()) for r in msg.local if r]
+
     def run(self, msg: P.Run) -> P.Message:
-        """Run an L3 entry for the driver: ``Done`` with its value, or ``Failed``."""
+        """Run an L3 entry for the driver: ``Done`` with its value, or ``Failed``; the same
+        outcome for later runs of this host reading it."""
+        with self._lock:
+            own = self._results.setdefault(msg.run, Future())
+            inputs = [self._results.get(r) if r else None for r in msg.local]
+        values = list(msg.values)
+        for i, future in enumerate(inputs):
+            if future is None and msg.local and msg.local[i]:
+                reply: P.Message = P.Failed(msg.run, dumps_error(HostLostError(
+                    self.host, f"run {msg.local[i]} this run reads is gone", msg.run)))
+                break
+            if future is not None:
+                failed = future.exception()
+                if failed is not None:  # the driver failed this run already: say the same
+                    reply = P.Failed(msg.run, failed.args[0])
+                    break
+                values[i] = future.result()
+        else:
+            reply = self._run(msg, values)
+        if isinstance(reply, P.Done):
+            own.set_result(reply.value)
+        else:
+            own.set_exception(_Failed(reply.error))
+        return reply
+
+    def _run(self, msg: P.Run, values: list[bytes]) -> P.Message:
         run_id, entry = msg.run, msg.entry
         start = time.monotonic()
         with self._lock:
@@ -218,7 +257,7 @@ class HostActor:
             # Pickles from this session's driver (CURVE-authenticated), values first made here
             # or on the session's other hosts.
             template = cloudpickle.loads(msg.args)
-            args = fill(template, tuple(cloudpickle.loads(v) for v in msg.values))
+            args = fill(template, tuple(cloudpickle.loads(v) for v in values))
             value = rt.run(entry, (args, run_id, fetched))
             return P.Done(run_id, cloudpickle.dumps(self._keep(run_id, value)),
                           sorted(set(fetched)))
@@ -347,6 +386,8 @@ class HostActor:
         them (their segments go when no run of this host still uses them)."""
         with self._lock:
             dropped = [self._kept.pop(run_id, None) for run_id in run_ids]
+            for run_id in run_ids:
+                self._results.pop(run_id, None)
             for key in [k for k in self._copies if k[1] in set(run_ids)]:
                 dropped.append(self._copies.pop(key))
         del dropped
@@ -395,6 +436,7 @@ class HostActor:
         with self._lock:
             self._kept.clear()
             self._copies.clear()
+            self._results.clear()
         self.rt.close()
         self._closed.set()
         if self._trace_dir:

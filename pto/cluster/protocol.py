@@ -34,12 +34,16 @@ class Hello(_Struct, tag=1):
 class Run(_Struct, tag=2):
     """Driver -> host: run L3 entry ``entry``; ``args`` pickles its argument template (a
     ``_Slot`` for each Ref), ``values`` the pickled values of the runs the slots name, as
-    their hosts sent them (tensors as ``TensorDesc``)."""
+    their hosts sent them (tensors as ``TensorDesc``). ``local[i]`` non-zero: input ``i``
+    is run ``local[i]`` of this very host, not yet done when sent; the host waits for it
+    and takes its value itself (``values[i]`` is empty): a same-host chain never waits for
+    the driver."""
 
     run: int
     entry: str
     args: bytes
     values: list[bytes] = []
+    local: list[int] = []
 
 
 class Release(_Struct, tag=3):

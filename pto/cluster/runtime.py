@@ -2,9 +2,11 @@
 
 The life of an L4 run: ``submit`` calls the L4 orchestration in the calling thread; each
 ``ctx.submit(host, entry, args)`` becomes an ``_L3Run`` record (``place``). A run whose
-Refs are all done is sent at once, straight to its host's control endpoint over the
-driver's CURVE connection (pto/cluster/links.py); one waiting for others is sent by the
-I/O thread the moment the last of them reports ``Done`` (its dependents get the values as
+Refs are all done, or whose unfinished ones all run on its own host, is sent at once,
+straight to its host's control endpoint over the driver's CURVE connection
+(pto/cluster/links.py; the host waits for its own runs itself, so a same-host chain never
+waits for the driver); one waiting for another host's run is sent by the I/O thread the
+moment the last of them reports ``Done`` (its dependents get the values as
 the hosts sent them; a host pulls another host's tensors itself, pto/cluster/host.py). A
 failure fails every run waiting on it with the same error, without running it. When the
 orchestration has returned and its last L3 run has reported, the L4 run is finished: by
@@ -321,8 +323,8 @@ class ClusterRuntime(RuntimeBase):
                 failed = HostLostError(host, self._hosts[host].lost)
             if failed is not None:
                 self._settle(rec, error=failed)
-            elif rec.waiting == 0:
-                self._send(rec)
+            elif all(out.done or out.host == host for out in inputs):
+                self._send(rec)  # what it waits for (if anything) runs on its own host
         if self._trace is not None:
             self._trace.submitted(run_id, host, entry, time.time())
         return Ref(output)
@@ -334,8 +336,10 @@ class ClusterRuntime(RuntimeBase):
             if out.host != rec.host:
                 out.copies.add(rec.host)  # its tensors may be copied there: release there too
         rec.sends += 1
-        self._links.send(rec.host, P.Run(rec.run_id, rec.entry, rec.args,
-                                          [out.blob for out in rec.inputs]))
+        values = [out.blob if out.done else b"" for out in rec.inputs]
+        local = [0 if out.done else out.run_id for out in rec.inputs]
+        self._links.send(rec.host, P.Run(rec.run_id, rec.entry, rec.args, values,
+                                          local if any(local) else []))
 
     def _settle(self, rec: _L3Run, blob: bytes | None = None,
                 error: BaseException | None = None) -> None:
@@ -358,7 +362,7 @@ class ClusterRuntime(RuntimeBase):
                 self._settle(waiter, error=error)
             else:
                 waiter.waiting -= 1
-                if waiter.waiting == 0:
+                if waiter.waiting == 0 and not waiter.sends:
                     self._send(waiter)
         self._changed.notify_all()
         self._check_finished(run)
@@ -464,7 +468,7 @@ class ClusterRuntime(RuntimeBase):
         with self._lock:
             self._hosts[host].restarting = False
             for rec in list(self._inflight.values()):
-                if rec.host != host or rec.output is None or rec.waiting:
+                if rec.host != host or rec.output is None or not rec.sends:
                     continue
                 if rec.sends > self._retries:
                     self._settle(rec, error=HostLostError(
@@ -509,7 +513,7 @@ class ClusterRuntime(RuntimeBase):
         with self._lock:
             run.abandoned = True
             for rec in run.records:
-                if rec.output is not None and rec.waiting:
+                if rec.output is not None and not rec.sends:
                     self._settle(rec, error=TimeoutError("its L4 run timed out"))
             run.records, run.value = [], None
 

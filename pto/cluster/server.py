@@ -5,9 +5,10 @@ driver opens it (``HostActor.open``, a Ray call carrying the session's keys). It
 ROUTER on the node's address (tcp, a free port), CURVE with the host's server keys,
 admitting only the session's client key (pto/cluster/keys.py). One thread owns the socket:
 it hands each ``Run`` to a pool of run threads (an L3 run blocks its thread until its
-tasks end), applies a ``Release`` at once, sends the replies the run threads queue on an
-inproc pipe, and a heartbeat every ``protocol.HEARTBEAT_S`` so the driver tells a silent
-host from a busy one. Frames that do not decode are dropped and logged; the host serves on.
+tasks end) once the runs of this host it reads have ended (``after``), applies a
+``Release`` at once, sends the replies the run threads queue on an inproc pipe, and a
+heartbeat every ``protocol.HEARTBEAT_S`` so the driver tells a silent host from a busy one.
+Frames that do not decode are dropped and logged; the host serves on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import zmq
@@ -35,9 +36,11 @@ class ControlServer:
     """Serve the driver's runs for one host actor (``run(msg)`` returns Done or Failed)."""
 
     def __init__(self, ip: str, keys: dict[str, Any], run: Callable[[P.Run], P.Message],
-                 release: Callable[[list[int]], None], threads: int = 8):
+                 release: Callable[[list[int]], None], threads: int = 8,
+                 after: Callable[[P.Run], list[Future]] | None = None):
         self._run = run
         self._release = release
+        self._after = after
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
@@ -112,7 +115,7 @@ class ControlServer:
             return
         if isinstance(msg, P.Run):
             self._driver = identity
-            self._pool.submit(self._execute, identity, msg)
+            self._when_ready(identity, msg)
         elif isinstance(msg, P.Release):
             self._release(msg.runs)
         elif isinstance(msg, P.Hello):
@@ -121,6 +124,26 @@ class ControlServer:
             self.dropped += 1
             log.warning("control endpoint %s: dropped a %s (not sent to hosts)",
                         self.endpoint, type(msg).__name__)
+
+    def _when_ready(self, identity: bytes, msg: P.Run) -> None:
+        """Start ``msg`` in the pool once the futures ``after(msg)`` names are done (runs of
+        this host it reads: no thread waits for them meanwhile)."""
+        waits = [f for f in self._after(msg) if not f.done()] if self._after else []
+        if not waits:
+            self._pool.submit(self._execute, identity, msg)
+            return
+        left = [len(waits)]
+        lock = threading.Lock()
+
+        def one_done(_: Future) -> None:
+            with lock:
+                left[0] -= 1
+                ready = left[0] == 0
+            if ready:
+                self._pool.submit(self._execute, identity, msg)
+
+        for f in waits:
+            f.add_done_callback(one_done)
 
     # ---- run threads -------------------------------------------------------------------
 

@@ -56,7 +56,11 @@ def total(x, out):
     out[...] = x.sum()
 
 
-KERNELS = {"iota": iota, "verify": verify, "scale": scale, "total": total}
+def explode(x, y):
+    raise ValueError("kernel-exploded-19")
+
+
+KERNELS = {"iota": iota, "verify": verify, "scale": scale, "total": total, "explode": explode}
 
 
 # -- L3 entries ----------------------------------------------------------------------------
@@ -97,6 +101,19 @@ def whoami(ctx, args):
     return os.getpid()
 
 
+def exploding(ctx, x):
+    x = ctx.tensor(x)
+    y = ctx.alloc(x.shape, x.dtype)
+    ctx.submit(ctx.peers()[0], "explode", [In(x), Out(y)])
+    return y
+
+
+def touching(ctx, args):
+    """Leaves a file behind (the host is this machine): proof that it ran."""
+    open(args["path"], "w").close()
+    return scaled(ctx, args)
+
+
 def mapped_segments(ctx, args):
     """The pto segments this host's processes (the host actor, its broker and workers)
     map now."""
@@ -113,7 +130,8 @@ def mapped_segments(ctx, args):
 
 
 ENTRIES = {"ints": ints, "ints_named": ints_named, "verified": verified, "scaled": scaled,
-           "summed": summed, "whoami": whoami, "mapped_segments": mapped_segments}
+           "summed": summed, "whoami": whoami, "mapped_segments": mapped_segments,
+           "exploding": exploding, "touching": touching}
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +264,51 @@ def test_the_endpoints_refuse_peers_without_the_session_keys(l4):
         ctx.term()
     assert l4.stats()["driver"]["in_flight"] == 0
     assert isinstance(l4.run("on_host", args={"host": 0, "entry": "whoami"}), int)
+
+
+def test_a_same_host_chain_runs_on_the_host_and_stops_at_a_failure(l4, tmp_path):
+    """Runs reading runs of their own host are sent at once and wait on the host."""
+    marker = tmp_path / "ran"
+
+    def chain(ctx, n):
+        x = ctx.submit(0, "scaled", args={"x": np.ones(4), "factor": 1.0})
+        for _ in range(n):
+            x = ctx.submit(0, "scaled", args={"x": x, "factor": 2.0})
+        return x
+
+    l4.register("host_chain", orch=chain)
+    np.testing.assert_array_equal(l4.run("host_chain", args=20), np.full(4, 2.0 ** 20))
+
+    def broken(ctx, _):
+        x = ctx.submit(0, "scaled", args={"x": np.ones(4), "factor": 2.0})
+        bad = ctx.submit(0, "exploding", args=x)
+        after = ctx.submit(0, "touching", args={"x": bad, "path": str(marker), "factor": 1.0})
+        return ctx.submit(0, "scaled", args={"x": after, "factor": 1.0})
+
+    l4.register("broken_chain", orch=broken)
+    with pytest.raises(pto.TaskError, match="host 0") as info:
+        l4.run("broken_chain")
+    assert "kernel-exploded-19" in str(info.value)
+    assert "2 dependent" in "".join(getattr(info.value, "__notes__", []))
+    assert not marker.exists(), "a run after the failed one ran"
+    np.testing.assert_array_equal(l4.run("host_chain", args=2), np.full(4, 4.0))
+
+
+def test_encrypted_tensor_streams_carry_the_same_bytes(cluster):
+    n = 1 << 20
+    with pto.Runtime(level="cluster", cluster=cluster.address, encrypt_tensors=True) as enc:
+        for name in ("ints", "verified"):
+            enc.register(name, orch=ENTRIES[name], kernels=KERNELS)
+
+        def crossing(ctx, count):
+            y = ctx.submit(0, "ints", args=count)
+            return {"y": y, "ok": ctx.submit(1, "verified", args=y)}
+
+        enc.register("crossing", orch=crossing)
+        out = enc.run("crossing", args=n)
+        assert out["ok"].tolist() == [1]
+        np.testing.assert_array_equal(out["y"], np.arange(n, dtype=np.int32))
+        assert enc.stats()["total"]["bytes_in"] == n * 4
 
 
 @pytest.mark.slow
