@@ -50,7 +50,7 @@ class LocalCluster:
     ...         ...
 
     Each host is a Ray worker node with ``cpus_per_host`` CPUs and ``object_store_mib`` MiB of
-    object store (cross-host tensors travel through it: make it larger than the largest one).
+    object store (pto's tensors do not travel through it; Ray's own objects do).
     Close every runtime connected to the cluster before stopping it.
     """
 
