@@ -10,6 +10,7 @@ no thread, socket or port behind. Requests that are not ours are dropped and log
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -40,8 +41,10 @@ STAT_NAMES = ("requests", "transfers", "bytes_sent", "unknown", "dropped", "acce
 class TensorServer:
     """Serve this host's tensors to the session's other hosts.
 
-    ``lookup(key)`` returns a memoryview of the tensor's mapping (or None: "unknown
-    tensor"); it is called from the server's thread. ``max_chunk_bytes`` bounds one reply.
+    ``bind_host`` is this node's address as the other hosts reach it (``address`` is then
+    ``tcp://<bind_host>:<port>``, the port a free one unless given). ``lookup(key)`` returns
+    a memoryview of the tensor's mapping (or None: "unknown tensor"); it is called from the
+    server's thread. ``max_chunk_bytes`` bounds one reply.
     """
 
     def __init__(self, bind_host: str, auth: StreamAuth,
@@ -92,7 +95,8 @@ class TensorServer:
             if self._closed:
                 return
             self._closed = True
-            self._wake_tx.send(b"")
+            with contextlib.suppress(zmq.Again):  # no reader: the thread already ended
+                self._wake_tx.send(b"", zmq.NOBLOCK)
             self._thread.join()
             self._wake_tx.close()
             self._ctx.term()  # every socket is closed: returns at once
