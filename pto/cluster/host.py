@@ -237,6 +237,8 @@ class HostActor:
                 values[i] = future.result()
         else:
             reply = self._run(msg, values)
+        if own.done():  # a second Run of one id (never sent today): its first outcome stands
+            return reply
         if isinstance(reply, P.Done):
             own.set_result(reply.value)
         else:
