@@ -1,4 +1,4 @@
-"""L4 (issue 13): pto's cluster runtime and plain Ray, on the same 2-host LocalCluster.
+"""L4 (issues 13, 19): pto's cluster runtime and plain Ray, on the same 2-host LocalCluster.
 
 One child process starts ``pto.LocalCluster(hosts=2, chips=2)``, joins it as a Ray driver
 and opens ``Runtime(level="cluster")`` on it; plain Ray's tasks and actors run on the very
@@ -244,11 +244,12 @@ def _handoff(system: ClusterSystem, cfg, mib: int) -> list[dict]:
     before = system._moved()
     t_pto = _median_s(system.handoff_l4, nbytes, repeats=cfg.repeats)
     after = system._moved()
-    into_shm = (after["bytes_in"] - before["bytes_in"]) // (cfg.repeats + 1)
-    # producer shm -> its node's object store (the fetch's put), then store -> consumer shm
-    pto_copied = 2 * into_shm
+    # one copy per hop: producer's mapping -> tcp -> the consumer's new segment (the
+    # warm-up call of _median_s is counted too)
+    pto_copied = (after["bytes_in"] - before["bytes_in"]) // (cfg.repeats + 1)
     t_ray = _median_s(system.handoff_ray, nbytes, repeats=cfg.repeats)
-    return [_row(PTO, f"handoff {mib} MiB host 0 -> 1", size_mib=mib, ms=t_pto * 1e3,
+    return [_row(PTO, f"handoff {mib} MiB host 0 -> 1", measure="handoff", size_mib=mib,
+                 ms=t_pto * 1e3,
                  ratio_to_ray=t_pto / t_ray, bytes_copied=pto_copied),
             _row(RAY, f"handoff {mib} MiB node 0 -> 1", size_mib=mib, ms=t_ray * 1e3,
                  bytes_copied=nbytes)]
@@ -263,7 +264,8 @@ def _same_host(system: ClusterSystem, cfg, _) -> list[dict]:
     t_trip = _median_s(lambda: [system.actor_trip() for _ in range(trips)],
                        repeats=cfg.repeats) / trips
     per_run = (t_k - t_0) / k
-    return [_row(PTO, f"same-host run, chain of {k} on host 0", us=per_run * 1e6,
+    return [_row(PTO, f"same-host run, chain of {k} on host 0", measure="same_host",
+                 us=per_run * 1e6,
                  ratio_to_ray=per_run / t_trip,
                  bytes_copied=after["bytes_in"] - before["bytes_in"],
                  handoffs=after["local_handoffs"] - before["local_handoffs"]),
@@ -276,7 +278,8 @@ def _empty(system: ClusterSystem, cfg, _) -> list[dict]:
                       repeats=cfg.repeats) / trips
     t_ray = _median_s(lambda: [system.empty_ray() for _ in range(trips)],
                       repeats=cfg.repeats) / trips
-    return [_row(PTO, "empty L4 run over 2 hosts", us=t_pto * 1e6, ratio_to_ray=t_pto / t_ray),
+    return [_row(PTO, "empty L4 run over 2 hosts", measure="empty", us=t_pto * 1e6,
+                 ratio_to_ray=t_pto / t_ray),
             _row(RAY, "an actor call on each node", us=t_ray * 1e6)]
 
 
@@ -284,6 +287,7 @@ def _many(system: ClusterSystem, cfg, _) -> list[dict]:
     n = cfg.cluster_runs
     t_pto = _median_s(system.many_l4, n, repeats=cfg.repeats)
     t_ray = _median_s(system.many_ray, n, repeats=cfg.repeats)
-    return [_row(PTO, f"{n:,} small L3 runs from one L4 run", runs_per_s=n / t_pto,
+    return [_row(PTO, f"{n:,} small L3 runs from one L4 run", measure="many",
+                 runs_per_s=n / t_pto,
                  ratio_to_ray=t_pto / t_ray),
             _row(RAY, f"{n:,} small tasks over 2 nodes", runs_per_s=n / t_ray)]

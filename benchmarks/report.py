@@ -48,8 +48,9 @@ def _target(text: str, met: bool, detail: str, issue: int = 7) -> dict:
 
 
 def targets(cases: dict) -> list[dict]:
-    """Issues 7's, 14's and 13's targets that this run's rows can decide."""
-    return _targets_7(cases) + _targets_14(cases) + _targets_13(cases) + _targets_20(cases)
+    """Issues 7's, 14's, 13's, 19's and 20's targets that this run's rows can decide."""
+    return (_targets_7(cases) + _targets_14(cases) + _targets_13(cases) + _targets_19(cases)
+            + _targets_20(cases))
 
 
 def _targets_20(cases: dict) -> list[dict]:
@@ -98,6 +99,33 @@ def _targets_13(cases: dict) -> list[dict]:
         out.append(_target("L4 same-host run overhead <= 2x a bare Ray actor round trip",
                            same["ratio_to_ray"] <= 2, f"{same['us']:.0f} us per run, "
                            f"{same['ratio_to_ray']:.2f}x the actor call's", 13))
+    return out
+
+
+def _targets_19(cases: dict) -> list[dict]:
+    """Issue 19's: L4 on pto's own wire against plain Ray on the same nodes."""
+    rows = [r for r in cases.get("cluster", {}).get("rows", [])
+            if r["system"] == "pto-l4" and "error" not in r]
+    out = []
+    for r in rows:
+        kind, x = r.get("measure"), r.get("ratio_to_ray")
+        if kind == "same_host":
+            out.append(_target("L4 same-host consecutive run <= 0.5x a bare Ray actor call",
+                               x <= 0.5, f"{r['us']:.0f} us per run, {x:.2f}x", 19))
+        elif kind == "empty":
+            out.append(_target("empty L4 run over 2 hosts <= 0.5x one actor call per node",
+                               x <= 0.5, f"{r['us']:.0f} us, {x:.2f}x", 19))
+        elif kind == "many":
+            out.append(_target("small L3 runs from one L4 run >= 2x plain Ray's small tasks/s",
+                               x <= 0.5, f"{r['runs_per_s']:,.0f} runs/s, {1 / x:.2f}x Ray's",
+                               19))
+        elif kind == "handoff":
+            mib, limit = r["size_mib"], (1.0 if r["size_mib"] <= 1 else 0.5)
+            out.append(_target(f"L4 cross-host handoff {mib} MiB <= {limit:g}x plain Ray",
+                               x <= limit, f"{r['ms']:.1f} ms, {x:.2f}x Ray's", 19))
+            out.append(_target(f"L4 handoff {mib} MiB copies S bytes",
+                               r["bytes_copied"] == mib * 1024 * 1024,
+                               f"{r['bytes_copied']:,} B", 19))
     return out
 
 
@@ -269,10 +297,11 @@ NOTES = {
     "scaling": "B/live task = (broker peak RSS - idle RSS) / peak live tasks (submitted - "
                "finished, sampled every 5 ms with the RSS).",
     "cluster": "vs Ray = pto time / plain Ray time (<1: pto is faster). Handoff bytes copied: "
-               "pto = producer shm -> its object store + object store -> consumer shm (from "
-               "rt.stats()); Ray = the producer's result into the object store; both also "
-               "have Ray's node-to-node transfer. Same-host run = (chain of K - chain of 0) / "
-               "K, each run one task on the Ref it got (bytes copied from rt.stats()).",
+               "pto = the stream from the producer's mapping into the consumer's new segment "
+               "(from rt.stats(), per handoff); Ray = the producer's result into the object "
+               "store (Ray also has its node-to-node transfer). Same-host run = (chain of K - "
+               "chain of 0) / K, each run one task on the Ref it got (bytes copied from "
+               "rt.stats()).",
     "fairness": "one broker, 2 chips; the flood is a second client process (many_noops over "
                 "both chips, bounded in time); the small client's runs are timed from the "
                 "flood's start to its end.",
@@ -316,7 +345,7 @@ def print_tables(result: dict) -> None:
         for case, msg in errs.items():
             print(f"\nERROR {key} {case}: {msg}")
     if result["targets"]:
-        print("\ntargets of issues 7, 14, 13 and 20 (this run):")
+        print("\ntargets of issues 7, 13, 14, 19 and 20 (this run):")
         for t in result["targets"]:
             print(f"  [{'met' if t['met'] else 'MISSED':>6}] #{t.get('issue', 7)} {t['target']}: "
                   f"{t['detail']}")
@@ -371,8 +400,8 @@ def write_chart(result: dict, out_dir: str) -> str:
                [r for r in _ordered(case, result["cases"][case]["rows"]) if metric in r])
               for case, metric, title in panels if case in result["cases"]]
     panels = [p for p in panels if p[3]]
-    if not panels:
-        return "(no chart: none of this run's cases is charted)"
+    if not panels:  # e.g. --cases cluster alone: its rows are tables only
+        return "(no chart: no charted case ran)"
     heights = [len(p[3]) + 1.5 for p in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1 + 0.3 * sum(heights)),
                              squeeze=False, gridspec_kw={"height_ratios": heights})

@@ -3,7 +3,8 @@
 Each host gets a block of rows. On its host, an L3 pipeline (as in examples/pipeline.py) runs
 the C kernel pipeline_compute.c on every chip and reduces the chips' results, then sums the
 block's columns. The hosts' column sums are added on host 0: host 1's partial crosses hosts
-(through Ray's object store), host 0's own is handed over in place. Checked against numpy.
+(streamed from host 1's shared memory into host 0's), host 0's own is handed over in
+place. Checked against numpy.
 
 Run:  python examples/cluster.py   (starts a 2-host, 2-chip pto.LocalCluster on this machine)
 On a real Ray cluster (see docs/cluster.md):  RAY_ADDRESS=HEAD_IP:6379 python examples/cluster.py

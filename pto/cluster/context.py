@@ -1,20 +1,29 @@
 """``ctx``, what an L4 orchestration function receives: it places L3 runs on hosts.
 
-``ctx.submit(host, entry, args)`` checks its arguments at once (so an error names the call
-that made it), sends the run to that host's actor through Ray and returns a ``pto.Ref``
-without waiting. Refs anywhere in ``args`` are the run's dependencies.
+``ctx.submit(host, entry, args)`` hands the call to the runtime's ``place`` (which checks
+it at once, so an error names the call that made it, and sends or queues the run) and
+returns a ``pto.Ref`` without waiting. Refs anywhere in ``args`` are the run's
+dependencies. This module knows the runtime only through the ``Placer`` protocol below
+(pto/cluster/runtime.py imports this module, never the reverse).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from .refs import Ref, split_refs
+from .refs import Ref
 
-if TYPE_CHECKING:
-    from .runtime import ClusterRuntime, _L4Run
+
+class Placer(Protocol):
+    """What ``ctx`` needs of its runtime."""
+
+    hosts: list[int]
+
+    def chips(self, host: int) -> list[int]: ...
+
+    def place(self, run: Any, host: Any, entry: Any, args: Any) -> Ref: ...
 
 
 class ClusterContext:
@@ -26,18 +35,18 @@ class ClusterContext:
     ...     return ctx.submit(0, "add_all", args=parts)
     """
 
-    def __init__(self, rt: ClusterRuntime, run: _L4Run):
-        self._rt = rt
+    def __init__(self, placer: Placer, run: Any):
+        self._placer = placer
         self._run = run
-        self._ended = False  # set when the orchestration returns: no more submits
+        self._ended = False
 
     def hosts(self) -> list[int]:
         """The host ids, ``0..N-1`` in the cluster's stable order."""
-        return self._rt.hosts
+        return list(self._placer.hosts)
 
     def chips(self, host: int) -> list[int]:
         """The chips (device ids) of ``host``."""
-        return self._rt.chips(host)
+        return self._placer.chips(host)
 
     def submit(self, host: int, entry: str, args: Any = None) -> Ref:
         """Run L3 entry ``entry`` on ``host`` once the runs its Ref args come from are done.
@@ -48,10 +57,11 @@ class ClusterContext:
         if self._ended:
             raise RuntimeError(f"cannot submit {entry!r}: this ctx belongs to an L4 run whose "
                                "orchestration has returned")
-        self._rt._check_host(host)
-        self._rt._check_l3_entry(entry)
-        template, outputs = split_refs(args, self._rt._token)
-        return self._rt._submit_l3(self._run, int(host), entry, template, outputs)
+        return self._placer.place(self._run, host, entry, args)
+
+    def end(self) -> None:
+        """The orchestration has returned: later submits through this ctx are refused."""
+        self._ended = True
 
     def __repr__(self) -> str:
         return f"<pto L4 ctx hosts={self.hosts()}>"

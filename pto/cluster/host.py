@@ -1,23 +1,27 @@
-"""The host actor: one per host (Ray node), owning that host's L3 runtime.
+"""The host actor: one per host (Ray node), owning that host's L3 runtime and endpoints.
 
 ``ClusterRuntime`` starts one ``HostActor`` per node advertising ``pto_chips``, pinned there
 (``NodeAffinitySchedulingStrategy(soft=False)``), named ``pto-host<i>-<session>`` in the
-``pto`` namespace (``pto status --cluster`` finds them). It is a threaded actor, so runs
-overlap; each ``run`` is one ``pto.Runtime(level="host").run`` of an L3 entry.
+``pto`` namespace (``pto status --cluster`` finds them). Ray places, restarts and reports
+it; runs and tensors do not go through Ray:
 
-A run's arguments arrive as an argument template plus the resolved results of the runs it
-depends on (top-level Ray arguments: Ray waited for them). Each ``TensorDesc`` in them
-becomes a ``TensorHandle`` in this host's shared memory: one this actor keeps (same host:
-the very handle, no copy) or a copy of another host's tensor (``fetch`` there, through
-Ray's object store, then one copy into a segment here). The run's return value goes back
-with its handles replaced by descriptors; the handles stay here, in ``_kept``, until the
-driver says no Ref to that run remains (``release``).
+- ``open(keys)`` (a Ray call from the driver, carrying the session's keys) binds the
+  host's control endpoint (pto/cluster/server.py: the driver's runs arrive there, results
+  leave) and its tensor server (pto/cluster/stream_server.py: other hosts and the driver
+  pull this host's tensors from it).
+- A run's arguments hold a ``TensorDesc`` for each tensor of a run it depends on. One this
+  host keeps is handed over as the very handle (no copy); another host's is pulled from
+  that host's tensor server straight into a new segment here (one copy, the network's;
+  concurrent runs needing it share one pull), and kept until the driver says no Ref to
+  its producer remains (``Release``). This host never opens another host's segment.
+- The run's return value goes back with its handles replaced by descriptors; the handles
+  stay in ``_kept`` until the driver's ``Release``.
 
 When Ray restarts this actor (its process died), ``__init__`` runs again: a new L3
-runtime, no kept tensors (runs needing them fail with ``pto.HostLost``), and entries
-registered again on first use from the copy ``register`` left in Ray's key-value store
-(``ray.experimental.internal_kv``, the GCS: it outlives any actor; the driver deletes it
-at close). Keeping it there, not in every run's arguments, keeps a run's Ray call small.
+runtime, no kept tensors (runs needing them fail with ``pto.HostLost``), and the driver
+opens it again with fresh keys. Entries are registered again on first use from the copy
+``register`` left in Ray's key-value store (``ray.experimental.internal_kv``, the GCS: it
+outlives any actor; the driver deletes it at close).
 """
 
 from __future__ import annotations
@@ -25,29 +29,34 @@ from __future__ import annotations
 import gc
 import json
 import os
+import pickle
 import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import Future
 from typing import Any
 
 import cloudpickle
+import numpy as np
 import ray
 
 from ..host.tensor import TensorHandle
 from ..wire.errors import BrokerLost, TaskError
+from . import protocol as P
 from .errors import HostLostError, HostTaskError
-from .refs import TensorDesc, fill, instances_in, map_instances
+from .refs import TensorDesc, fill, map_instances
 from .shipping import unpack_registration
+from .stream import StreamAuth, StreamError
+from .stream_fetch import Fetcher
 
 NAMESPACE = "pto"
-# Calls that must never queue behind runs (a run may be waiting for a peer's ``fetch``:
-# with both hosts' run threads all waiting on each other, fetches in the same pool would
-# deadlock) get threads of their own.
+# Ray calls that must never queue behind each other's long waits get threads of their own.
 CONTROL = "control"
 CONTROL_THREADS = 4
-# Bound on waiting for another host's tensor; Ray fails the wait sooner when that host dies.
-FETCH_TIMEOUT_S = 600.0
+WATCH = "watch"  # the driver's death watch: one call per driver, parked until close
+RUN_THREADS = 8  # L3 runs at once on a host (more wait in the control server's pool)
+STREAM_TIMEOUT_S = 4.0  # a tensor server silent this long is lost (HostLost within 5 s)
 
 
 def actor_name(session: str, host: int) -> str:
@@ -81,8 +90,30 @@ def drop_registrations(session: str, entries: list[str]) -> None:
         internal_kv._internal_kv_del(_kv_key(session, entry), namespace=NAMESPACE)
 
 
+def tensor_key(key: tuple[int, int]) -> str:
+    """The name a kept tensor is served under: ``<run>.<position>``."""
+    return f"{key[0]}.{key[1]}"
+
+
+class _Failed(Exception):
+    """A run of this host failed: ``args[0]`` is its pickled error, as sent to the driver."""
+
+
+def dumps_error(exc: BaseException) -> bytes:
+    """``exc`` pickled for the driver, or a plain RuntimeError with its text if it will not."""
+    try:
+        return cloudpickle.dumps(exc)
+    except Exception:
+        plain = RuntimeError(f"{type(exc).__name__}: {exc}")
+        for note in getattr(exc, "__notes__", []):
+            plain.add_note(note)
+        plain._pto_run = getattr(exc, "_pto_run", 0)  # type: ignore[attr-defined]
+        return pickle.dumps(plain)
+
+
 class HostActor:
-    """Owns host ``host``'s L3 runtime (``chips`` chips) and the tensors its runs returned."""
+    """Owns host ``host``'s L3 runtime (``chips`` chips), its endpoints, and the tensors its
+    runs returned or copied in."""
 
     def __init__(self, host: int, chips: int, session: str, timeout: float, trace: bool):
         from ..host.runtime import HostRuntime
@@ -103,13 +134,22 @@ class HostActor:
         self._lost_why = "the host actor restarted since it was made" if self._restarted else None
         self._node = ctx.get_node_id()
         self._actor = ctx.get_actor_id()
+        self._ip = ray.util.get_node_ip_address()
         self._registered: set[str] = set()
         self._kept: dict[int, list[TensorHandle]] = {}  # run id -> handles it returned
+        # (producer host, run) -> {position: Future of the copy here}
+        self._copies: dict[tuple[int, int], dict[int, Future]] = {}
+        # run id -> Future of its pickled value (or _Failed): what later runs of this host
+        # sent before it ended read; dropped on Release
+        self._results: dict[int, Future] = {}
         self._running: dict[int, tuple[str, float]] = {}  # run id -> (entry, wall start)
-        self._peers: dict[int, Any] = {}  # host -> actor handle
         self._runs: list[dict[str, Any]] = []  # trace records (monotonic seconds)
         self._transfers: list[dict[str, Any]] = []
         self._stats = {"runs": 0, "transfers": 0, "bytes_in": 0, "local_handoffs": 0}
+        self._control: Any = None  # ControlServer, once open()
+        self._tensors: Any = None  # TensorServer, once open()
+        self._fetcher: Fetcher | None = None
+        self._closed = threading.Event()
         gc.freeze()  # what start-up made (Ray, pto, the L3 runtime) is never garbage
 
     # ---- set-up ------------------------------------------------------------------------
@@ -119,22 +159,47 @@ class HostActor:
         return {"host": self.host, "node": self._node, "actor": self._actor, "pid": os.getpid(),
                 "chips": list(self.rt.devices), "restarted": self._restarted}
 
+    @ray.method(concurrency_group=CONTROL)
+    def open(self, keys: dict[str, Any], stream_auth: StreamAuth) -> dict[str, str]:
+        """Bind this host's control endpoint and tensor server with the session's keys;
+        their addresses. Called once per actor life (a restarted actor is opened again)."""
+        from .server import ControlServer
+        from .stream_server import TensorServer
+
+        with self._lock:
+            if self._control is not None:
+                raise RuntimeError(f"host {self.host} is already open")
+            self._fetcher = Fetcher(stream_auth, timeout=STREAM_TIMEOUT_S)
+            self._tensors = TensorServer(self._ip, stream_auth, self._serve_tensor)
+            self._control = ControlServer(self._ip, keys, self.run, self.release,
+                                          threads=RUN_THREADS, after=self.after)
+            return {"control": self._control.endpoint, "tensors": self._tensors.address}
+
+    @ray.method(concurrency_group=WATCH)
+    def watch(self) -> bool:
+        """Returns when this actor closes; Ray fails it at once if the actor dies (the
+        driver's death report, without polling)."""
+        self._closed.wait()
+        return True
+
     def register(self, name: str, blob: bytes) -> None:
         """Register L3 entry ``name`` (``blob``: its pickled orchestration and kernels)."""
         orch, kernels = unpack_registration(cloudpickle.loads(blob))
 
-        def entry(ctx: Any, payload: tuple[Any, dict[tuple[int, int], Any]]) -> Any:
-            args, fetched = payload
-            handles: dict[tuple[int, int], TensorHandle] = {}
+        def entry(ctx: Any, payload: tuple[Any, int, list[tuple[int, int]]]) -> Any:
+            args, run_id, fetched = payload
+            handles: dict[tuple[int, int, int], TensorHandle] = {}
 
             def to_handle(desc: TensorDesc) -> TensorHandle:
-                known = handles.get(desc.key)
+                slot = (desc.host, *desc.key)
+                known = handles.get(slot)
                 if known is None and desc.host == self.host:
-                    known = handles[desc.key] = self._kept_handle(desc.key, desc.name)
+                    known = handles[slot] = self._kept_handle(desc.key, desc.name)
                     with self._lock:
                         self._stats["local_handoffs"] += 1
                 elif known is None:
-                    known = handles[desc.key] = self._copy_in(ctx, desc, fetched[desc.key])
+                    known = handles[slot] = self._copy_in(ctx, desc, run_id)
+                    fetched.append((desc.host, desc.key[0]))
                 return known
 
             return orch(ctx, map_instances(args, TensorDesc, to_handle))
@@ -143,41 +208,78 @@ class HostActor:
             self.rt.register(name, orch=entry, kernels=kernels)
             self._registered.add(name)
 
-    # ---- runs --------------------------------------------------------------------------
+    # ---- runs (the control server's run threads) ----------------------------------------
 
-    def run(self, header: tuple[int, str, Any], *values: Any) -> Any:
-        """Run an L3 entry: ``header`` is (run id, entry, argument template), ``values`` the
-        results of the runs it depends on (one Ray argument each: Ray waited for them)."""
-        run_id, entry, template = header
-        if entry not in self._registered:  # a restarted actor: register from Ray's KV
-            self.register(entry, registration(self.session, entry))
+    def after(self, msg: P.Run) -> list[Future]:
+        """The results of this host's runs that ``msg`` reads (the control server starts it
+        once they are done)."""
+        with self._lock:
+            self._results.setdefault(msg.run, Future())
+            return [self._results.setdefault(r, Future()) for r in msg.local if r]
+
+    def run(self, msg: P.Run) -> P.Message:
+        """Run an L3 entry for the driver: ``Done`` with its value, or ``Failed``; the same
+        outcome for later runs of this host reading it."""
+        with self._lock:
+            own = self._results.setdefault(msg.run, Future())
+            inputs = [self._results.get(r) if r else None for r in msg.local]
+        values = list(msg.values)
+        for i, future in enumerate(inputs):
+            if future is None and msg.local and msg.local[i]:
+                reply: P.Message = P.Failed(msg.run, dumps_error(HostLostError(
+                    self.host, f"run {msg.local[i]} this run reads is gone", msg.run)))
+                break
+            if future is not None:
+                failed = future.exception()
+                if failed is not None:  # the driver failed this run already: say the same
+                    reply = P.Failed(msg.run, failed.args[0])
+                    break
+                values[i] = future.result()
+        else:
+            reply = self._run(msg, values)
+        if own.done():  # a second Run of one id (never sent today): its first outcome stands
+            return reply
+        if isinstance(reply, P.Done):
+            own.set_result(reply.value)
+        else:
+            own.set_exception(_Failed(reply.error))
+        return reply
+
+    def _run(self, msg: P.Run, values: list[bytes]) -> P.Message:
+        run_id, entry = msg.run, msg.entry
         start = time.monotonic()
         with self._lock:
             self._running[run_id] = (entry, time.time())
         error = None
+        fetched: list[tuple[int, int]] = []
         rt = self.rt  # the L3 runtime this run uses (replaced if its broker is lost)
         try:
-            args = fill(template, values)
-            fetched = self._fetch_all(instances_in(args, TensorDesc), run_id)
-            value = rt.run(entry, (args, fetched))
-            return self._keep(run_id, value)
+            if entry not in self._registered:  # a restarted actor: register from Ray's KV
+                self.register(entry, registration(self.session, entry))
+            # Pickles from this session's driver (CURVE-authenticated), values first made here
+            # or on the session's other hosts.
+            template = cloudpickle.loads(msg.args)
+            args = fill(template, tuple(cloudpickle.loads(v) for v in values))
+            value = rt.run(entry, (args, run_id, fetched))
+            return P.Done(run_id, cloudpickle.dumps(self._keep(run_id, value)),
+                          sorted(set(fetched)))
         except TaskError as exc:
             error = exc.reason
-            raise HostTaskError(self.host, exc.kernel, exc.chip, exc.reason, exc.failed,
-                                run_id) from None
+            err: BaseException = HostTaskError(self.host, exc.kernel, exc.chip, exc.reason,
+                                               exc.failed, run_id)
         except BrokerLost as exc:
             error = str(exc)
             self._replace_l3(rt)
-            raise HostLostError(self.host, f"its L3 broker was lost: {exc}", run_id) from None
+            err = HostLostError(self.host, f"its L3 broker was lost: {exc}", run_id)
         except HostLostError as exc:
             error = str(exc)
             exc.run = exc.run or run_id
-            raise
+            err = exc
         except BaseException as exc:
             error = f"{type(exc).__name__}: {exc}"
             exc.add_note(f"(in L3 entry {entry!r} on host {self.host})")
             exc._pto_run = run_id  # type: ignore[attr-defined]  # tells the driver: root
-            raise
+            err = exc
         finally:
             end = time.monotonic()
             with self._lock:
@@ -186,6 +288,7 @@ class HostActor:
                 if self._trace_dir:
                     self._runs.append({"run": run_id, "entry": entry, "start": start,
                                        "end": end, "error": error})
+        return P.Failed(run_id, dumps_error(err), sorted(set(fetched)))
 
     def _replace_l3(self, lost: Any) -> None:
         """The L3 runtime ``lost`` lost its broker: start a new one, so this host serves
@@ -195,6 +298,7 @@ class HostActor:
                 return  # another run's thread replaced it already
             entries, self._registered = sorted(self._registered), set()
             self._kept.clear()
+            self._copies.clear()
             self._lost_why = "the host's L3 runtime lost its broker and was restarted"
             self.rt = self._new_l3()
         lost.close()
@@ -204,12 +308,13 @@ class HostActor:
 
     def _keep(self, run_id: int, value: Any) -> Any:
         handles: list[TensorHandle] = []
+        endpoint = self._tensors.address
 
         def describe(handle: TensorHandle) -> TensorDesc:
             handles.append(handle)
             return TensorDesc(self.host, (run_id, len(handles) - 1), handle.name,
                               tuple(handle.shape), handle.dtype.str, handle.offset,
-                              handle.nbytes)
+                              handle.nbytes, endpoint)
 
         out = map_instances(value, TensorHandle, describe)
         if handles:
@@ -226,64 +331,67 @@ class HostActor:
                                 f"{why or 'no Ref names it any more'}")
         return handles[key[1]]
 
-    def _fetch_all(self, descs: list[TensorDesc], run_id: int) -> dict[tuple[int, int], Any]:
-        """Other hosts' tensors among ``descs``, through Ray (started at once, then awaited)."""
-        import ray.exceptions as rex
-
-        wanted: dict[tuple[int, int], TensorDesc] = {}
-        for d in descs:
-            if d.host != self.host:
-                wanted.setdefault(d.key, d)
-        pending = {key: (d, time.monotonic(), self._peer(d.host).fetch.remote(key, d.name))
-                   for key, d in wanted.items()}
-        out = {}
-        for key, (desc, start, ref) in pending.items():
-            try:
-                out[key] = ray.get(ref, timeout=FETCH_TIMEOUT_S)
-            except (rex.RayActorError, rex.ObjectLostError, rex.GetTimeoutError) as exc:
-                raise HostLostError(desc.host, f"its tensor {desc.name} could not be fetched "
-                                    f"by host {self.host} ({type(exc).__name__})",
-                                    run_id) from None
-            except rex.RayTaskError as exc:
-                cause = getattr(exc, "cause", None)
-                raise (cause if isinstance(cause, HostLostError) else exc) from None
-            if self._trace_dir:
-                self._transfers.append({"run": run_id, "from": desc.host, "to": self.host,
-                                        "bytes": desc.nbytes, "name": desc.name,
-                                        "start": start, "fetched": time.monotonic()})
-        return out
-
-    def _copy_in(self, ctx: Any, desc: TensorDesc, array: Any) -> TensorHandle:
+    def _copy_in(self, ctx: Any, desc: TensorDesc, run_id: int) -> TensorHandle:
+        """Another host's tensor as a handle here: pulled from its tensor server into a new
+        segment once, however many runs here need it at once or later (until released)."""
+        with self._lock:
+            parts = self._copies.setdefault((desc.host, desc.key[0]), {})
+            future = parts.get(desc.key[1])
+            leader = future is None
+            if leader:
+                future = parts[desc.key[1]] = Future()
+        if not leader:
+            return future.result()
         start = time.monotonic()
-        handle = ctx.tensor(array)  # the one copy on this host: object store -> shm
+        handle = None
+        try:
+            handle = ctx.alloc(desc.shape, np.dtype(desc.dtype))
+            if desc.nbytes:
+                self._fetcher.fetch(desc.endpoint, tensor_key(desc.key), desc.nbytes,
+                                    handle.numpy().reshape(-1).view(np.uint8))
+        except BaseException as exc:
+            if handle is not None:
+                handle.free()  # now: the error's traceback would keep it alive until a gc
+            with self._lock:
+                self._copies.get((desc.host, desc.key[0]), {}).pop(desc.key[1], None)
+            if isinstance(exc, StreamError):
+                exc = HostLostError(desc.host, f"its tensor {desc.name} could not be fetched "
+                                    f"by host {self.host} ({type(exc).__name__}: {exc})", run_id)
+            future.set_exception(exc)
+            raise exc from None
+        future.set_result(handle)
         with self._lock:
             self._stats["transfers"] += 1
             self._stats["bytes_in"] += desc.nbytes
-            for rec in reversed(self._transfers):
-                if rec["name"] == desc.name and "copied" not in rec:
-                    rec["copy_start"], rec["copied"] = start, time.monotonic()
-                    break
+            if self._trace_dir:
+                now = time.monotonic()
+                self._transfers.append({"run": run_id, "from": desc.host, "to": self.host,
+                                        "bytes": desc.nbytes, "name": desc.name,
+                                        "start": start, "fetched": now})
         return handle
 
-    def _peer(self, host: int) -> Any:
-        peer = self._peers.get(host)
-        if peer is None:
-            peer = self._peers[host] = ray.get_actor(actor_name(self.session, host),
-                                                     namespace=NAMESPACE)
-        return peer
+    def _serve_tensor(self, key: str) -> memoryview | None:
+        """The tensor server's lookup: a view of kept tensor ``<run>.<position>``."""
+        try:
+            run, pos = (int(k) for k in key.split("."))
+        except ValueError:
+            return None
+        with self._lock:
+            handles = self._kept.get(run)
+        if handles is None or not 0 <= pos < len(handles):
+            return None
+        array = handles[pos].numpy()
+        return memoryview(array.reshape(-1).view(np.uint8)) if array.nbytes else None
 
-    @ray.method(concurrency_group=CONTROL)
-    def fetch(self, key: tuple[int, int], name: str) -> Any:
-        """The bytes of kept tensor ``name``, as a numpy view Ray copies into its object
-        store."""
-        return self._kept_handle(tuple(key), name).numpy()
-
-    @ray.method(concurrency_group=CONTROL)
     def release(self, run_ids: list[int]) -> None:
-        """No Ref to these runs remains: drop their handles (their segments go when no
-        run of this host still uses them)."""
+        """No Ref to these runs remains: drop their handles and this host's copies of
+        them (their segments go when no run of this host still uses them)."""
         with self._lock:
             dropped = [self._kept.pop(run_id, None) for run_id in run_ids]
+            for run_id in run_ids:
+                self._results.pop(run_id, None)
+            for key in [k for k in self._copies if k[1] in set(run_ids)]:
+                dropped.append(self._copies.pop(key))
         del dropped
 
     # ---- observability and life ----------------------------------------------------------
@@ -295,8 +403,10 @@ class HostActor:
             running = [{"run": r, "entry": e, "seconds": round(now - t, 3)}
                        for r, (e, t) in sorted(self._running.items())]
             kept = sum(len(h) for h in self._kept.values())
+            copies = sum(len(c) for c in self._copies.values())
             stats = dict(self._stats)
-        return {**self.info(), "running": running, "kept_tensors": kept, "stats": stats}
+        return {**self.info(), "running": running, "kept_tensors": kept,
+                "copied_tensors": copies, "stats": stats}
 
     @ray.method(concurrency_group=CONTROL)
     def stats(self) -> dict[str, int]:
@@ -317,10 +427,20 @@ class HostActor:
                     "runs": list(self._runs), "transfers": list(self._transfers),
                     "chips": chips}
 
+    @ray.method(concurrency_group=CONTROL)
     def close(self) -> None:
+        if self._control is not None:
+            self._control.close()
+        if self._tensors is not None:
+            self._tensors.close()
+        if self._fetcher is not None:
+            self._fetcher.close()
         with self._lock:
             self._kept.clear()
+            self._copies.clear()
+            self._results.clear()
         self.rt.close()
+        self._closed.set()
         if self._trace_dir:
             import shutil
 

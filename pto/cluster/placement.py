@@ -9,7 +9,9 @@ stable order: by the index each node names for itself (a ``pto.host`` label, as
 ``pto.LocalCluster`` gives its nodes, or a ``pto_host_index_<i>`` resource) when every
 host names one, else by (IP, node id). Each gets a ``HostActor`` pinned to its node with
 ``NodeAffinitySchedulingStrategy(soft=False)``; Ray restarts it there up to ``retries``
-times and reruns the run it died in (``max_task_retries``).
+times (the driver resends the runs it died in). Runs do not go through Ray: a host actor
+runs them from its own endpoint's threads, so Ray's own concurrency serves only the
+control calls (``open``, ``register``, ``status``, the parked ``watch``).
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..wire.errors import PtoError
-from .host import CONTROL, CONTROL_THREADS, NAMESPACE, HostActor, actor_name
+from .host import CONTROL, CONTROL_THREADS, NAMESPACE, WATCH, HostActor, actor_name
 
 INDEX_RESOURCE = "pto_host_index_"
 INDEX_LABEL = "pto.host"
-MAX_CONCURRENT_RUNS = 8  # threads of a host actor running L3 runs at once (more queue in Ray)
 
 
 @dataclass(frozen=True)
@@ -117,12 +118,12 @@ def start_hosts(nodes: list[Node], session: str, timeout: float, trace: bool,
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    remote_cls = ray.remote(concurrency_groups={CONTROL: CONTROL_THREADS})(HostActor)
+    remote_cls = ray.remote(concurrency_groups={CONTROL: CONTROL_THREADS, WATCH: 2})(HostActor)
     actors = []
     for host, node in enumerate(nodes):
         actors.append(remote_cls.options(
             name=actor_name(session, host), namespace=NAMESPACE, num_cpus=0,
-            max_concurrency=MAX_CONCURRENT_RUNS, max_restarts=retries,
+            max_concurrency=2, max_restarts=retries,
             max_task_retries=retries, lifetime=None,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
         ).remote(host, node.chips, session, timeout, trace))

@@ -1,15 +1,17 @@
 """``pto.Ref`` and the structures that travel between the driver and the host actors.
 
 An L3 run's result lives on its host: the host actor returns the entry's return value with
-every ``TensorHandle`` replaced by a ``TensorDesc`` (host, key, segment name, shape, dtype)
-and keeps the handle alive. The driver sees that value only through Ray: the run's
-``ObjectRef`` is owned by an ``_Output``, which every ``Ref`` (and ``ref[0]``/``ref["k"]``,
-the same output with a path into it) holds. When the last Ref of an output is gone, its
-finalizer tells the host to drop the run's handles (pto/cluster/release.py).
+every ``TensorHandle`` replaced by a ``TensorDesc`` (host, key, segment name, shape, dtype,
+the address of the host's tensor server) and keeps the handle alive. The driver keeps that
+value (pickled, as it arrived) in the run's ``RunOutput``, which every ``Ref`` (and
+``ref[0]``/``ref["k"]``, the same output with a path into it) holds. A Ref is a pto-level
+name, (host, run, path): nothing of Ray. When the last holder of an output is gone, its
+finalizer tells the host (and every host that copied its tensors) to drop them
+(pto/cluster/release.py).
 
-Refs in a later ``ctx.submit``'s args become *top-level* arguments of the Ray call (so Ray
-resolves them, and orders the run after its producers) and ``_Slot`` placeholders in the
-argument template; the host puts the resolved values back (``fill``).
+Refs in a later ``ctx.submit``'s args become ``_Slot`` placeholders in an argument template
+plus the list of outputs they name; once those runs are done the driver sends the host the
+template and their values, and the host puts them back (``fill``).
 """
 
 from __future__ import annotations
@@ -33,30 +35,39 @@ class TensorDesc:
     dtype: str
     offset: int
     nbytes: int
+    endpoint: str = ""  # the producer host's tensor server, where a copy is pulled from
 
 
 @dataclass(frozen=True, slots=True)
 class _Slot:
-    """In an argument template: the value of top-level Ray argument ``index`` at ``path``."""
+    """In an argument template: the value of input ``index`` (an output the run reads) at
+    ``path``."""
 
     index: int
     path: tuple[Any, ...]
 
 
-class _Output:
-    """One submitted L3 run's result: owns its ObjectRef; the host frees its tensors when
-    the last holder (a Ref, or a run still waiting to read it) lets go of this object."""
+class RunOutput:
+    """One submitted L3 run's result, as the driver knows it: pending, then its value
+    (pickled, tensors as descriptors) or its error. The host frees its tensors (and other
+    hosts their copies, ``copies``) when the last holder (a Ref, or a run still waiting to
+    read it) lets go of this object."""
 
-    __slots__ = ("runtime", "run_id", "host", "entry", "object_ref", "__weakref__")
+    __slots__ = ("runtime", "run_id", "host", "entry", "done", "blob", "error", "waiters",
+                 "copies", "__weakref__")
 
-    def __init__(self, runtime: Any, run_id: int, host: int, entry: str, object_ref: Any,
-                 release: Callable[[int, int], None]):
+    def __init__(self, runtime: Any, run_id: int, host: int, entry: str,
+                 release: Callable[[int, int, set[int]], None]):
         self.runtime = runtime  # the ClusterRuntime's token: tells its Refs from others'
         self.run_id = run_id
         self.host = host
         self.entry = entry
-        self.object_ref = object_ref
-        weakref.finalize(self, release, host, run_id)
+        self.done = False
+        self.blob: bytes | None = None  # the value, pickled (once done without error)
+        self.error: BaseException | None = None
+        self.waiters: list[Any] = []  # runs waiting for this one (the driver's records)
+        self.copies: set[int] = set()  # other hosts that may hold a copy of its tensors
+        weakref.finalize(self, release, host, run_id, self.copies)
 
 
 class Ref:
@@ -70,7 +81,7 @@ class Ref:
 
     __slots__ = ("_output", "_path")
 
-    def __init__(self, output: _Output, path: tuple[Any, ...] = ()):
+    def __init__(self, output: RunOutput, path: tuple[Any, ...] = ()):
         self._output = output
         self._path = path
 
@@ -78,6 +89,11 @@ class Ref:
     def host(self) -> int:
         """The host the producing L3 run ran on."""
         return self._output.host
+
+    @property
+    def path(self) -> tuple[Any, ...]:
+        """The indices that picked this part of the run's result (``()``: all of it)."""
+        return self._path
 
     def __getitem__(self, key: Any) -> Ref:
         if not isinstance(key, (int, str)) or isinstance(key, bool):
@@ -96,13 +112,18 @@ class Ref:
         return f"<pto.Ref {self._output.entry!r} on host {self._output.host}{path}>"
 
 
-# ---- driver side: Refs in args -> template + top-level ObjectRefs -------------------------
+def output_of(ref: Ref) -> RunOutput:
+    """The output ``ref`` names (the driver's record of the run it came from)."""
+    return ref._output
 
 
-def split_refs(args: Any, owner: Any) -> tuple[Any, list[_Output]]:
+# ---- driver side: Refs in args -> template + the outputs they name ------------------------
+
+
+def split_refs(args: Any, owner: Any) -> tuple[Any, list[RunOutput]]:
     """``args`` with each Ref replaced by a ``_Slot`` and the outputs they name, in slot
     order (one slot index per distinct output). A Ref of another runtime is a ValueError."""
-    outputs: list[_Output] = []
+    outputs: list[RunOutput] = []
     index: dict[int, int] = {}
 
     def walk(value: Any, depth: int) -> Any:

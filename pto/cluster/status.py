@@ -3,7 +3,8 @@
 Joins the cluster as a Ray driver of its own, lists the nodes advertising ``pto_chips``
 (``ray.nodes()``) and asks every pto host actor (named ``pto-host<i>-<session>`` in the
 ``pto`` namespace, so any driver finds them) for its status: chips, L3 runs in flight,
-tensors kept for Refs, transfer counters. One cluster runtime is one session.
+tensors kept for Refs and copies of other hosts' tensors, transfer counters. One cluster
+runtime is one session.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def format_cluster_status(st: dict[str, Any]) -> str:
             s = h["stats"]
             lines.append(f"  host {h['host']}: pid {h['pid']}  chips {h['chips']}  "
                          f"runs done {s['runs']}  running {len(h['running'])}  "
-                         f"kept tensors {h['kept_tensors']}  transfers in {s['transfers']} "
+                         f"kept tensors {h['kept_tensors']}  copies of other hosts' "
+                         f"{h.get('copied_tensors', 0)}  transfers in {s['transfers']} "
                          f"({s['bytes_in']} B)")
             for r in h["running"]:
                 lines.append(f"    run {r['run']}: {r['entry']} for {r['seconds']:.1f}s")

@@ -2,7 +2,7 @@
 
 Layout: process 0 is the driver (a track of L4 runs, one of L3 submits); process
 ``h + 1`` is host ``h``, holding an "L3 runs" track, a "transfers in" track (each
-cross-host fetch: source host, bytes, time in Ray, time of the copy into shm) and that
+cross-host pull: source host, bytes, its time from request to the last byte) and that
 host's per-chip tracks exactly as its L3 runtime traced them (pto/host/trace.py). Runs and
 transfers overlap, so they are async slices (``b``/``e``). Each host's times are its
 ``time.monotonic()`` shifted to wall-clock time with the offset it reports; everything is
@@ -90,10 +90,9 @@ def build_events(l4: list[tuple[str, float, float, str | None]], hosts: list[dic
             events += _async(run["entry"], "l3run", run["run"], pid, _RUNS_TID,
                              run["start"] * 1e6 + shift, run["end"] * 1e6 + shift, args)
         for n, t in enumerate(rec["transfers"]):
-            end = t.get("copied", t["fetched"])
+            end = t["fetched"]
             args = {"from_host": t["from"], "bytes": t["bytes"], "run": t["run"],
-                    "ray_us": round((t["fetched"] - t["start"]) * 1e6, 1),
-                    "copy_us": round((end - t.get("copy_start", end)) * 1e6, 1)}
+                    "pull_us": round((end - t["start"]) * 1e6, 1)}
             events += _async(f"from host {t['from']}: {t['bytes']} B", "transfer",
                              host * _FLOW_IDS_PER_HOST + n + 1, pid, _TRANSFERS_TID,
                              t["start"] * 1e6 + shift, end * 1e6 + shift, args)

@@ -13,8 +13,8 @@ import pto
 from pto.cluster.errors import HostLostError, HostTaskError, is_root
 from pto.cluster.refs import (
     Ref,
+    RunOutput,
     TensorDesc,
-    _Output,
     _Slot,
     fill,
     follow,
@@ -28,9 +28,9 @@ Pair = namedtuple("Pair", "a b")
 
 
 def _output(owner, run_id=1, host=0, released=None):
-    release = (lambda h, r: released.append((h, r))) if released is not None else (
-        lambda h, r: None)
-    return _Output(owner, run_id, host, "entry", object_ref=f"obj{run_id}", release=release)
+    release = (lambda h, r, copies: released.append((h, r))) if released is not None else (
+        lambda h, r, copies: None)
+    return RunOutput(owner, run_id, host, "entry", release=release)
 
 
 def _desc(host=0, run=1, i=0):
@@ -136,7 +136,7 @@ def test_the_trace_has_a_process_per_host_with_runs_transfers_and_chips():
         {"host": 1, "offset": 1000.0,
          "runs": [{"run": 2, "entry": "reduce", "start": 2.0, "end": 3.0, "error": "boom"}],
          "transfers": [{"run": 2, "from": 0, "to": 1, "bytes": 64, "name": "/pto_a_1",
-                        "start": 2.0, "fetched": 2.25, "copy_start": 2.25, "copied": 2.5}],
+                        "start": 2.0, "fetched": 2.25}],
          "chips": [{"ph": "s", "id": 1, "pid": 1, "tid": 1, "ts": 2.2e6}]},
         {"host": 2, "lost": "ActorDiedError"},
     ]
@@ -150,7 +150,7 @@ def test_the_trace_has_a_process_per_host_with_runs_transfers_and_chips():
     assert runs[1]["args"]["error"] == "boom"
     transfer = next(e for e in events if e.get("cat") == "transfer" and e["ph"] == "b")
     assert transfer["pid"] == 2 and transfer["args"]["bytes"] == 64
-    assert transfer["args"]["ray_us"] == 250000.0 and transfer["args"]["copy_us"] == 250000.0
+    assert transfer["args"]["pull_us"] == 250000.0
     submits = [e for e in events if e.get("cat") == "submit"]
     assert [(e["pid"], e["name"]) for e in submits] == [(0, "produce -> host 0"),
                                                         (0, "reduce -> host 1")]
