@@ -90,4 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything of ours is released by now (Broker._shutdown): skip the interpreter's
+    # teardown (numpy, zmq), so that a runtime's close() does not wait for it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -93,6 +93,7 @@ class Worker:
         self.status = self.block.words
         self.peers = Peers(self.block)
         self.poller.register(self.peers.wake_fd, zmq.POLLIN)
+        self.peers.wake_on_signals()  # a SIGTERM stops us now, not at the poll's timeout
 
     def _hello(self) -> P.WorkerHello:
         return P.WorkerHello(self.device, os.getpid(), self.status_name, self.peers.address)
@@ -394,6 +395,7 @@ class Worker:
             for key in list(self.segments):
                 self._unmap(*key)
             self.sock.close(0)
+            signal.set_wakeup_fd(-1)  # before the pipe it writes to closes
             self.peers.close()
             self.ctx.term()
         finally:
