@@ -236,6 +236,12 @@ def rt4_module():
 
 
 @pytest.fixture(scope="module")
+def rt2_module():
+    """An embedded runtime on chips 0 and 1 shared by the tests of one module."""
+    yield from _shared([0, 1])
+
+
+@pytest.fixture(scope="module")
 def rt1_module():
     """``rt1`` shared by the tests of one module (see ``_shared``)."""
     yield from _shared([0])

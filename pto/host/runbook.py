@@ -73,6 +73,9 @@ class _Completions:
                     run.resolve()
                 except Exception:  # noqa: BLE001 - Future already logs callbacks' errors
                     log.exception("resolving a run failed")
+            # Not held while we wait for the next one: its outputs would outlive the
+            # caller's last handle to them until another run ended.
+            del run
 
     def stop(self) -> None:
         """Resolve what is queued, then end the thread (unless called from it)."""
