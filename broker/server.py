@@ -71,11 +71,12 @@ class Broker:
         host_workers: int = 1,
         curve: str | None = None,
         spin_seconds: float = 0.0,
+        transition_log: int = 1000,
     ):
         """Serve clients at ``address`` (workers at ``pto.wire.procs.worker_address``); with
         ``spawn_workers``, run a worker per chip in ``devices`` and ``host_workers`` host
         workers. ``credit``: tasks in flight per chip worker; ``spin_seconds``: see
-        ``pto.wire.procs.SpinPoll``."""
+        ``pto.wire.procs.SpinPoll``; ``transition_log``: task moves kept (0: none)."""
         if not 1 <= credit <= P.MAX_CREDIT:
             raise ValueError(f"credit must be in 1..{P.MAX_CREDIT}, not {credit}")
         self.address = address
@@ -87,7 +88,8 @@ class Broker:
         self.supervisor = Supervisor(address, devices if spawn_workers else [], host_workers,
                                      heartbeat, liveness, log_dir, curve)
         self.sched = Scheduler(
-            [*devices, HOST_QUEUE] if spawn_workers and host_workers else devices)
+            [*devices, HOST_QUEUE] if spawn_workers and host_workers else devices,
+            log_size=transition_log)
         self.clients: dict[bytes, ClientPeer] = {}
         self.clients_by_index: dict[int, ClientPeer] = {}
         self.kernels: dict[tuple[int, int], P.KernelDef] = {}  # to forward to workers
