@@ -31,6 +31,7 @@ from .task import (
     FAILED,
     PENDING,
     READY,
+    IllegalTransition,
     State,
     Task,
     check_transition,
@@ -72,12 +73,12 @@ class TaskStates:
         of a move to FAILED); returns the tasks it set free."""
         old = task.state
         edge = _TRANSITIONS.get((old, new))
-        if edge is None:
+        if edge is None:  # not in task.ALLOWED: a bug in the broker
             try:
                 check_transition(task, new)
-            except Exception as exc:
+            except IllegalTransition as exc:
                 recent = "; ".join(f"{g} {a}->{b}" for g, a, b in self.transition_log()[-20:])
-                raise type(exc)(f"{exc} (last moves: {recent or 'log off'})") from None
+                raise IllegalTransition(f"{exc} (last moves: {recent or 'log off'})") from None
         if self._log is not None:
             self._log.append((task.gid, old, new))
         task.state = new
