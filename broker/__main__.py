@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--credit", type=int, default=512, help="tasks in flight per worker")
     parser.add_argument("--host-workers", type=int, default=1,
                         help="processes that run host sub-tasks (ctx.submit_host), with workers")
+    parser.add_argument("--transition-log", type=int, default=1000, metavar="N",
+                        help="keep the last N task state moves for `pto status --json` and "
+                        "error messages (0: none)")
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--log-dir", help="write broker and worker logs here")
     parser.add_argument("--curve", metavar="DIR", help="require CURVE keys from `pto keygen DIR` "
@@ -56,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.credit <= P.MAX_CREDIT:
         parser.error(f"--credit must be in 1..{P.MAX_CREDIT}")
-    if args.workers < 0 or args.host_workers < 0:
-        parser.error("--workers and --host-workers must be >= 0")
+    if args.workers < 0 or args.host_workers < 0 or args.transition_log < 0:
+        parser.error("--workers, --host-workers and --transition-log must be >= 0")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         parser.error("--metrics-port must be in 0..65535")
     if args.workers and args.devices:
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         broker = Broker(address, devices, spawn_workers=bool(devices), heartbeat=args.heartbeat,
                         liveness=args.liveness, credit=args.credit, parent_pid=args.parent_pid,
                         log_dir=args.log_dir, host_workers=args.host_workers, curve=args.curve,
-                        spin_seconds=cfg.spin_seconds, metrics=metrics)
+                        spin_seconds=cfg.spin_seconds, metrics=metrics,
+                        transition_log=args.transition_log)
     except Exception as exc:  # noqa: BLE001 - report bind errors plainly
         logging.getLogger("pto.broker").error("cannot start: %s", exc)
         print(f"error: cannot start broker on {address}: {exc}", file=sys.stderr)
@@ -115,4 +119,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything of ours is released by now (Broker._shutdown): skip the interpreter's
+    # teardown (numpy, zmq), so that a runtime's close() does not wait for it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

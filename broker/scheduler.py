@@ -1,6 +1,7 @@
 """The broker's task bookkeeping, with no sockets in it: the one owner of task state.
 
-Every state change goes through ``_move``, checked against ``broker.task.ALLOWED``. The
+Every state change goes through ``_move`` (``broker.transitions``, the base class: the
+table of moves and each move's side effects), checked against ``broker.task.ALLOWED``. The
 scheduler also owns what depends on those states: the ready queue of each chip, the
 tasks in flight on each worker (which must agree with DISPATCHED; ``validate`` checks
 that and the other invariants), what becomes of a dead worker's tasks (the policy is
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
-from collections import deque
 from collections.abc import Callable, Iterable
 
 from pto.wire.errors import ProtocolError
@@ -42,55 +41,36 @@ from pto.wire.protocol import (
 
 from .deps import Accesses
 from .invariants import check as check_invariants
-from .outbox import Outbox, Results
+from .outbox import Results
 from .ready import ReadyQueue
 from .retry import Verdict, after_death
 from .task import (
     DISPATCHED,
-    DONE,
     DROPPED,
-    FAILED,
-    NEXT_STATES,
     PENDING,
     READY,
-    State,
     Task,
-    check_transition,
     covered,
-    failure_of,
     unknown_chips,
-    waits_on_worker,
 )
-from .waits import (
-    WorkerSlot,
-    awaited_elsewhere,
-    forget_dead,
-    no_longer_waiting,
-    send_waiting,
-    stop_watching,
-)
+from .transitions import Assignment, TaskStates
+from .waits import WorkerSlot, awaited_elsewhere, forget_dead, stop_watching
 
 log = logging.getLogger("pto.broker")
 
-# (worker, task, rank, barrier id or 0, seq): one member of a task to send to a worker,
-# its number there
-Assignment = tuple[int, Task, int, int, int]
+__all__ = ["Assignment", "Scheduler"]
 
 
-class Scheduler:
+class Scheduler(TaskStates):
     """Dependencies, ready queues per chip, in-flight tasks per worker, and results."""
 
-    def __init__(self, queues: Iterable[int] = ()):
+    def __init__(self, queues: Iterable[int] = (), log_size: int = 1000):
+        """``log_size``: moves the transition log keeps (0: no log)."""
+        super().__init__(list(queues), log_size)
         self._gids = itertools.count(1)
-        self._tasks: dict[int, Task] = {}  # unfinished tasks by gid
-        self._ready: dict[int, ReadyQueue] = {q: ReadyQueue() for q in queues}
         self._accesses = Accesses()
         self._workers: dict[int, WorkerSlot] = {}
-        self._queue_workers: dict[int, list[WorkerSlot]] = {}
         self._traced: set[int] = set()  # clients that asked for task times
-        self._kernel_names: dict[tuple[int, int], str] = {}  # (client, kernel id) -> name
-        self._out = Outbox()  # results and barrier orders for the server to take
-        self._barriers: set[int] = set()  # gids of dispatched groups: their barrier is open
         self._uids = itertools.count(1)  # a worker process's uid, never reused
 
     # ---- peers -----------------------------------------------------------------------
@@ -101,9 +81,6 @@ class Scheduler:
 
     def register_kernel(self, client: int, kernel: int, name: str) -> None:
         self._kernel_names[(client, kernel)] = name
-
-    def kernel_name(self, task: Task) -> str:
-        return self._kernel_names.get((task.client, task.kernel), f"#{task.kernel}")
 
     def add_worker(self, worker: int, queue: int, limit: int) -> int:
         """A worker (its chip, or ``pto.wire.chips.host_chip(k)``) takes tasks from ``queue``,
@@ -121,9 +98,6 @@ class Scheduler:
         """Forget a client: its tasks are DROPPED (dispatched ones stay in flight until
         their worker reports them), its tensors, kernel names and results go."""
         for task in [t for t in self._tasks.values() if t.client == client]:
-            task.dependents = []
-            if task.state == READY:
-                self._unqueue(task)
             self._move(task, DROPPED)
         self._accesses.drop_client(client)
         for key in [k for k in self._kernel_names if k[0] == client]:
@@ -239,10 +213,6 @@ class Scheduler:
                 self._member_left(task)
                 continue
             self._move(task, READY)
-            task.left = 0
-            task.worker, task.skipped, task.wait = None, False, None
-            self._ready[task.chip].appendleft(task)
-
 
     # ---- output ----------------------------------------------------------------------
 
@@ -269,7 +239,7 @@ class Scheduler:
                 credit[slot.queue] = credit.get(slot.queue, 0) + room
             if not slot.inflight:
                 idle.add(slot.queue)
-        out: list[Assignment] = []
+        self._round = []
         progress = True
         while progress:
             progress = False
@@ -280,40 +250,21 @@ class Scheduler:
                         queue.pop(task)
                         credit[chip] -= 1
                         idle.discard(chip)
-                        self._move(task, DISPATCHED)
-                        task.left = 1
-                        slot = self._assign(chip, task)
-                        task.worker, task.seq = slot, slot.sent - 1
-                        if task.after:
-                            send_waiting(task, slot, self._out)
-                        out.append((slot.worker, task, 0, 0, task.seq))
-                        if task.dependents:
-                            for dep in no_longer_waiting(task, same_chip=False):
-                                self._ready_now(dep)
-                                progress = True  # a task on another chip became READY
+                        for dep in self._move(task, DISPATCHED):
+                            self._ready_now(dep)
+                            progress = True  # a task on another chip became READY
                         continue
                     if not all(self._ready[c].head() is task
                                and credit.get(c, 0) > 0 and c in idle for c in task.chips):
                         break
-                    self._move(task, DISPATCHED)
-                    task.left = len(task.chips)
-                    self._barriers.add(task.gid)
-                    for rank, c in enumerate(task.chips):
+                    for c in task.chips:
                         self._ready[c].pop(task)
                         credit[c] -= 1
                         idle.discard(c)
-                        slot = self._assign(c, task)
-                        out.append((slot.worker, task, rank, task.gid, slot.sent - 1))
+                    self._move(task, DISPATCHED)
                     progress = True
+        out, self._round = self._round, []
         return out
-
-    def _assign(self, queue: int, task: Task) -> WorkerSlot:
-        workers = self._queue_workers[queue]
-        # Host workers share one queue: the least loaded takes it.
-        slot = workers[0] if len(workers) == 1 else min(workers, key=lambda w: len(w.inflight))
-        slot.inflight[task.gid] = task
-        slot.sent += 1
-        return slot
 
     def take_results(self) -> Results:
         """Per client: task ids done, failures, and the task times gathered so far."""
@@ -367,23 +318,11 @@ class Scheduler:
         check_invariants(self._tasks, self._ready, [(w.worker, w.queue, w.inflight, w.watched)
                                          for w in self._workers.values()], self._barriers)
 
-    # ---- transitions -----------------------------------------------------------------
-
-    def _move(self, task: Task, new: State) -> None:
-        """The one place a task's state changes."""
-        if new not in NEXT_STATES[task.state]:
-            check_transition(task, new)  # raises IllegalTransition
-        if task.trace is not None:
-            if new == READY and task.state == PENDING:
-                task.trace[0] = time.monotonic()
-            elif new == DISPATCHED:
-                task.trace[1] = time.monotonic()
-        task.state = new
-        if new >= DONE:
-            del self._tasks[task.gid]
-            task.after = task.wait = None  # what it waited for need not live on with it
+    # ---- linking a new task -----------------------------------------------------------
 
     def _link(self, task: Task) -> None:
+        """A new task: check it, find its predecessors, count those it waits for in the
+        broker (``waiting``: counted up only here, down only in ``_one_less``)."""
         bad_chips = unknown_chips(task, self._ready)
         if bad_chips:
             self._fail(task, None, bad_chips)
@@ -411,75 +350,3 @@ class Scheduler:
                 task.waiting += 1
         if not task.waiting:
             self._ready_now(task)
-
-    def _ready_now(self, task: Task) -> None:
-        todo = deque([task])
-        while todo:
-            task = todo.popleft()
-            self._move(task, READY)
-            for chip in task.chips:
-                self._ready[chip].append(task)
-            todo.extend(no_longer_waiting(task, same_chip=True))
-
-    def _member_left(self, task: Task, failure: tuple[str, bool, bool] | None = None) -> None:
-        """One member of ``task`` reported (or its worker died: ``failure`` says why,
-        (reason, lost, followed)); it ends once every member has."""
-        task.left -= 1
-        if task.state == DISPATCHED:
-            if failure is not None:
-                # Prefer a member's own failure to one that only followed another's.
-                if task.failure is None or (task.failure[2] and not failure[2]):
-                    task.failure = failure
-                if task.gid in self._barriers:
-                    self._out.abort_barrier(task.gid)  # members waiting at it give up
-            if task.left == 0:
-                if task.failure is not None:
-                    self._fail(task, None, *task.failure[:2])
-                else:
-                    self._done(task)
-        # (A task FAILED or DROPPED while on its workers only leaves them.)
-        if task.left == 0 and task.gid in self._barriers:
-            self._barriers.discard(task.gid)
-            self._out.close_barrier(task.gid)
-
-    def _done(self, task: Task) -> None:
-        self._move(task, DONE)
-        self._out.done(task.client, task.task_id)
-        for dep in task.dependents:
-            if waits_on_worker(dep, task):
-                continue  # it stopped waiting for this task when this one was dispatched
-            dep.waiting -= 1
-            if dep.waiting == 0 and dep.state == PENDING:
-                self._ready_now(dep)
-        task.dependents = []
-
-    def _unqueue(self, task: Task) -> None:
-        for chip in task.chips:
-            self._ready[chip].remove(task)
-
-    def _fail(self, task: Task, root: Failure | None, reason: str, lost: bool = False) -> None:
-        """Fail ``task`` (its own ``reason``, or caused by ``root``) and everything downstream."""
-        stack = [(task, root)]
-        while stack:
-            t, cause = stack.pop()
-            if t.state >= DONE:
-                continue
-            failure = failure_of(t, self.kernel_name(t), cause, reason, lost)
-            t.root = cause or failure
-            if t.state == READY:
-                self._unqueue(t)
-            elif (t.state == DISPATCHED and cause is not None and t.worker is not None
-                  and t.gid in t.worker.inflight):
-                # Downstream of a failure while on its worker, waiting for it there: the
-                # worker skips it, or drops it now (a dead worker's task never ends).
-                if t.skipped:
-                    del t.worker.inflight[t.gid]
-                    stop_watching(t)
-                    t.left = 0
-                else:
-                    self._out.cancel_on(t.worker.worker, t.gid)
-            self._move(t, FAILED)
-            self._out.failed(t.client, failure)
-            for dep in t.dependents:
-                stack.append((dep, t.root))
-            t.dependents = []

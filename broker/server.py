@@ -5,8 +5,9 @@ Shaped like the ZeroMQ guide's Majordomo broker: a small record per peer kind
 sockets, lets the scheduler (``broker.scheduler``, the one owner of task state) decide,
 then sends at most one message per peer per round. No sleeps on the dispatch path: the
 loop blocks in ``zmq.Poller.poll`` until a message, a signal or the next timer tick.
-This module only routes; worker processes are ``broker.supervisor``'s, group barriers
-``broker.barriers``'s, and ``pto status``'s answer ``broker.status``'s.
+This module only routes; its sockets are ``broker.routers``'s, worker processes
+``broker.supervisor``'s, group barriers ``broker.barriers``'s, and ``pto status``'s answer
+``broker.status``'s.
 """
 
 from __future__ import annotations
@@ -16,30 +17,23 @@ import logging
 import os
 import re
 import signal
-import socket
 import time
-from collections.abc import Callable
 
 import msgspec
-import zmq
 
 from pto.wire import protocol as P
 from pto.wire import shm
 from pto.wire.chips import HOST_QUEUE
-from pto.wire.errors import ProtocolError
-from pto.wire.procs import SpinPoll, parent_gone, worker_address
+from pto.wire.procs import parent_gone
 from pto.wire.sockets import (
-    bind_routers,
-    incoming,
-    remove_endpoint,
     remove_stale_endpoints,
-    send_frames,
 )
 
 from .barriers import Barriers
 from .graphs import Graphs
 from .metrics import BrokerMetrics
 from .peers import ClientPeer, WorkerPeer, WorkerStatus
+from .routers import Routers
 from .scheduler import Scheduler
 from .status import broker_status
 from .supervisor import Supervisor
@@ -47,15 +41,6 @@ from .supervisor import Supervisor
 log = logging.getLogger("pto.broker")
 
 _OWNER = re.compile(r"^[0-9]+x[0-9a-f]{1,32}$")
-# Messages per socket per round: bounds a round's work (timers stay on time) and keeps one
-# busy socket from starving the other.
-_MAX_DRAIN = 32
-# Tasks submitted, and tasks reported, taken in per round at most (a socket's drain ends
-# once past it): each costs microseconds, and what is ready is dispatched only at the end
-# of the round, so 32 full Submits or Reports (8k tasks) of one client's flood would hold
-# another client's task for tens of milliseconds. ZeroMQ's ROUTER takes its peers in
-# turn, so the next round starts with the other clients' messages.
-_TASK_BUDGET = 512
 _NO_WAIT: list[int] = []  # WorkTask.wait of most tasks (never mutated)
 _GRAPH_REQUESTS = (P.GraphReplay, P.GraphInstall, P.GraphDrop)  # broker.graphs
 
@@ -75,12 +60,14 @@ class Broker:
         curve: str | None = None,
         spin_seconds: float = 0.0,
         metrics: BrokerMetrics | None = None,
+        transition_log: int = 1000,
     ):
         """Serve clients at ``address`` (workers at ``pto.wire.procs.worker_address``); with
         ``spawn_workers``, run a worker per chip in ``devices`` and ``host_workers`` host
         workers. ``credit``: tasks in flight per chip worker; ``spin_seconds``: see
         ``pto.wire.procs.SpinPoll``; ``metrics``: counters to update and publish (only the
-        loop touches them: see ``broker.metrics``)."""
+        loop touches them: see ``broker.metrics``); ``transition_log``: task moves kept (0:
+        none)."""
         if not 1 <= credit <= P.MAX_CREDIT:
             raise ValueError(f"credit must be in 1..{P.MAX_CREDIT}, not {credit}")
         self.address = address
@@ -93,7 +80,8 @@ class Broker:
         self.supervisor = Supervisor(address, devices if spawn_workers else [], host_workers,
                                      heartbeat, liveness, log_dir, curve)
         self.sched = Scheduler(
-            [*devices, HOST_QUEUE] if spawn_workers and host_workers else devices)
+            [*devices, HOST_QUEUE] if spawn_workers and host_workers else devices,
+            log_size=transition_log)
         self.clients: dict[bytes, ClientPeer] = {}
         self.clients_by_index: dict[int, ClientPeer] = {}
         self.kernels: dict[tuple[int, int], P.KernelDef] = {}  # to forward to workers
@@ -107,23 +95,15 @@ class Broker:
         self._next_client = 1
         self._stop = False
 
-        self.ctx = zmq.Context()
-        (self.frontend, self.backend), self._auth = bind_routers(
-            self.ctx, [address, worker_address(address)], curve)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self.poller = zmq.Poller()
-        self.poller.register(self.frontend, zmq.POLLIN)
-        self.poller.register(self.backend, zmq.POLLIN)
-        self.poller.register(self._wake_r, zmq.POLLIN)
-        self._poll = SpinPoll(self.poller.poll, spin_seconds)
+        self.routers = Routers(address, curve, spin_seconds)
+        self.frontend, self.backend = self.routers.frontend, self.routers.backend
+        self._send, self._decode = self.routers.send, self.routers.decode
 
     # ---- the loop --------------------------------------------------------------------
 
     def serve(self) -> None:
         """Run until SIGTERM/SIGINT, a Shutdown, or the parent's death."""
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self.routers.wake_on_signals()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         removed = shm.reap_dead_owners()
@@ -140,15 +120,10 @@ class Broker:
                     self._on_tick(now)
                     next_tick = now + tick
                 timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
-                ready = dict(self._poll(timeout_ms, busy))
+                ready = self.routers.wait(timeout_ms, busy)
                 round_start = time.perf_counter()
-                busy = bool(ready)
-                if self._wake_r.fileno() in ready or self._wake_r in ready:
-                    self._drain_wakeups()
-                if self.frontend in ready:
-                    self._take_in(self.frontend, self._on_client_frames)
-                if self.backend in ready:
-                    self._take_in(self.backend, self._on_worker_frames)
+                busy = self.routers.take_in(ready, self._on_client_frames,
+                                            self._on_worker_frames)
                 self._dispatch()
                 self._send_results()
                 aborts, closes = self.sched.take_barrier_orders()
@@ -159,42 +134,9 @@ class Broker:
         finally:
             self._shutdown()
 
-    @staticmethod
-    def _take_in(sock: zmq.Socket, handle: Callable[[bytes, list[bytes]], int]) -> None:
-        """Handle what ``sock`` holds, within a round's message and task budgets
-        (``handle`` returns the tasks a message submitted or reported)."""
-        tasks = 0
-        for identity, *frames in incoming(sock, _MAX_DRAIN):
-            tasks += handle(identity, frames)
-            if tasks >= _TASK_BUDGET:
-                break
-
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.info("signal %d: shutting down", signum)
         self._stop = True
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def _send(self, sock: zmq.Socket, identity: bytes, msg: P.Message) -> None:
-        try:
-            send_frames(sock, [identity, *P.encode(msg)], block=False)
-        except zmq.Again:
-            log.warning("dropped a message to a peer whose queue is full")
-
-    def _decode(self, sock: zmq.Socket, identity: bytes, frames: list[bytes]) -> P.Message | None:
-        """The message in ``frames``, or None after answering the sender with an Error."""
-        try:
-            return P.decode(frames, broker=True)
-        except ProtocolError as exc:
-            role = "client" if sock is self.frontend else "worker"
-            log.warning("bad frame from %s %r: %s", role, identity, exc)
-            self._send(sock, identity, P.Error(str(exc)))
-            return None
 
     # ---- clients ---------------------------------------------------------------------
 
@@ -476,7 +418,6 @@ class Broker:
                                  self.clients_by_index.values(), self.sched)
 
     def _shutdown(self) -> None:
-        signal.set_wakeup_fd(-1)
         for worker in self.workers.values():
             self._send(self.backend, worker.identity, P.Shutdown("broker stopping"))
         for client in self.clients_by_index.values():
@@ -486,13 +427,5 @@ class Broker:
         self.graphs.close()
         for worker in self.workers.values():  # workers killed on the way out leave theirs
             worker.status.release()
-        self.frontend.close(0)
-        self.backend.close(0)
-        if self._auth is not None:
-            self._auth.stop()
-        self.ctx.term()
-        for address in (self.address, worker_address(self.address)):
-            remove_endpoint(address)
-        self._wake_r.close()
-        self._wake_w.close()
+        self.routers.close()
         log.info("broker stopped")

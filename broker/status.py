@@ -43,6 +43,8 @@ def broker_status(address: str, started: float, devices: list[int],
         "queues": {("host" if q == HOST_QUEUE else str(q)): n
                    for q, n in sched.queue_lengths().items()},
         "shm_bytes": shm_bytes,
+        # the scheduler's last task moves, oldest first (python -m broker --transition-log)
+        "transitions": [list(move) for move in sched.transition_log()],
     }
 
 

@@ -54,6 +54,11 @@ class Supervisor:
         """The chips and host workers (``host_chip(k)``) it runs."""
         return list(self._procs)
 
+    def process(self, device: int) -> subprocess.Popen | None:
+        """The process running ``device``'s worker now, if any."""
+        proc = self._procs.get(device)
+        return None if proc is None else proc.popen
+
     def connected(self, device: int, pid: int) -> None:
         """A worker said hello: if it is the one we started, it has served."""
         proc = self._procs.get(device)
@@ -109,14 +114,17 @@ class Supervisor:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=child_env())
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Wait for the workers (already asked to stop) to exit; SIGTERM the late ones (a
-        worker still starting has had no Shutdown: on SIGTERM it removes its status
-        segment), then SIGKILL those still there."""
+        """Stop the workers: SIGTERM at once those that never connected (they had no
+        Shutdown; on SIGTERM a worker removes its status segment and exits), wait for the
+        others (already asked to stop) up to ``timeout``, SIGTERM the late ones, then
+        SIGKILL those still there."""
+        running = [p for p in self._procs.values() if p.popen is not None]
+        for proc in running:
+            if not proc.connected and proc.popen.poll() is None:
+                proc.popen.terminate()
         deadline = time.monotonic() + timeout
         late = []
-        for proc in self._procs.values():
-            if proc.popen is None:
-                continue
+        for proc in running:
             try:
                 proc.popen.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

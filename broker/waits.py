@@ -81,18 +81,16 @@ def send_waiting(task: Task, slot: WorkerSlot, out: Outbox) -> None:
 def no_longer_waiting(task: Task, same_chip: bool) -> list[Task]:
     """``task`` became READY (``same_chip``: its PENDING dependents on its own chip may now
     queue behind it) or was dispatched (those on other chips may now wait for it on their
-    workers): they need no longer wait for it in the broker. Returns those that wait for
-    nothing else there now."""
-    free = []
+    workers): they wait for it on their workers from now on (``after``). Returns them: the
+    scheduler takes one off each one's count of what it waits for in the broker."""
+    moved = []
     for dep in task.dependents:
         if (dep.state == PENDING and (dep.chip == task.chip) == same_chip
                 and waits_on_worker(dep, task) and task not in (dep.after or ())):
             dep.after = dep.after or []
             dep.after.append(task)
-            dep.waiting -= 1
-            if dep.waiting == 0:
-                free.append(dep)
-    return free
+            moved.append(dep)
+    return moved
 
 
 def awaited_elsewhere(task: Task) -> bool:

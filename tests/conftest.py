@@ -86,6 +86,10 @@ def _segment_is_ours(segment: str) -> bool:
 # ends. pto processes in such a tree, and segments a live process of it owns, are not leaks of
 # the test that happens to be running.
 _LONG_LIVED_ROOTS: set[int] = set()
+# Session ids of the module-scoped runtimes (``rt4_module``...): the segments such a runtime
+# keeps for reuse (``ptocache_<owner>_*``) after a test freed its tensors are not leaks. Its
+# tensors (``pto_<owner>_*``) still are: a test that forgets to free one fails.
+_LONG_LIVED_OWNERS: set[str] = set()
 
 
 def _in_long_lived_tree(pid: int | None) -> bool:
@@ -105,10 +109,15 @@ def long_lived_roots() -> set[int]:
     return _LONG_LIVED_ROOTS
 
 
+def _kept_by_long_lived(segment: str) -> bool:
+    return segment.startswith("ptocache_") and segment.split("_")[1] in _LONG_LIVED_OWNERS
+
+
 def _leaks(segments_before: set[str]) -> tuple[list[psutil.Process], list[str]]:
     procs = [p for p in _pto_processes() if _ours(p) and not _in_long_lived_tree(p.pid)]
     segments = [s for s in _pto_segments() - segments_before
-                if _segment_is_ours(s) and not _in_long_lived_tree(_owner_pid(s))]
+                if _segment_is_ours(s) and not _in_long_lived_tree(_owner_pid(s))
+                and not _kept_by_long_lived(s)]
     return procs, sorted(segments)
 
 
@@ -165,11 +174,74 @@ def _embedded(devices: list[int]):
 
 @pytest.fixture
 def rt4():
-    """An embedded host runtime: broker + 4 simulated chips (0..3)."""
+    """An embedded host runtime: broker + 4 simulated chips (0..3), this test's alone."""
     yield from _embedded([0, 1, 2, 3])
 
 
 @pytest.fixture
 def rt1():
-    """An embedded host runtime with a single simulated chip (0)."""
+    """An embedded host runtime with a single simulated chip (0), this test's alone."""
     yield from _embedded([0])
+
+
+def _shared(devices: list[int]):
+    """An embedded runtime for every test of a module: its broker and workers are
+    long-lived (not leaks of the test running), its tensors are not (see
+    ``_LONG_LIVED_OWNERS``). For tests that only register and run: one that kills a
+    worker, closes the runtime or counts processes needs its own (``rt4``, ``rt1``)."""
+    me = psutil.Process()
+    before = {c.pid for c in me.children()}
+    runtimes = _embedded(devices)
+    rt = next(runtimes)
+    brokers = [c for c in me.children() if c.pid not in before]
+    owners = {_listen_owner(b) for b in brokers} - {None}
+    _LONG_LIVED_ROOTS.update(b.pid for b in brokers)
+    _LONG_LIVED_OWNERS.update(owners)
+    try:
+        yield rt
+    finally:
+        tree = [p for b in brokers for p in _tree(b)]
+        runtimes.close()  # rt.close()
+        _LONG_LIVED_ROOTS.difference_update(b.pid for b in brokers)
+        _LONG_LIVED_OWNERS.difference_update(owners)
+        _, alive = psutil.wait_procs(tree, timeout=GRACE_S)
+        for p in alive:
+            p.kill()
+        assert not alive, f"a shared runtime's processes outlived its close(): {alive}"
+
+
+def _tree(p: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return [p]
+
+
+def _listen_owner(broker: psutil.Process) -> str | None:
+    """The session id in an embedded broker's ``--listen ipc://DIR/<owner>.sock``."""
+    try:
+        cmd = broker.cmdline()
+    except psutil.Error:
+        return None
+    if "--listen" not in cmd:
+        return None
+    address = cmd[cmd.index("--listen") + 1]
+    return os.path.basename(address).removesuffix(".sock")
+
+
+@pytest.fixture(scope="module")
+def rt4_module():
+    """``rt4`` shared by the tests of one module (see ``_shared``)."""
+    yield from _shared([0, 1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def rt2_module():
+    """An embedded runtime on chips 0 and 1 shared by the tests of one module."""
+    yield from _shared([0, 1])
+
+
+@pytest.fixture(scope="module")
+def rt1_module():
+    """``rt1`` shared by the tests of one module (see ``_shared``)."""
+    yield from _shared([0])

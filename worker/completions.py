@@ -112,6 +112,10 @@ class Peers:
     def poke(self, uid: int) -> None:
         self._wakeup.poke(uid)
 
+    def wake_on_signals(self) -> None:
+        """A signal wakes the worker's poll (``WakeUp.wake_on_signals``); main thread only."""
+        self._wakeup.wake_on_signals()
+
     def drain_pokes(self) -> None:
         self._wakeup.drain()
 

@@ -22,23 +22,18 @@ to sweep.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import signal
 import threading
 import time
 import traceback
 
-import numpy as np
-import posix_ipc
 import zmq
 
 from pto.wire import protocol as P
 from pto.wire import shm
-from pto.wire.args import ParamType
 from pto.wire.barrier import BarrierAborted, GroupBarrier
 from pto.wire.chips import chip_label
-from pto.wire.dtypes import CODE_DTYPES
 from pto.wire.procs import SpinPoll, parent_gone, worker_address
 from pto.wire.sockets import connect, incoming, send_frames
 from pto.wire.taskinfo import TaskInfo, set_current
@@ -47,6 +42,7 @@ from .completions import Peers, StatusBlock
 from .graph import Graphs
 from .kernels import Kernel, load_kernel
 from .queue import LocalQueue
+from .tensors import Tensors
 
 log = logging.getLogger("pto.worker")
 
@@ -70,10 +66,9 @@ class Worker:
         self.poller = zmq.Poller()  # Socket.poll() would build one per call
         self.poller.register(self.sock, zmq.POLLIN)
         self._poll = SpinPoll(self.poller.poll, spin_seconds)
-        self.owners: dict[int, str] = {}
         self.kernels: dict[tuple[int, int], Kernel | Exception] = {}
         self.kernel_names: dict[tuple[int, int], str] = {}
-        self.segments: dict[tuple[int, int], tuple[mmap.mmap, np.ndarray]] = {}
+        self.tensors = Tensors()
         self.queue = LocalQueue()
         self.done: list[int] = []
         self.failed: list[P.Failure] = []
@@ -94,6 +89,7 @@ class Worker:
         self.status = self.block.words
         self.peers = Peers(self.block)
         self.poller.register(self.peers.wake_fd, zmq.POLLIN)
+        self.peers.wake_on_signals()  # a SIGTERM stops us now, not at the poll's timeout
         self.graphs = Graphs(device, self.peers, self._send)  # captured graphs (worker.graph)
 
     def _hello(self) -> P.WorkerHello:
@@ -248,7 +244,7 @@ class Worker:
         if msg.peers:
             self.peers.learn(msg.peers)
         for info in msg.clients:
-            self.owners[info.client] = info.owner
+            self.tensors.learn(info.client, info.owner)
         for k in msg.kernels:
             key = (k.client, k.kernel)
             self.kernel_names[key] = k.name
@@ -257,7 +253,7 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - reported with each task that uses it
                 self.kernels[key] = exc
         for ref in msg.frees:
-            self._unmap(ref.client, ref.tensor)
+            self.tensors.unmap(ref.client, ref.tensor)
         for client in msg.gone:
             self._forget_client(client)
             self.graphs.forget_client(client)
@@ -306,7 +302,7 @@ class Worker:
                 raise LookupError(f"kernel {name!r} was never sent to this worker")
             if isinstance(fn, Exception):
                 raise RuntimeError(f"cannot load kernel {name!r}: {fn!r}")
-            args = [self._arg(task.client, a) for a in task.args]
+            args = [self.tensors.arg(task.client, a) for a in task.args]
             barrier = GroupBarrier.open(task.barrier, task.world) if task.world > 1 else None
             set_current(TaskInfo(task.rank, task.world, self.device, barrier))
             try:
@@ -348,50 +344,11 @@ class Worker:
         root = 0 if followed else P.SKIPPED if skipped else task.task
         self.failed.append(P.Failure(task.task, name, self.device, reason, root, lost))
 
-    def _arg(self, client: int, a: P.ArgSpec) -> object:
-        if a.kind == ParamType.SCALAR:
-            return a.scalar
-        buf = self._segment(client, a.tensor)
-        if a.offset < 0 or a.nbytes < 0 or a.offset + a.nbytes > buf.nbytes:
-            raise ValueError(f"argument range [{a.offset}, {a.offset + a.nbytes}) is outside "
-                             f"tensor {a.tensor} of {buf.nbytes} bytes")
-        view = buf[a.offset : a.offset + a.nbytes].view(CODE_DTYPES[a.dtype]).reshape(a.shape)
-        if a.kind == ParamType.INPUT:
-            view.flags.writeable = False
-        return view
-
-    def _segment(self, client: int, tensor: int) -> np.ndarray:
-        entry = self.segments.get((client, tensor))
-        if entry is None:
-            owner = self.owners.get(client)
-            if owner is None:
-                raise LookupError(f"unknown client {client}")
-            name = shm.segment_name(owner, tensor)
-            try:
-                mm = shm.open_existing(name)
-            except posix_ipc.ExistentialError:
-                raise FileNotFoundError(f"tensor segment {name} does not exist (freed?)") from None
-            entry = (mm, np.frombuffer(mm, dtype=np.uint8))
-            self.segments[(client, tensor)] = entry
-        return entry[1]
-
-    def _unmap(self, client: int, tensor: int) -> None:
-        entry = self.segments.pop((client, tensor), None)
-        if entry is not None:
-            mm, arr = entry
-            del arr, entry
-            try:
-                mm.close()
-            except BufferError:
-                pass  # a kernel kept a view: the mapping goes when that view does
-
     def _forget_client(self, client: int) -> None:
-        for key in [k for k in self.segments if k[0] == client]:
-            self._unmap(*key)
+        self.tensors.forget(client)
         for key in [k for k in self.kernels if k[0] == client]:
             del self.kernels[key]
             self.kernel_names.pop(key, None)
-        self.owners.pop(client, None)
         self._drop_queued({t.task for t in self.queue if t.client == client}, "client gone")
 
     def _drop_queued(self, gids: set[int], reason: str) -> None:
@@ -404,9 +361,9 @@ class Worker:
         try:
             self._report()
             self.graphs.close()
-            for key in list(self.segments):
-                self._unmap(*key)
+            self.tensors.close()
             self.sock.close(0)
+            signal.set_wakeup_fd(-1)  # before the pipe it writes to closes
             self.peers.close()
             self.ctx.term()
         finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import stat
 
 log = logging.getLogger("pto.worker")
@@ -38,6 +39,12 @@ class WakeUp:
         """Open ``uid``'s write end now, while it is surely alive (see ``_open``)."""
         if uid not in self._peers:
             self._peers[uid] = _open(address)
+
+    def wake_on_signals(self) -> None:
+        """Have a signal (SIGTERM) wake our poll too, through this pipe: its handler
+        only sets a flag, and zmq's poll would otherwise sleep on to its timeout."""
+        os.set_blocking(self._write_end, False)  # (set_wakeup_fd's requirement)
+        signal.set_wakeup_fd(self._write_end, warn_on_full_buffer=False)
 
     def poke(self, uid: int) -> None:
         fd = self._peers.get(uid)

@@ -9,9 +9,11 @@ thread's job, on its own clock, whoever drives ``rx``. The broker knows ``tx`` a
 client from its first message, ``Attach``.
 
 Locking rules (every lock here is held for bookkeeping only, never across user code):
-- ``_cv`` guards who drives ``rx`` (``_driver``), the callers waiting, ``lost`` and
-  ``_stop``. Only the driver touches ``rx``; it blocks only in its poll, which ``_wake_fd``
-  (I/O thread) or ``_halt_fd`` (loss, close: written once, never read) interrupts.
+- ``_cv`` guards who drives ``rx`` (``_driver``), the callers waiting, ``lost`` (written
+  once, before ``on_lost`` runs: a waiter that sees it first ends the runs itself, which
+  ``on_lost`` does idempotently) and ``_stop``. Only the driver touches ``rx``; it blocks
+  only in its poll, which ``_wake_fd`` (I/O thread) or ``_halt_fd`` (loss, close: written
+  once, never read) interrupts.
 - ``_tx_lock`` guards ``tx`` for one send; nothing is taken while holding it.
 - ``on_message`` (on the driver) and ``on_lost`` (on whoever saw the loss) run with no
   lock of ours held; they may take the runtime lock (pto/host/runbook.py) briefly, but never
@@ -79,7 +81,6 @@ class Connection:
         self._callers = 0  # callers in wait_until: the I/O thread leaves rx to them
         self._caller_left = 0.0
         self._stop = False
-        self._losing = False
         self._fds_closed = False
         self.lost: BrokerLost | None = None
         self._thread: threading.Thread | None = None
@@ -353,17 +354,17 @@ class Connection:
                 self._last_sent = now
 
     def _declare_lost(self, exc: BrokerLost) -> None:
-        """Once: let the runtime end every run (``on_lost``), then wake every waiter."""
+        """Once: record the loss (``lost``, the one record of it: the runtime's book reads
+        it too), let the runtime end every run (``on_lost``), then wake every waiter."""
         with self._cv:
-            if self._losing:
+            if self.lost is not None:
                 return
-            self._losing = True
+            self.lost = exc
         log.error("%s", exc)
         try:
             self.on_lost(exc)
         finally:
             with self._cv:
-                self.lost = exc
                 self._cv.notify_all()
                 if not self._fds_closed:
                     os.eventfd_write(self._halt_fd, 1)

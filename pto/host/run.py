@@ -1,9 +1,11 @@
 """One run's record, and the interface through which its orchestration reaches the runtime.
 
 ``Runtime.submit`` makes a ``Run``; the orchestration's ``OrchContext`` fills it through a
-``RunHost`` (the runtime's side, pto/host/runbook.py); the runbook marks it ``finished`` when its
-orchestration has returned and its last task has ended (or the broker is lost); then exactly
-one thread -- the one that ``claim``s it -- resolves its future (``resolve``), holding no lock.
+``RunHost`` (the runtime's side, pto/host/runbook.py). A run's life is a ``RunState``, moved
+only by ``Run.move`` and checked against ``ALLOWED``: ORCHESTRATING (its orchestration runs)
+-> WAITING (it returned; tasks still in flight) -> FINISHED (nothing more will change: its
+last task ended, or the broker was lost) -> RESOLVING (exactly one thread -- the one that
+``claim``s it -- resolves its future, holding no lock) -> RESOLVED.
 A run of ``rt.run`` has no future (nobody else can see it): its own thread claims it and
 takes its ``outcome``; a ``Future`` and its locks would cost that round trip about a quarter
 of the client's Python.
@@ -11,6 +13,7 @@ of the client's Python.
 
 from __future__ import annotations
 
+import enum
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -21,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..wire import protocol as P
-from ..wire.errors import TaskError, WorkerLost
+from ..wire.errors import PtoError, TaskError, WorkerLost
 from .tensor import Segment, TensorHandle, TensorStore, segment_of
 
 
@@ -82,12 +85,37 @@ class PendingTask:
     submitted_at: float  # time.monotonic() of ctx.submit
 
 
+class RunState(enum.Enum):
+    ORCHESTRATING = "orchestrating"  # its orchestration runs; tasks it sent may be in flight
+    WAITING = "waiting"  # the orchestration returned; tasks are still in flight
+    FINISHED = "finished"  # nothing more will change; nobody resolves it yet
+    RESOLVING = "resolving"  # one thread claimed it and completes its future (or outcome)
+    RESOLVED = "resolved"
+
+
+S = RunState
+ALLOWED: dict[RunState, frozenset[RunState]] = {
+    S.ORCHESTRATING: frozenset({S.WAITING, S.FINISHED}),  # FINISHED: no task left, or lost
+    S.WAITING: frozenset({S.FINISHED}),
+    S.FINISHED: frozenset({S.RESOLVING}),
+    S.RESOLVING: frozenset({S.RESOLVED}),
+    S.RESOLVED: frozenset(),
+}
+_ENDED = frozenset({S.FINISHED, S.RESOLVING, S.RESOLVED})
+
+
+class IllegalRunTransition(PtoError):
+    """A run was moved along an edge ``ALLOWED`` does not have (a bug in pto)."""
+
+
 @dataclass(eq=False)
 class Run:
     """One call of an orchestration and the tasks it submitted.
 
     Fields up to ``scoped`` belong to the orchestration while it runs (one thread); the
-    rest change only under the runtime lock (pto/host/runbook.py).
+    rest change only under the runtime lock (pto/host/runbook.py), ``state`` only through
+    ``move``. ``dropped`` and ``abandoned`` are requests, not states: either may come at
+    any point before the run is resolved.
     """
 
     future: RunFuture | None = None  # None: rt.run's, whose thread takes ``outcome``
@@ -96,22 +124,31 @@ class Run:
     copy_back: list[tuple[np.ndarray, TensorHandle]] = field(default_factory=list)
     array_handles: dict[int, tuple[np.ndarray, TensorHandle]] = field(default_factory=dict)
     scoped: list[weakref.ref] = field(default_factory=list)  # segments allocated in a scope
+    state: RunState = RunState.ORCHESTRATING
     outstanding: int = 0  # tasks sent and not yet ended
     submitted: int = 0
-    orch_done: bool = False
     failures: list[P.Failure] = field(default_factory=list)
-    lost: BaseException | None = None  # the broker went away before the run ended
-    finished: bool = False  # nothing more will change: its future can be resolved
-    claimed: bool = False  # a thread has taken on resolving its future
+    lost: BaseException | None = None  # why it ended early: broker lost, runtime closed
     waiters: int = 0  # threads blocked on its result: one of them resolves it
     dropped: bool = False  # the broker was asked to drop its tasks (cancel, once)
     abandoned: bool = False  # without a future: its rt.run gave up on it (timeout)
     outcome: tuple[Any, BaseException | None] | None = None  # without a future, once resolved
 
+    @property
+    def finished(self) -> bool:
+        """Nothing more will change (FINISHED, RESOLVING or RESOLVED)."""
+        return self.state in _ENDED
+
+    def move(self, to: RunState) -> None:
+        """The one way its state changes; raises ``IllegalRunTransition`` off the table."""
+        if to not in ALLOWED[self.state]:
+            raise IllegalRunTransition(f"run: {self.state.value} -> {to.value} is not allowed")
+        self.state = to
+
     def claim(self) -> bool:
         """Under the runtime lock: True for the one caller that is to resolve the future."""
-        if self.finished and not self.claimed:
-            self.claimed = True
+        if self.state is RunState.FINISHED:
+            self.move(RunState.RESOLVING)
             return True
         return False
 
@@ -122,9 +159,12 @@ class Run:
         if future is None:
             if not self.abandoned:
                 self.outcome = self._outcome()
+                self.move(RunState.RESOLVED)
                 return
         elif future.set_running_or_notify_cancel():
             value, error = self._outcome()
+            # RESOLVED before the future completes: its callbacks may look at the run
+            self.move(RunState.RESOLVED)
             if error is None:
                 future.set_result(value)
             else:
@@ -134,6 +174,25 @@ class Run:
         self.value = None
         self.copy_back.clear()
         self.array_handles.clear()
+        self.move(RunState.RESOLVED)
+
+    def validate(self) -> None:
+        """Check the invariants between its state and its other fields (tests call it
+        after each step); AssertionError names the one broken."""
+        state = self.state
+        assert 0 <= self.outstanding <= self.submitted, (self.outstanding, self.submitted)
+        assert self.waiters >= 0, self.waiters
+        assert not (self.abandoned and self.future is not None), "abandoned with a future"
+        if state is RunState.WAITING:
+            assert self.outstanding > 0, "waiting with no task in flight"
+        if self.lost is not None:
+            assert self.finished, f"lost but {state.value}"
+        if state is not RunState.RESOLVED:
+            assert self.outcome is None, f"an outcome while {state.value}"
+        elif self.future is not None:
+            assert self.future.done(), "resolved with its future pending"
+        elif not self.abandoned:
+            assert self.outcome is not None, "resolved without an outcome"
 
     def _outcome(self) -> tuple[Any, BaseException | None]:
         """(value, None) or (None, the error the run raises); copies arrays back."""

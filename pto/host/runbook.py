@@ -3,7 +3,10 @@
 ``Runtime`` (pto/host/runtime.py) makes runs here; their ``OrchContext`` sends tasks through
 this ``RunBook`` (it is the ``RunHost`` of pto/host/run.py); the connection's driver hands it
 the broker's results (``on_message``) and its loss (``fail_all``). All of that is
-bookkeeping under the runtime lock, which it shares with the ``TensorStore``.
+bookkeeping under the runtime lock, which it shares with the ``TensorStore``. A run's state
+(pto/host/run.py ``RunState``) is moved here, under that lock, and by the thread resolving
+it. Whether the broker is lost is the connection's record (``Connection.lost``), read here;
+this book only records that the runtime closed.
 
 When a run ends, its future is resolved by a thread that holds no lock and does not drive
 the result socket, so user code (done-callbacks, ``set_result`` side effects) can take
@@ -26,7 +29,7 @@ from typing import Any
 from ..wire import protocol as P
 from ..wire.errors import BrokerLost
 from .connection import Connection
-from .run import PendingTask, Run, RunFuture, returned_segments
+from .run import PendingTask, Run, RunFuture, RunState, returned_segments
 from .tensor import Segment, TensorStore
 from .trace import TraceRecorder
 
@@ -73,6 +76,9 @@ class _Completions:
                     run.resolve()
                 except Exception:  # noqa: BLE001 - Future already logs callbacks' errors
                     log.exception("resolving a run failed")
+            # Not held while we wait for the next one: its outputs would outlive the
+            # caller's last handle to them until another run ended.
+            del run
 
     def stop(self) -> None:
         """Resolve what is queued, then end the thread (unless called from it)."""
@@ -102,7 +108,7 @@ class RunBook:
         self._runs: set[Run] = set()  # unfinished
         self._room = threading.Condition(self._lock)  # notified as tasks end, and on loss
         self._room_waiters = 0  # threads in send_tasks waiting on _room: only they need notifying
-        self._lost: BaseException | None = None
+        self._closed: BrokerLost | None = None  # close_runs(): the runtime is closing
         self._completions = _Completions(self._lock)
 
     # ---- RunHost: what an OrchContext uses -----------------------------------------------
@@ -116,7 +122,7 @@ class RunBook:
         return self._store
 
     def wait_for_room(self) -> None:
-        self._store.wait_for_room(lambda: self._lost)
+        self._store.wait_for_room(self._ended)
 
     def new_task_id(self) -> int:
         return next(self._task_ids)
@@ -126,14 +132,15 @@ class RunBook:
 
     def send_tasks(self, run: Run, batch: list[PendingTask]) -> None:
         with self._lock:
-            while len(self._tasks) >= self._max_outstanding and self._lost is None:
+            while len(self._tasks) >= self._max_outstanding and self._ended() is None:
                 self._room_waiters += 1
                 try:
                     self._room.wait()
                 finally:
                     self._room_waiters -= 1
-            if self._lost is not None:
-                raise self._lost
+            ended = self._ended()
+            if ended is not None:
+                raise ended
             for task in batch:
                 self._tasks[task.spec.task] = _TaskRecord(run, task.kernel, task.segments)
             run.outstanding += len(batch)
@@ -168,8 +175,9 @@ class RunBook:
 
             run.future = RunFuture(wait, drop)
         with self._lock:
-            if self._lost is not None:
-                raise self._lost
+            ended = self._ended()
+            if ended is not None:
+                raise ended
             self._runs.add(run)
         return run
 
@@ -185,9 +193,12 @@ class RunBook:
                     self._store.release(seg)
             run.scoped = []
         with self._lock:
-            run.orch_done, run.value, run.error = True, value, error
-            if run.outstanding == 0:
-                self._finish(run, [])
+            run.value, run.error = value, error
+            if run.state is RunState.ORCHESTRATING:  # (else the broker was lost meanwhile)
+                if run.outstanding:
+                    run.move(RunState.WAITING)
+                else:
+                    self._finish(run, [])
             mine = run.claim()
         if mine:
             run.resolve()
@@ -200,6 +211,9 @@ class RunBook:
         try:
             self._conn.wait_until(lambda: run.finished, timeout)
         finally:
+            lost = self._conn.lost
+            if lost is not None and not run.finished:
+                self.fail_all(lost)  # woken by the loss before its declarer ended the runs
             with self._lock:
                 run.waiters -= 1
                 mine = run.claim()
@@ -225,7 +239,7 @@ class RunBook:
     def cancel(self, run: Run) -> None:
         """Ask the broker (once) to drop ``run``'s tasks that have not started."""
         with self._lock:
-            if run.dropped or self._lost is not None:
+            if run.dropped or self._ended() is not None:
                 return
             run.dropped = True
             tasks = [task for task, record in self._tasks.items() if record.run is run]
@@ -240,7 +254,7 @@ class RunBook:
         # one without a future, whose own thread claims it when it next looks (or abandons).
         if run.finished:
             return
-        run.finished = True
+        run.move(RunState.FINISHED)
         self._runs.discard(run)
         if run.waiters == 0 and (run.future is not None or run.abandoned):
             unwaited.append(run)
@@ -256,7 +270,7 @@ class RunBook:
         with self._lock:
             for task in msg.done:
                 run = self._task_ended(task)
-                if run is not None and run.outstanding == 0 and run.orch_done:
+                if run is not None and run.outstanding == 0 and run.state is RunState.WAITING:
                     self._finish(run, unwaited)
             for failure in msg.failed:
                 record = self._tasks.get(failure.task)
@@ -265,7 +279,7 @@ class RunBook:
                     run.failures.append(failure)
                     if record is not None and not failure.kernel:
                         failure.kernel = record.kernel
-                    if run.outstanding == 0 and run.orch_done:
+                    if run.outstanding == 0 and run.state is RunState.WAITING:
                         self._finish(run, unwaited)
             if self._room_waiters:
                 self._room.notify_all()
@@ -282,23 +296,50 @@ class RunBook:
         return record.run
 
     def fail_all(self, exc: BaseException) -> None:
-        """The broker is gone (or the runtime closing): every unfinished run ends with
-        ``exc``, and every thread waiting for room or a result wakes now."""
+        """The broker is gone (the connection's ``on_lost``): every unfinished run ends
+        with ``exc``, and every thread waiting for room or a result wakes now."""
         unwaited: list[Run] = []
         with self._lock:
-            if self._lost is None:
-                self._lost = exc
-            for run in list(self._runs):
-                run.lost = exc
-                self._finish(run, unwaited)
-            self._tasks.clear()
-            self._room.notify_all()
+            self._end_all(exc, unwaited)
         self._store.interrupt_waits()
         if unwaited:
             self._completions.put(unwaited)
 
+    def close_runs(self) -> None:
+        """The runtime is closing: runs in flight end (``fail_all``), new ones are refused."""
+        with self._lock:
+            if self._closed is None:
+                self._closed = BrokerLost("the runtime was closed while this run was in flight")
+            closed = self._closed
+        self.fail_all(closed)
+
+    def _end_all(self, exc: BaseException, unwaited: list[Run]) -> None:
+        # Caller holds the lock. Idempotent: a run already ended keeps its outcome.
+        for run in list(self._runs):
+            run.lost = exc
+            self._finish(run, unwaited)
+        self._tasks.clear()
+        self._room.notify_all()
+
+    def _ended(self) -> BaseException | None:
+        """Why no run may go on (the broker lost, the runtime closed), or None."""
+        return self._conn.lost or self._closed
+
     def close(self) -> None:
-        """After ``fail_all``: resolve the futures still queued, stop the completion thread."""
-        if self._lost is None:
-            self.fail_all(BrokerLost("the runtime was closed while this run was in flight"))
+        """After ``close_runs``: resolve the futures still queued, stop the completion thread."""
+        self.close_runs()
         self._completions.stop()
+
+    def validate(self) -> None:
+        """Check the book's invariants (tests call it after each step): every run in
+        flight is unfinished and valid, and its ``outstanding`` counts its tasks here."""
+        with self._lock:
+            counts: dict[int, int] = {}
+            for record in self._tasks.values():
+                assert record.run in self._runs, "a task of a run not in flight"
+                counts[id(record.run)] = counts.get(id(record.run), 0) + 1
+            for run in self._runs:
+                assert not run.finished, f"a {run.state.value} run still in flight"
+                run.validate()
+                assert run.outstanding == counts.get(id(run), 0), (
+                    run.outstanding, counts.get(id(run), 0))

@@ -24,7 +24,7 @@ import numpy as np
 from ..base import RuntimeBase, check_timeout
 from ..wire import config, shm
 from ..wire import protocol as P
-from ..wire.errors import BrokerLost, PtoError
+from ..wire.errors import PtoError
 from ..wire.pickling import pickle_by_value
 from ..wire.security import curve_dir
 from .connection import Connection
@@ -291,7 +291,7 @@ class HostRuntime(RuntimeBase):
         self._closed = True
         self._graphs.close()  # dropped on the broker and workers; their tensors freed
         # Runs still in flight end first, so their waiters see why instead of a closed socket.
-        self._book.fail_all(BrokerLost("the runtime was closed while this run was in flight"))
+        self._book.close_runs()
         self._conn.close()
         if self._trace is not None:
             try:

@@ -55,8 +55,8 @@ def chain(ctx, args):
     return {"k": args["k"], "acc": acc}
 
 
-def test_fifty_concurrent_submits_from_four_threads(rt4):
-    rt4.register("chain", orch=chain, kernels=KERNELS)
+def test_fifty_concurrent_submits_from_four_threads(rt4_module):
+    rt4_module.register("chain", orch=chain, kernels=KERNELS)
     x = np.arange(256, dtype=np.float64)
     futures: dict[int, cf.Future] = {}
     lock = threading.Lock()
@@ -65,7 +65,7 @@ def test_fifty_concurrent_submits_from_four_threads(rt4):
     def client(t):
         start.wait(10)
         for k in range(t, 50, 4):
-            f = rt4.submit("chain", {"x": x, "k": k})
+            f = rt4_module.submit("chain", {"x": x, "k": k})
             assert isinstance(f, cf.Future)
             with lock:
                 futures[k] = f
@@ -82,18 +82,18 @@ def test_fifty_concurrent_submits_from_four_threads(rt4):
         np.testing.assert_array_equal(value["acc"].numpy(), x * k * 4, err_msg=f"run {k}")
 
 
-def test_runs_in_flight_overlap_on_the_chips(rt4):
+def test_runs_in_flight_overlap_on_the_chips(rt4_module):
     def one(ctx, args):
         out = ctx.alloc((3,), np.float64)
         ctx.submit(args["chip"], "stamp", [Out(out), S(0.4)])
         return out
 
-    rt4.register("one", orch=one, kernels=KERNELS)
-    rt4.run("one", {"chip": 0})  # warm-up
-    rt4.run("one", {"chip": 3})
+    rt4_module.register("one", orch=one, kernels=KERNELS)
+    rt4_module.run("one", {"chip": 0})  # warm-up
+    rt4_module.run("one", {"chip": 3})
     t0 = time.monotonic()
-    fa = rt4.submit("one", {"chip": 0})
-    fb = rt4.submit("one", {"chip": 3})
+    fa = rt4_module.submit("one", {"chip": 0})
+    fb = rt4_module.submit("one", {"chip": 3})
     assert time.monotonic() - t0 < 0.3, "submit blocked until the run finished"
     a, b = fa.result(timeout=10).numpy(), fb.result(timeout=10).numpy()
     wall = time.monotonic() - t0
@@ -101,11 +101,11 @@ def test_runs_in_flight_overlap_on_the_chips(rt4):
     assert wall < 0.75, f"two 0.4 s runs on two chips took {wall:.2f} s"
 
 
-def test_cancel_queued_work(rt4):
+def test_cancel_queued_work(rt4_module):
     n = 40
-    rt4.register("targets", orch=lambda ctx, args: [ctx.tensor(np.full(8, -1.0))
+    rt4_module.register("targets", orch=lambda ctx, args: [ctx.tensor(np.full(8, -1.0))
                                                     for _ in range(n)], kernels={})
-    targets = rt4.run("targets", args={})
+    targets = rt4_module.run("targets", args={})
     names: list[str] = []
 
     def slow_then_many(ctx, args):
@@ -118,8 +118,8 @@ def test_cancel_queued_work(rt4):
             ctx.submit((i + 1) % 4, "scale", [In(tmp), Out(target), S(1.0)])
         names.append(gate.name)
 
-    rt4.register("cancel_me", orch=slow_then_many, kernels=KERNELS)
-    fut = rt4.submit("cancel_me", targets)
+    rt4_module.register("cancel_me", orch=slow_then_many, kernels=KERNELS)
+    fut = rt4_module.submit("cancel_me", targets)
     assert fut.cancel() is True
     assert fut.cancelled()
     with pytest.raises(cf.CancelledError):
@@ -134,20 +134,20 @@ def test_cancel_queued_work(rt4):
     )
     del fut
     # the runtime, and every chip, still work
-    rt4.register("chain", orch=chain, kernels=KERNELS)
-    value = rt4.run("chain", {"x": np.ones(4), "k": 3})
+    rt4_module.register("chain", orch=chain, kernels=KERNELS)
+    value = rt4_module.run("chain", {"x": np.ones(4), "k": 3})
     np.testing.assert_array_equal(value["acc"].numpy(), np.full(4, 12.0))
 
     def write_targets(ctx, args):
         for i, target in enumerate(args):
             ctx.submit(i % 4, "fill", [Out(target), S(float(i)), S(0.0)])
 
-    rt4.register("write_targets", orch=write_targets, kernels=KERNELS)
-    rt4.run("write_targets", targets)
+    rt4_module.register("write_targets", orch=write_targets, kernels=KERNELS)
+    rt4_module.run("write_targets", targets)
     assert [t.numpy()[0] for t in targets] == [float(i) for i in range(n)]
 
 
-def test_a_cancelled_runs_returned_tensors_are_freed_while_the_future_is_held(rt4):
+def test_a_cancelled_runs_returned_tensors_are_freed_while_the_future_is_held(rt4_module):
     """Nobody can get the return value of a cancelled run: its tensors must go, even while
     the caller still holds the (cancelled) future, e.g. in a list of futures."""
     names: list[str] = []
@@ -160,8 +160,8 @@ def test_a_cancelled_runs_returned_tensors_are_freed_while_the_future_is_held(rt
         names.extend([gate.name, out.name])
         return out, [gate]
 
-    rt4.register("cancel_returned", orch=orch, kernels=KERNELS)
-    futures = [rt4.submit("cancel_returned", {})]
+    rt4_module.register("cancel_returned", orch=orch, kernels=KERNELS)
+    futures = [rt4_module.submit("cancel_returned", {})]
     assert futures[0].cancel() is True
     with pytest.raises(cf.CancelledError):
         futures[0].result(timeout=10)
@@ -169,11 +169,11 @@ def test_a_cancelled_runs_returned_tensors_are_freed_while_the_future_is_held(rt
     assert left == [], f"a cancelled run's returned tensors stay while its future is held: {left}"
 
 
-def test_run_equals_submit_result(rt4):
-    rt4.register("chain", orch=chain, kernels=KERNELS)
+def test_run_equals_submit_result(rt4_module):
+    rt4_module.register("chain", orch=chain, kernels=KERNELS)
     x = np.linspace(0, 1, 33)
-    by_run = rt4.run("chain", {"x": x, "k": 5})
-    by_submit = rt4.submit("chain", {"x": x, "k": 5}).result(timeout=20)
+    by_run = rt4_module.run("chain", {"x": x, "k": 5})
+    by_submit = rt4_module.submit("chain", {"x": x, "k": 5}).result(timeout=20)
     assert by_run.keys() == by_submit.keys() == {"k", "acc"}
     assert by_run["k"] == by_submit["k"] == 5
     np.testing.assert_array_equal(by_run["acc"].numpy(), by_submit["acc"].numpy())
@@ -183,30 +183,30 @@ def test_run_equals_submit_result(rt4):
         ctx.submit(1, "boom", [Out(out)])
         return out
 
-    rt4.register("failing", orch=failing, kernels=KERNELS)
+    rt4_module.register("failing", orch=failing, kernels=KERNELS)
     with pytest.raises(pto.TaskError) as e_run:
-        rt4.run("failing", {})
-    fut = rt4.submit("failing", {})
+        rt4_module.run("failing", {})
+    fut = rt4_module.submit("failing", {})
     with pytest.raises(pto.TaskError) as e_submit:
         fut.result(timeout=20)
     assert isinstance(fut.exception(), pto.TaskError)
     assert (e_run.value.kernel, e_run.value.chip) == (e_submit.value.kernel, e_submit.value.chip)
     assert "async-boom-0c1d" in e_run.value.reason and "async-boom-0c1d" in e_submit.value.reason
     with pytest.raises(KeyError):
-        rt4.submit("never_registered", {})
+        rt4_module.submit("never_registered", {})
 
 
-def test_blocking_runs_from_four_threads_at_once_each_get_their_own_result(rt4):
+def test_blocking_runs_from_four_threads_at_once_each_get_their_own_result(rt4_module):
     """rt.run lets the waiting thread read results itself; with four waiting at once, one
     reads for all and each still gets its own value, without hanging."""
-    rt4.register("chain_mt", orch=chain, kernels=KERNELS)
+    rt4_module.register("chain_mt", orch=chain, kernels=KERNELS)
     x = np.arange(64, dtype=np.float64)
     start = threading.Barrier(4)
 
     def client(t):
         start.wait(10)
         for k in range(t, 80, 4):
-            value = rt4.run("chain_mt", {"x": x, "k": k}, timeout=30)
+            value = rt4_module.run("chain_mt", {"x": x, "k": k}, timeout=30)
             assert value["k"] == k
             np.testing.assert_array_equal(value["acc"].numpy(), x * k * 4, err_msg=f"run {k}")
             value["acc"].free()

@@ -82,7 +82,7 @@ def marks(tmp_path):
     return str(d)
 
 
-def test_chains_hopping_between_chips_keep_their_order(rt4):
+def test_chains_hopping_between_chips_keep_their_order(rt4_module):
     hops = [0, 1, 0, 2, 3, 1, 2, 0, 3]
 
     def orch(ctx, args):
@@ -91,14 +91,14 @@ def test_chains_hopping_between_chips_keep_their_order(rt4):
             ctx.submit(chip, "append_digit", [InOut(x), S(digit)])
         return x
 
-    rt4.register("hops", orch=orch, kernels={"append_digit": append_digit})
+    rt4_module.register("hops", orch=orch, kernels={"append_digit": append_digit})
     for _ in range(10):
-        x = rt4.run("hops")
+        x = rt4_module.run("hops")
         assert int(x.numpy()[0]) == 123456789
         x.free()
 
 
-def test_fan_out_and_fan_in_across_chips(rt4):
+def test_fan_out_and_fan_in_across_chips(rt4_module):
     def orch(ctx, args):
         x = ctx.tensor(np.arange(8.0))
         y, z, w = (ctx.alloc(8, np.float64) for _ in range(3))
@@ -108,22 +108,22 @@ def test_fan_out_and_fan_in_across_chips(rt4):
         ctx.submit(0, "add", [In(w), In(w), Out(x)])  # 10x, and overwrites x (after all)
         return x
 
-    rt4.register("fan", orch=orch, kernels={"add": add})
+    rt4_module.register("fan", orch=orch, kernels={"add": add})
     for _ in range(5):
-        x = rt4.run("fan")
+        x = rt4_module.run("fan")
         np.testing.assert_array_equal(x.numpy(), np.arange(8.0) * 10)
         x.free()
 
 
-def test_a_failure_mid_chain_skips_every_later_step_on_every_chip(rt4, marks):
-    rt4.register("chain", orch=chain_orch, kernels={"plus_one": marked_plus_one(marks)})
+def test_a_failure_mid_chain_skips_every_later_step_on_every_chip(rt4_module, marks):
+    rt4_module.register("chain", orch=chain_orch, kernels={"plus_one": marked_plus_one(marks)})
     with pytest.raises(pto.TaskError) as info:
-        rt4.run("chain", {"steps": 10, "chips": [0, 1], "fail_at": 4})
+        rt4_module.run("chain", {"steps": 10, "chips": [0, 1], "fail_at": 4})
     assert info.value.kernel == "plus_one" and info.value.chip == 0
     assert "step 4 refuses" in info.value.reason
     assert info.value.failed == 6  # the failed step and the five after it
     assert steps_run(marks) == [0, 1, 2, 3, 4]
-    x = rt4.run("chain", {"steps": 6, "chips": [1, 0]})  # the chips still serve
+    x = rt4_module.run("chain", {"steps": 6, "chips": [1, 0]})  # the chips still serve
     assert int(x.numpy()[0]) == 6
 
 

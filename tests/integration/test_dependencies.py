@@ -54,7 +54,7 @@ def run(rt, name, orch, **args):
     return rt.run(name, args=args)
 
 
-def test_read_after_write(rt4):
+def test_read_after_write(rt4_module):
     def orch(ctx, args):
         a = ctx.alloc((64,), np.float64)
         b = ctx.alloc((64,), np.float64)
@@ -62,11 +62,11 @@ def test_read_after_write(rt4):
         ctx.submit(1, "copy", [In(a), Out(b), S(0.0)])
         return b
 
-    b = run(rt4, "dep_raw", orch)
+    b = run(rt4_module, "dep_raw", orch)
     np.testing.assert_array_equal(b.numpy(), np.full(64, 7.0))
 
 
-def test_write_after_read(rt4):
+def test_write_after_read(rt4_module):
     def orch(ctx, args):
         a = ctx.tensor(args["a"])
         b = ctx.alloc(a.shape, a.dtype)
@@ -74,34 +74,34 @@ def test_write_after_read(rt4):
         ctx.submit(1, "fill", [Out(a), S(9.0), S(0.0)])
         return a, b
 
-    a, b = run(rt4, "dep_war", orch, a=np.ones(64))
+    a, b = run(rt4_module, "dep_war", orch, a=np.ones(64))
     np.testing.assert_array_equal(b.numpy(), np.ones(64))  # the reader saw the old bytes
     np.testing.assert_array_equal(a.numpy(), np.full(64, 9.0))
 
 
-def test_write_after_write(rt4):
+def test_write_after_write(rt4_module):
     def orch(ctx, args):
         a = ctx.alloc((64,), np.float64)
         ctx.submit(0, "fill", [Out(a), S(1.0), S(DELAY)])
         ctx.submit(1, "fill", [Out(a), S(2.0), S(0.0)])
         return a
 
-    a = run(rt4, "dep_waw", orch)
+    a = run(rt4_module, "dep_waw", orch)
     np.testing.assert_array_equal(a.numpy(), np.full(64, 2.0))
 
 
-def test_inout_reads_after_write(rt4):
+def test_inout_reads_after_write(rt4_module):
     def orch(ctx, args):
         a = ctx.alloc((16,), np.int64)
         ctx.submit(0, "fill", [Out(a), S(5), S(DELAY)])
         ctx.submit(1, "inc", [InOut(a), S(0.0)])
         return a
 
-    a = run(rt4, "dep_inout_raw", orch)
+    a = run(rt4_module, "dep_inout_raw", orch)
     np.testing.assert_array_equal(a.numpy(), np.full(16, 6))  # 1 if inc ran before fill
 
 
-def test_inout_write_is_seen_by_a_later_reader(rt4):
+def test_inout_write_is_seen_by_a_later_reader(rt4_module):
     def orch(ctx, args):
         a = ctx.tensor(args["a"])
         b = ctx.alloc(a.shape, a.dtype)
@@ -109,11 +109,11 @@ def test_inout_write_is_seen_by_a_later_reader(rt4):
         ctx.submit(3, "copy", [In(a), Out(b), S(0.0)])
         return b
 
-    b = run(rt4, "dep_inout_then_read", orch, a=np.zeros(16, dtype=np.int64))
+    b = run(rt4_module, "dep_inout_then_read", orch, a=np.zeros(16, dtype=np.int64))
     np.testing.assert_array_equal(b.numpy(), np.ones(16))
 
 
-def test_inout_waits_for_an_earlier_reader(rt4):
+def test_inout_waits_for_an_earlier_reader(rt4_module):
     def orch(ctx, args):
         a = ctx.tensor(args["a"])
         b = ctx.alloc(a.shape, a.dtype)
@@ -121,12 +121,12 @@ def test_inout_waits_for_an_earlier_reader(rt4):
         ctx.submit(1, "inc", [InOut(a), S(0.0)])
         return a, b
 
-    a, b = run(rt4, "dep_inout_war", orch, a=np.full(16, 3, dtype=np.int64))
+    a, b = run(rt4_module, "dep_inout_war", orch, a=np.full(16, 3, dtype=np.int64))
     np.testing.assert_array_equal(b.numpy(), np.full(16, 3))
     np.testing.assert_array_equal(a.numpy(), np.full(16, 4))
 
 
-def test_inout_waits_for_an_earlier_writer_and_a_later_writer_waits_for_it(rt4):
+def test_inout_waits_for_an_earlier_writer_and_a_later_writer_waits_for_it(rt4_module):
     def orch(ctx, args):
         a = ctx.alloc((16,), np.int64)
         ctx.submit(0, "fill", [Out(a), S(4), S(DELAY)])
@@ -134,11 +134,11 @@ def test_inout_waits_for_an_earlier_writer_and_a_later_writer_waits_for_it(rt4):
         ctx.submit(2, "fill", [Out(a), S(100), S(0.0)])
         return a
 
-    a = run(rt4, "dep_inout_waw", orch)
+    a = run(rt4_module, "dep_inout_waw", orch)
     np.testing.assert_array_equal(a.numpy(), np.full(16, 100))  # 5 or 101 means misordering
 
 
-def test_inout_chain_across_all_chips_keeps_program_order(rt4):
+def test_inout_chain_across_all_chips_keeps_program_order(rt4_module):
     def orch(ctx, args):
         a = ctx.alloc((4,), np.int64)
         for i, chip in enumerate([3, 1, 0, 2, 1, 3]):
@@ -146,11 +146,11 @@ def test_inout_chain_across_all_chips_keeps_program_order(rt4):
             ctx.submit(chip, "append_digit", [InOut(a), S(i + 1), S(0.05 * (6 - i))])
         return a
 
-    a = run(rt4, "dep_chain", orch)
+    a = run(rt4_module, "dep_chain", orch)
     np.testing.assert_array_equal(a.numpy(), np.full(4, 123456))
 
 
-def test_diamond(rt4):
+def test_diamond(rt4_module):
     def orch(ctx, args):
         src = ctx.alloc((8,), np.float64)
         left = ctx.alloc((8,), np.float64)
@@ -162,13 +162,13 @@ def test_diamond(rt4):
         ctx.submit(0, "copy", [In(left), Out(src), S(0.0)])  # WAR on src after both readers
         return src, left, right
 
-    src, left, right = run(rt4, "dep_diamond", orch)
+    src, left, right = run(rt4_module, "dep_diamond", orch)
     np.testing.assert_array_equal(right.numpy(), np.full(8, 3.0))
     np.testing.assert_array_equal(left.numpy(), np.full(8, 4.0))
     np.testing.assert_array_equal(src.numpy(), np.full(8, 4.0))
 
 
-def test_independent_tasks_run_in_parallel_on_different_chips(rt4):
+def test_independent_tasks_run_in_parallel_on_different_chips(rt4_module):
     def orch(ctx, args):
         outs = []
         for chip in ctx.peers():
@@ -177,10 +177,10 @@ def test_independent_tasks_run_in_parallel_on_different_chips(rt4):
             outs.append(o)
         return outs
 
-    rt4.register("dep_parallel", orch=orch, kernels=KERNELS)
-    rt4.run("dep_parallel", args={})  # warm-up: kernels shipped, workers hot
+    rt4_module.register("dep_parallel", orch=orch, kernels=KERNELS)
+    rt4_module.run("dep_parallel", args={})  # warm-up: kernels shipped, workers hot
     t0 = time.monotonic()
-    outs = rt4.run("dep_parallel", args={})
+    outs = rt4_module.run("dep_parallel", args={})
     wall = time.monotonic() - t0
     stamps = np.array([o.numpy() for o in outs])
     assert sorted(stamps[:, 2].tolist()) == [0.0, 1.0, 2.0, 3.0]
@@ -189,7 +189,7 @@ def test_independent_tasks_run_in_parallel_on_different_chips(rt4):
     assert wall < 1.6, f"4 x 0.5 s on 4 chips took {wall:.2f} s"
 
 
-def test_tasks_on_one_chip_with_no_hazard_all_run(rt4):
+def test_tasks_on_one_chip_with_no_hazard_all_run(rt4_module):
     def orch(ctx, args):
         outs = []
         for i in range(16):
@@ -198,5 +198,5 @@ def test_tasks_on_one_chip_with_no_hazard_all_run(rt4):
             outs.append(o)
         return outs
 
-    outs = run(rt4, "dep_many", orch)
+    outs = run(rt4_module, "dep_many", orch)
     assert [o.numpy().tolist() for o in outs] == [[i, i] for i in range(16)]

@@ -44,15 +44,15 @@ def make_targets(ctx, args):
     return [ctx.alloc((8,), np.float64) for _ in range(args["n"])]
 
 
-def test_raising_kernel_raises_task_error_naming_kernel_chip_and_message(rt4):
+def test_raising_kernel_raises_task_error_naming_kernel_chip_and_message(rt4_module):
     def orch(ctx, args):
         a = ctx.alloc((8,), np.float64)
         ctx.submit(2, "boom", [Out(a)])
         return a
 
-    rt4.register("fail_simple", orch=orch, kernels=KERNELS)
+    rt4_module.register("fail_simple", orch=orch, kernels=KERNELS)
     with pytest.raises(pto.TaskError) as ei:
-        rt4.run("fail_simple", args={})
+        rt4_module.run("fail_simple", args={})
     err = ei.value
     assert isinstance(err, pto.PtoError)
     msg = str(err)
@@ -64,9 +64,9 @@ def test_raising_kernel_raises_task_error_naming_kernel_chip_and_message(rt4):
     assert "kaboom-7f3a" in err.reason
 
 
-def test_dependents_fail_independent_tasks_finish(rt4):
-    rt4.register("fail_targets", orch=make_targets, kernels=KERNELS)
-    dep1, dep2, indep, indep_after = rt4.run("fail_targets", args={"n": 4})
+def test_dependents_fail_independent_tasks_finish(rt4_module):
+    rt4_module.register("fail_targets", orch=make_targets, kernels=KERNELS)
+    dep1, dep2, indep, indep_after = rt4_module.run("fail_targets", args={"n": 4})
 
     def orch(ctx, args):
         dep1, dep2, indep, indep_after = args["t"]
@@ -78,9 +78,9 @@ def test_dependents_fail_independent_tasks_finish(rt4):
         ctx.submit(0, "fill", [Out(indep_after), S(8.0), S(0.0)])  # same chip, after the failure
         return a
 
-    rt4.register("fail_graph", orch=orch, kernels=KERNELS)
+    rt4_module.register("fail_graph", orch=orch, kernels=KERNELS)
     with pytest.raises(pto.TaskError) as ei:
-        rt4.run("fail_graph", args={"t": (dep1, dep2, indep, indep_after)})
+        rt4_module.run("fail_graph", args={"t": (dep1, dep2, indep, indep_after)})
     err = ei.value
     # the error names the first failure, not a dependent
     assert err.kernel == "boom_after"
@@ -94,7 +94,7 @@ def test_dependents_fail_independent_tasks_finish(rt4):
     np.testing.assert_array_equal(indep_after.numpy(), np.full(8, 8.0))
 
 
-def test_runtime_works_after_a_failure(rt4):
+def test_runtime_works_after_a_failure(rt4_module):
     def bad(ctx, args):
         a = ctx.alloc((8,), np.float64)
         for chip in ctx.peers():
@@ -109,17 +109,17 @@ def test_runtime_works_after_a_failure(rt4):
             outs.append(o)
         return outs
 
-    rt4.register("fail_bad", orch=bad, kernels=KERNELS)
-    rt4.register("fail_good", orch=good, kernels=KERNELS)
+    rt4_module.register("fail_bad", orch=bad, kernels=KERNELS)
+    rt4_module.register("fail_good", orch=good, kernels=KERNELS)
     for _ in range(3):
         with pytest.raises(pto.TaskError):
-            rt4.run("fail_bad", args={})
-        outs = rt4.run("fail_good", args={})
+            rt4_module.run("fail_bad", args={})
+        outs = rt4_module.run("fail_good", args={})
         for chip, o in enumerate(outs):
             np.testing.assert_array_equal(o.numpy(), np.full(8, float(chip)))
 
 
-def test_failure_in_one_run_does_not_poison_handles_of_the_next(rt1):
+def test_failure_in_one_run_does_not_poison_handles_of_the_next(rt1_module):
     """A handle written by a failed task's dependents is usable again in a later run."""
 
     def orch(ctx, args):
@@ -132,12 +132,12 @@ def test_failure_in_one_run_does_not_poison_handles_of_the_next(rt1):
         ctx.submit(0, "fill", [Out(args["t"]), S(3.0), S(0.0)])
         return args["t"]
 
-    rt1.register("fail_t", orch=make_targets, kernels=KERNELS)
-    rt1.register("fail_poison", orch=orch, kernels=KERNELS)
-    rt1.register("fail_refill", orch=refill, kernels=KERNELS)
-    (t,) = rt1.run("fail_t", args={"n": 1})
+    rt1_module.register("fail_t", orch=make_targets, kernels=KERNELS)
+    rt1_module.register("fail_poison", orch=orch, kernels=KERNELS)
+    rt1_module.register("fail_refill", orch=refill, kernels=KERNELS)
+    (t,) = rt1_module.run("fail_t", args={"n": 1})
     with pytest.raises(pto.TaskError):
-        rt1.run("fail_poison", args={"t": t})
-    t2 = rt1.run("fail_refill", args={"t": t})
+        rt1_module.run("fail_poison", args={"t": t})
+    t2 = rt1_module.run("fail_refill", args={"t": t})
     assert t2 is t or t2.name == t.name
     np.testing.assert_array_equal(t.numpy(), np.full(8, 3.0))

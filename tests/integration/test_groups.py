@@ -156,18 +156,6 @@ In, Out, InOut, S, NoDep = (pto.Arg.input, pto.Arg.output, pto.Arg.inout, pto.Ar
                             pto.Arg.no_dep)
 
 
-@pytest.fixture
-def rt2():
-    """An embedded runtime with two chips (cheaper to start than four)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("PTO_BROKER", raising=False)
-        rt = pto.Runtime(level="host", platform="sim", devices=[0, 1])
-    try:
-        yield rt
-    finally:
-        rt.close()
-
-
 def register(rt, name, orch):
     rt.register(name, orch=orch, kernels=KERNELS)
 
@@ -175,7 +163,7 @@ def register(rt, name, orch):
 # ---- gang start ----------------------------------------------------------------------
 
 
-def test_every_member_sees_all_others_arrive_before_any_finishes(rt4):
+def test_every_member_sees_all_others_arrive_before_any_finishes(rt4_module):
     def orch(ctx, args):
         chips = args["chips"]
         flags = ctx.alloc((len(chips),), np.int64)
@@ -183,13 +171,13 @@ def test_every_member_sees_all_others_arrive_before_any_finishes(rt4):
         ctx.submit_group(chips, "arrive", [NoDep(flags), Out(seen)])
         return seen
 
-    register(rt4, "gang", orch)
+    register(rt4_module, "gang", orch)
     for chips in ([0, 1], [0, 1, 2, 3], [2, 0, 3], [0, 1, 2, 3]):
-        seen = rt4.run("gang", args={"chips": chips})
+        seen = rt4_module.run("gang", args={"chips": chips})
         assert seen.numpy().tolist() == [len(chips)] * len(chips), chips
 
 
-def test_members_run_at_once_without_a_barrier(rt4):
+def test_members_run_at_once_without_a_barrier(rt4_module):
     """Each member spins until all members flagged: only possible if all run together."""
 
     def orch(ctx, args):
@@ -198,9 +186,9 @@ def test_members_run_at_once_without_a_barrier(rt4):
         ctx.submit_group([0, 1, 2, 3], "arrive_no_barrier", [NoDep(flags), Out(seen), S(10.0)])
         return seen
 
-    register(rt4, "gang_nobarrier", orch)
+    register(rt4_module, "gang_nobarrier", orch)
     t0 = time.monotonic()
-    seen = rt4.run("gang_nobarrier", args={})
+    seen = rt4_module.run("gang_nobarrier", args={})
     assert seen.numpy().tolist() == [4, 4, 4, 4]
     assert time.monotonic() - t0 < 8, "members waited for each other for seconds"
 
@@ -215,22 +203,22 @@ def reserve_orch(ctx, args):
     return stamps, later
 
 
-def test_a_group_waiting_for_a_busy_chip_starts_all_members_together(rt4):
+def test_a_group_waiting_for_a_busy_chip_starts_all_members_together(rt4_module):
     """Chip 1 is busy for 0.8 s: the group on [0, 1, 2] starts its members together once
     chip 1 is free, not its chip-0 and chip-2 members 0.8 s before its chip-1 member."""
-    register(rt4, "gang_reserve", reserve_orch)
-    rt4.run("gang_reserve", args={})  # warm-up: kernels shipped, workers hot
-    stamps, _later = rt4.run("gang_reserve", args={})
+    register(rt4_module, "gang_reserve", reserve_orch)
+    rt4_module.run("gang_reserve", args={})  # warm-up: kernels shipped, workers hot
+    stamps, _later = rt4_module.run("gang_reserve", args={})
     st = stamps.numpy()
     assert st[:, 1].tolist() == [0.0, 1.0, 2.0]
     spread = st[:, 0].max() - st[:, 0].min()
     assert spread < 0.3, f"members started {spread:.2f} s apart: {st.tolist()}"
 
 
-def test_a_waiting_group_is_not_overtaken_by_later_single_tasks(rt4):
-    register(rt4, "gang_reserve", reserve_orch)
-    rt4.run("gang_reserve", args={})  # warm-up
-    stamps, later = rt4.run("gang_reserve", args={})
+def test_a_waiting_group_is_not_overtaken_by_later_single_tasks(rt4_module):
+    register(rt4_module, "gang_reserve", reserve_orch)
+    rt4_module.run("gang_reserve", args={})  # warm-up
+    stamps, later = rt4_module.run("gang_reserve", args={})
     st = stamps.numpy()
     later_start, later_chip = later.numpy()
     assert later_chip == 0
@@ -243,7 +231,7 @@ def test_a_waiting_group_is_not_overtaken_by_later_single_tasks(rt4):
 # ---- rank, world, barrier ------------------------------------------------------------
 
 
-def test_rank_world_and_chip_of_each_member(rt4):
+def test_rank_world_and_chip_of_each_member(rt4_module):
     def orch(ctx, args):
         outs = []
         for chips in ([0, 1], [3, 1, 2, 0], [2, 0]):
@@ -254,25 +242,25 @@ def test_rank_world_and_chip_of_each_member(rt4):
         ctx.submit(3, "whoami", [Out(single)])
         return outs, single
 
-    register(rt4, "whoami", orch)
-    outs, single = rt4.run("whoami", args={})
+    register(rt4_module, "whoami", orch)
+    outs, single = rt4_module.run("whoami", args={})
     for chips, info in outs:
         w = len(chips)
         assert info.numpy().tolist() == [[r, w, c] for r, c in enumerate(chips)], chips
     assert single.numpy().tolist() == [[0, 1, 3]]
 
 
-def test_rank_and_world_on_two_chips(rt2):
+def test_rank_and_world_on_two_chips(rt2_module):
     def orch(ctx, args):
         info = ctx.alloc((2, 3), np.int64)
         ctx.submit_group([1, 0], "whoami", [Out(info)])
         return info
 
-    register(rt2, "whoami2", orch)
-    assert rt2.run("whoami2", args={}).numpy().tolist() == [[0, 2, 1], [1, 2, 0]]
+    register(rt2_module, "whoami2", orch)
+    assert rt2_module.run("whoami2", args={}).numpy().tolist() == [[0, 2, 1], [1, 2, 0]]
 
 
-def test_barrier_reused_many_times_in_a_row(rt4):
+def test_barrier_reused_many_times_in_a_row(rt4_module):
     n = 40
 
     def orch(ctx, args):
@@ -282,17 +270,17 @@ def test_barrier_reused_many_times_in_a_row(rt4):
         ctx.submit_group(chips, "rounds", [NoDep(slots), Out(report), S(n)])
         return report
 
-    register(rt4, "rounds", orch)
+    register(rt4_module, "rounds", orch)
     # a second group on the same chips reuses nothing stale from the first
     for chips in ([0, 1], [0, 1, 2, 3], [0, 1, 2, 3], [3, 1]):
-        report = rt4.run("rounds", args={"chips": chips}).numpy()
+        report = rt4_module.run("rounds", args={"chips": chips}).numpy()
         assert report.tolist() == [[0, n]] * len(chips), chips
 
 
 # ---- failures ------------------------------------------------------------------------
 
 
-def test_a_raising_member_fails_the_group_and_the_others_do_not_hang(rt4):
+def test_a_raising_member_fails_the_group_and_the_others_do_not_hang(rt4_module):
     def orch(ctx, args):
         out = ctx.alloc((3,), np.int64)
         after = ctx.alloc((3,), np.int64)
@@ -300,10 +288,10 @@ def test_a_raising_member_fails_the_group_and_the_others_do_not_hang(rt4):
         ctx.submit(3, "copy", [In(out), Out(after), S(0.0)])  # a dependent: poisoned
         return after
 
-    register(rt4, "group_fail", orch)
+    register(rt4_module, "group_fail", orch)
     t0 = time.monotonic()
     with pytest.raises(pto.TaskError) as ei:
-        rt4.run("group_fail", args={})
+        rt4_module.run("group_fail", args={})
     elapsed = time.monotonic() - t0
     assert elapsed < 10, f"the failed group took {elapsed:.1f} s (members stuck in barrier?)"
     err = ei.value
@@ -318,14 +306,14 @@ def test_a_raising_member_fails_the_group_and_the_others_do_not_hang(rt4):
         ctx.submit_group([0, 1, 2, 3], "arrive", [NoDep(flags), Out(seen)])
         return seen
 
-    register(rt4, "group_fail_after", good)
-    assert rt4.run("group_fail_after", args={}).numpy().tolist() == [4, 4, 4, 4]
+    register(rt4_module, "group_fail_after", good)
+    assert rt4_module.run("group_fail_after", args={}).numpy().tolist() == [4, 4, 4, 4]
 
 
 # ---- dependencies --------------------------------------------------------------------
 
 
-def test_group_depends_on_earlier_writer_and_later_tasks_depend_on_group(rt4):
+def test_group_depends_on_earlier_writer_and_later_tasks_depend_on_group(rt4_module):
     def orch(ctx, args):
         x = ctx.alloc((8,), np.float64)
         y = ctx.alloc((8,), np.float64)
@@ -336,15 +324,15 @@ def test_group_depends_on_earlier_writer_and_later_tasks_depend_on_group(rt4):
         ctx.submit(2, "sleep_fill", [Out(x), S(-1.0), S(0.0)])  # WAR: after the group read
         return x, y, z
 
-    register(rt4, "group_deps", orch)
-    x, y, z = rt4.run("group_deps", args={})
+    register(rt4_module, "group_deps", orch)
+    x, y, z = rt4_module.run("group_deps", args={})
     expected = np.array([5.0] * 4 + [10.0] * 4)
     np.testing.assert_array_equal(y.numpy(), expected)
     np.testing.assert_array_equal(z.numpy(), expected)
     np.testing.assert_array_equal(x.numpy(), np.full(8, -1.0))
 
 
-def test_groups_writing_one_tensor_are_ordered(rt4):
+def test_groups_writing_one_tensor_are_ordered(rt4_module):
     """RAW from one group into another: the second group waits for all of the first."""
 
     def orch(ctx, args):
@@ -354,8 +342,8 @@ def test_groups_writing_one_tensor_are_ordered(rt4):
         ctx.submit_group([1, 2, 3, 0], "scale_part", [In(y), Out(x), S(0.0)])
         return x, y
 
-    register(rt4, "group_group", orch)
-    x, y = rt4.run("group_group", args={"ones": np.ones(8)})
+    register(rt4_module, "group_group", orch)
+    x, y = rt4_module.run("group_group", args={"ones": np.ones(8)})
     np.testing.assert_array_equal(y.numpy(), [1, 1, 1, 1, 2, 2, 2, 2])
     np.testing.assert_array_equal(x.numpy(), [1, 1, 2, 2, 6, 6, 8, 8])
 
@@ -376,16 +364,16 @@ def allreduce_orch(ctx, args):
     return shards
 
 
-def test_allreduce_on_two_and_four_chips_matches_numpy(rt4):
+def test_allreduce_on_two_and_four_chips_matches_numpy(rt4_module):
     pkg = pto.compile(platform="sim", kernels=[REPO / "examples" / "allreduce" / "allreduce.c"])
-    rt4.register("allreduce", orch=allreduce_orch,
+    rt4_module.register("allreduce", orch=allreduce_orch,
                  kernels={**KERNELS, "allreduce_c": pkg.kernel("allreduce")})
     rng = np.random.default_rng(4)
     for chips in ([1, 3], [0, 1, 2, 3], [3, 2, 1, 0]):
         shards = [rng.standard_normal(10_007).astype(np.float32) for _ in chips]
         expected = np.sum(np.array(shards, dtype=np.float64), axis=0)
         for kernel in ("allreduce_scratch", "allreduce_inplace", "allreduce_c"):
-            outs = rt4.run("allreduce", args={"chips": chips, "kernel": kernel,
+            outs = rt4_module.run("allreduce", args={"chips": chips, "kernel": kernel,
                                               "shards": shards})
             assert len(outs) == len(chips)
             for rank, out in enumerate(outs):
@@ -396,7 +384,7 @@ def test_allreduce_on_two_and_four_chips_matches_numpy(rt4):
 # ---- bad input -----------------------------------------------------------------------
 
 
-def test_bad_chip_lists_raise_value_error_and_runtime_stays_usable(rt2):
+def test_bad_chip_lists_raise_value_error_and_runtime_stays_usable(rt2_module):
     def bad(ctx, args):
         out = ctx.alloc((2, 3), np.int64)
         ctx.submit_group(args["chips"], "whoami", [Out(out)])
@@ -407,12 +395,12 @@ def test_bad_chip_lists_raise_value_error_and_runtime_stays_usable(rt2):
         ctx.submit_group([0, 1], "whoami", [Out(out)])
         return out
 
-    register(rt2, "bad_group", bad)
-    register(rt2, "good_group", good)
+    register(rt2_module, "bad_group", bad)
+    register(rt2_module, "good_group", good)
     for chips in ([], [0, 0], [1, 0, 1], [0, 7], [-1], [2]):
         with pytest.raises(ValueError):
-            rt2.run("bad_group", args={"chips": chips})
-        assert rt2.run("good_group", args={}).numpy().tolist() == [[0, 2, 0], [1, 2, 1]]
+            rt2_module.run("bad_group", args={"chips": chips})
+        assert rt2_module.run("good_group", args={}).numpy().tolist() == [[0, 2, 0], [1, 2, 1]]
 
 
 # ---- two client processes, overlapping groups ----------------------------------------

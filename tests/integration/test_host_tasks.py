@@ -55,7 +55,7 @@ def host_accumulate(x, acc):
     acc += x
 
 
-def test_chip_host_chip_chain(rt4):
+def test_chip_host_chip_chain(rt4_module):
     def orch(ctx, args):
         a = ctx.alloc((16,), np.float64)
         b = ctx.alloc((16,), np.float64)
@@ -65,14 +65,14 @@ def test_chip_host_chip_chain(rt4):
         ctx.submit(1, "scale", [In(b), Out(c), S(10.0)])
         return a, b, c
 
-    rt4.register("host_chain", orch=orch, kernels=KERNELS)
-    a, b, c = rt4.run("host_chain", args={})
+    rt4_module.register("host_chain", orch=orch, kernels=KERNELS)
+    a, b, c = rt4_module.run("host_chain", args={})
     np.testing.assert_array_equal(a.numpy(), np.full(16, 2.0))
     np.testing.assert_array_equal(b.numpy(), np.full(16, 3.0))
     np.testing.assert_array_equal(c.numpy(), np.full(16, 30.0))
 
 
-def test_host_tasks_follow_inout_and_war_hazards(rt4):
+def test_host_tasks_follow_inout_and_war_hazards(rt4_module):
     def orch(ctx, args):
         x = ctx.tensor(args["x"])
         acc = ctx.alloc(x.shape, x.dtype)
@@ -83,30 +83,31 @@ def test_host_tasks_follow_inout_and_war_hazards(rt4):
         ctx.submit(2, "copy", [In(acc), Out(snapshot)])
         return snapshot
 
-    rt4.register("host_hazards", orch=orch, kernels=KERNELS)
-    snapshot = rt4.run("host_hazards", args={"x": np.zeros(8)})
+    rt4_module.register("host_hazards", orch=orch, kernels=KERNELS)
+    snapshot = rt4_module.run("host_hazards", args={"x": np.zeros(8)})
     np.testing.assert_array_equal(snapshot.numpy(), np.full(8, 1 + 2 + 3 + 4))
 
 
-def test_host_task_identity_runs_outside_the_client(rt4):
+def test_host_task_identity_runs_outside_the_client(rt4_module):
     def orch(ctx, args):
         info = ctx.alloc((4,), np.int64)
         ctx.submit_host(host_where, [Out(info)])
         return info
 
-    rt4.register("host_where", orch=orch, kernels=KERNELS)
-    chip, rank, world, pid = rt4.run("host_where", args={}).numpy().tolist()
+    rt4_module.register("host_where", orch=orch, kernels=KERNELS)
+    chip, rank, world, pid = rt4_module.run("host_where", args={}).numpy().tolist()
     assert chip < 0
     assert (rank, world) == (0, 1)
     assert pid != os.getpid(), "the host task ran in the client process"
 
 
-def test_a_raising_host_task_poisons_its_dependents(rt4):
-    rt4.register("host_targets", orch=lambda ctx, args: [ctx.alloc((8,), np.float64)
+def test_a_raising_host_task_poisons_its_dependents(rt4_module):
+    rt4_module.register("host_targets", orch=lambda ctx, args: [ctx.alloc((8,), np.float64)
                                                          for _ in range(3)], kernels={})
-    dep1, dep2, indep = rt4.run("host_targets", args={})
+    dep1, dep2, indep = rt4_module.run("host_targets", args={})
 
-    def orch(ctx, args):
+    def orch(ctx, args):  # (handles come as args: a closure would keep them registered)
+        dep1, dep2, indep = args
         x = ctx.tensor(np.ones(8))
         y = ctx.alloc((8,), np.float64)
         ctx.submit_host(host_fail, [In(x), Out(y)])
@@ -115,9 +116,9 @@ def test_a_raising_host_task_poisons_its_dependents(rt4):
         ctx.submit(1, "fill", [Out(indep), S(7.0), S(0.3)])  # independent: finishes
         return y
 
-    rt4.register("host_fail", orch=orch, kernels=KERNELS)
+    rt4_module.register("host_fail", orch=orch, kernels=KERNELS)
     with pytest.raises(pto.TaskError) as ei:
-        rt4.run("host_fail", args={})
+        rt4_module.run("host_fail", args=(dep1, dep2, indep))
     err = ei.value
     assert MESSAGE in err.reason
     assert "host_fail" in err.kernel
@@ -133,17 +134,18 @@ def test_a_raising_host_task_poisons_its_dependents(rt4):
         ctx.submit_host(host_plus_one, [In(a), Out(b), S(0.0)])
         return b
 
-    rt4.register("host_again", orch=again, kernels=KERNELS)
-    np.testing.assert_array_equal(rt4.run("host_again", args={}).numpy(), np.arange(4.0) + 1)
+    rt4_module.register("host_again", orch=again, kernels=KERNELS)
+    np.testing.assert_array_equal(rt4_module.run("host_again", args={}).numpy(),
+                                  np.arange(4.0) + 1)
 
 
-def test_submit_host_needs_a_callable(rt4):
+def test_submit_host_needs_a_callable(rt4_module):
     def orch(ctx, args):
         x = ctx.alloc((4,), np.float64)
         ctx.submit_host(args["fn"], [Out(x)])
         return x
 
-    rt4.register("host_noncallable", orch=orch, kernels=KERNELS)
+    rt4_module.register("host_noncallable", orch=orch, kernels=KERNELS)
     for fn in ("host_plus_one", None, 42):
         with pytest.raises(TypeError):
-            rt4.run("host_noncallable", args={"fn": fn})
+            rt4_module.run("host_noncallable", args={"fn": fn})

@@ -52,7 +52,7 @@ def inc(x):
     x += 1
 
 
-def test_views_inputs_read_only_outputs_writable(rt4):
+def test_views_inputs_read_only_outputs_writable(rt4_module):
     def orch(ctx, args):
         x = ctx.tensor(args["x"])
         y = ctx.alloc(x.shape, x.dtype)
@@ -65,15 +65,15 @@ def test_views_inputs_read_only_outputs_writable(rt4):
         )
         return y, z, info
 
-    rt4.register("k_views", orch=orch, kernels={"inspect": inspect_args})
+    rt4_module.register("k_views", orch=orch, kernels={"inspect": inspect_args})
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
-    y, z, info = rt4.run("k_views", args={"x": x, "z": np.full((3, 4), 5, np.float32)})
+    y, z, info = rt4_module.run("k_views", args={"x": x, "z": np.full((3, 4), 5, np.float32)})
     assert info.numpy().tolist() == [1, 1, 1, 0, 1, 1, 1, 1]
     np.testing.assert_array_equal(y.numpy(), x)
     np.testing.assert_array_equal(z.numpy(), np.full((3, 4), 6, np.float32))
 
 
-def test_scalars_arrive_as_python_numbers_in_argument_order(rt4):
+def test_scalars_arrive_as_python_numbers_in_argument_order(rt4_module):
     def orch(ctx, args):
         x = ctx.tensor(args["x"])
         out = ctx.alloc((7,), np.float64)
@@ -90,12 +90,12 @@ def test_scalars_arrive_as_python_numbers_in_argument_order(rt4):
         )
         return out
 
-    rt4.register("k_scalars", orch=orch, kernels={"scalars": scalar_types})
-    out = rt4.run("k_scalars", args={"x": np.arange(4, dtype=np.int32)})
+    rt4_module.register("k_scalars", orch=orch, kernels={"scalars": scalar_types})
+    out = rt4_module.run("k_scalars", args={"x": np.arange(4, dtype=np.int32)})
     assert out.numpy().tolist() == [1.0, 1.0, 1.0, 3.0, 2.5, float(-(2**40)), 6.0]
 
 
-def test_kernel_writing_to_an_input_fails_with_task_error(rt4):
+def test_kernel_writing_to_an_input_fails_with_task_error(rt4_module):
     def make(ctx, args):
         return ctx.tensor(args["x"])
 
@@ -104,11 +104,11 @@ def test_kernel_writing_to_an_input_fails_with_task_error(rt4):
         ctx.submit(3, "write_input", [pto.Arg.input(args["x"]), pto.Arg.output(y)])
         return y
 
-    rt4.register("k_ro_make", orch=make, kernels={"write_input": write_input})
-    rt4.register("k_ro", orch=orch, kernels={"write_input": write_input})
-    x = rt4.run("k_ro_make", args={"x": np.arange(5, dtype=np.float64)})
+    rt4_module.register("k_ro_make", orch=make, kernels={"write_input": write_input})
+    rt4_module.register("k_ro", orch=orch, kernels={"write_input": write_input})
+    x = rt4_module.run("k_ro_make", args={"x": np.arange(5, dtype=np.float64)})
     with pytest.raises(pto.TaskError) as ei:
-        rt4.run("k_ro", args={"x": x})
+        rt4_module.run("k_ro", args={"x": x})
     err = ei.value
     assert err.kernel == "write_input"
     assert err.chip == 3
@@ -117,7 +117,7 @@ def test_kernel_writing_to_an_input_fails_with_task_error(rt4):
     np.testing.assert_array_equal(x.numpy(), np.arange(5, dtype=np.float64))  # input intact
 
 
-def test_pto_task_inside_a_single_task(rt4):
+def test_pto_task_inside_a_single_task(rt4_module):
     def orch(ctx, args):
         outs = {}
         for chip in ctx.peers():
@@ -126,14 +126,14 @@ def test_pto_task_inside_a_single_task(rt4):
             outs[chip] = o
         return outs
 
-    rt4.register("k_task", orch=orch, kernels={"task_info": task_info})
-    outs = rt4.run("k_task", args={})
+    rt4_module.register("k_task", orch=orch, kernels={"task_info": task_info})
+    outs = rt4_module.run("k_task", args={})
     assert sorted(outs) == [0, 1, 2, 3]
     for chip, o in outs.items():
         assert o.numpy().tolist() == [0, 1, chip]
 
 
-def test_closure_kernel_travels_by_value(rt4):
+def test_closure_kernel_travels_by_value(rt4_module):
     """A kernel defined inside a test, capturing a local, works as written."""
     offset = 17
 
@@ -146,12 +146,12 @@ def test_closure_kernel_travels_by_value(rt4):
         ctx.submit(0, "add_offset", [pto.Arg.input(x), pto.Arg.output(y)])
         return y
 
-    rt4.register("k_closure", orch=orch, kernels={"add_offset": add_offset})
-    y = rt4.run("k_closure", args={"x": np.arange(3, dtype=np.int64)})
+    rt4_module.register("k_closure", orch=orch, kernels={"add_offset": add_offset})
+    y = rt4_module.run("k_closure", args={"x": np.arange(3, dtype=np.int64)})
     np.testing.assert_array_equal(y.numpy(), np.arange(3) + 17)
 
 
-def test_same_kernel_name_in_two_registrations_is_independent(rt4):
+def test_same_kernel_name_in_two_registrations_is_independent(rt4_module):
     def twice(x):
         x *= 2
 
@@ -160,9 +160,9 @@ def test_same_kernel_name_in_two_registrations_is_independent(rt4):
         ctx.submit(1, "op", [pto.Arg.inout(x)])
         return x
 
-    rt4.register("k_name_a", orch=orch, kernels={"op": inc})
-    rt4.register("k_name_b", orch=orch, kernels={"op": twice})
-    a = rt4.run("k_name_a", args={"x": np.full(4, 5)})
-    b = rt4.run("k_name_b", args={"x": np.full(4, 5)})
+    rt4_module.register("k_name_a", orch=orch, kernels={"op": inc})
+    rt4_module.register("k_name_b", orch=orch, kernels={"op": twice})
+    a = rt4_module.run("k_name_a", args={"x": np.full(4, 5)})
+    b = rt4_module.run("k_name_b", args={"x": np.full(4, 5)})
     np.testing.assert_array_equal(a.numpy(), np.full(4, 6))
     np.testing.assert_array_equal(b.numpy(), np.full(4, 10))

@@ -52,17 +52,17 @@ def add_on_every_chip(ctx, args):
     return outs
 
 
-def test_c_kernels_on_four_chips(rt4, pkgs):
-    rt4.register("l3c_add", orch=add_on_every_chip,
+def test_c_kernels_on_four_chips(rt4_module, pkgs):
+    rt4_module.register("l3c_add", orch=add_on_every_chip,
                  kernels={"add": pkgs["vector_add"].kernel("add")})
     x = np.arange(1000, dtype=np.float32)
     for _ in range(3):  # the library is loaded once per worker, then reused
-        outs = rt4.run("l3c_add", args={"x": x})
+        outs = rt4_module.run("l3c_add", args={"x": x})
         for chip, z in enumerate(outs):
             np.testing.assert_array_equal(z.numpy(), 2 * (x + chip))
 
 
-def test_matmul_row_slices_on_four_chips(rt4, pkgs):
+def test_matmul_row_slices_on_four_chips(rt4_module, pkgs):
     def rows(ctx, args):
         a, b = args["a"], args["b"]
         shared_b = ctx.tensor(b)
@@ -74,18 +74,18 @@ def test_matmul_row_slices_on_four_chips(rt4, pkgs):
             parts.append(c)
         return parts
 
-    rt4.register("l3c_matmul", orch=rows, kernels={"matmul": pkgs["matmul"].kernel("matmul",
+    rt4_module.register("l3c_matmul", orch=rows, kernels={"matmul": pkgs["matmul"].kernel("matmul",
                                                                                 block_dim=3)})
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
         a = rng.standard_normal((203, 64)).astype(dtype)
         b = rng.standard_normal((64, 45)).astype(dtype)
-        parts = rt4.run("l3c_matmul", args={"a": a, "b": b})
+        parts = rt4_module.run("l3c_matmul", args={"a": a, "b": b})
         np.testing.assert_allclose(np.concatenate([p.numpy() for p in parts]), a @ b, rtol=1e-4,
                                    atol=1e-4)
 
 
-def test_c_and_python_kernels_in_one_graph(rt4, pkgs):
+def test_c_and_python_kernels_in_one_graph(rt4_module, pkgs):
     def graph(ctx, args):
         x = ctx.tensor(args["x"])
         s = ctx.alloc(x.shape, x.dtype)
@@ -101,12 +101,12 @@ def test_c_and_python_kernels_in_one_graph(rt4, pkgs):
     kernels = {"add": vector_add.kernel("add"), "scale": vector_add.kernel("scale"),
                "twice": twice,
                "scaled_add": pkgs["vector_add"].kernel("add", block_dim=4)}
-    rt4.register("l3c_mixed", orch=graph, kernels=kernels)
+    rt4_module.register("l3c_mixed", orch=graph, kernels=kernels)
     x = np.linspace(-5, 5, 999).astype(np.float64)
-    np.testing.assert_allclose(rt4.run("l3c_mixed", args={"x": x}).numpy(), 3 * x)
+    np.testing.assert_allclose(rt4_module.run("l3c_mixed", args={"x": x}).numpy(), 3 * x)
 
 
-def test_task_context_seen_from_c(rt4, pkgs):
+def test_task_context_seen_from_c(rt4_module, pkgs):
     def probe(ctx, args):
         outs = []
         for chip in ctx.peers():
@@ -115,20 +115,21 @@ def test_task_context_seen_from_c(rt4, pkgs):
             outs.append(out)
         return outs
 
-    rt4.register("l3c_probe", orch=probe,
+    rt4_module.register("l3c_probe", orch=probe,
                  kernels={"where_am_i": pkgs["probe"].kernel("where_am_i")})
-    outs = rt4.run("l3c_probe", args=None)
+    outs = rt4_module.run("l3c_probe", args=None)
     for chip, out in enumerate(outs):
         assert out.numpy().tolist() == [[0, 1, 0, 1, chip, 0]]  # block 0 of 1, rank 0 of 1
 
 
-def test_c_kernel_failure_names_kernel_chip_and_message(rt4, pkgs):
+def test_c_kernel_failure_names_kernel_chip_and_message(rt4_module, pkgs):
     def fail(ctx, args):
         ctx.submit(1, "fail_with", [S(0)])
 
-    rt4.register("l3c_fail", orch=fail, kernels={"fail_with": pkgs["probe"].kernel("fail_with")})
+    rt4_module.register("l3c_fail", orch=fail,
+                        kernels={"fail_with": pkgs["probe"].kernel("fail_with")})
     with pytest.raises(pto.TaskError) as ei:
-        rt4.run("l3c_fail", args=None)
+        rt4_module.run("l3c_fail", args=None)
     err = ei.value
     assert err.kernel == "fail_with" and err.chip == 1
     assert "probe-3c1e: block 0 refused value 0" in str(err)
@@ -184,18 +185,18 @@ def test_crash_does_not_touch_independent_tasks(rt4, pkgs):
         np.testing.assert_array_equal(z.numpy(), np.full(8, 2 * (chip + 1)))
 
 
-def test_registration_errors(rt1, pkgs):
+def test_registration_errors(rt1_module, pkgs):
     with pytest.raises(ValueError, match="no kernel 'mul'"):
         pkgs["vector_add"].kernel("mul")
     # Several kernels and no orchestration: refused, even under one kernel's own name.
     for name in ("where_am_i", "compute"):
         with pytest.raises(ValueError, match="no orchestration and 3 kernels") as ei:
-            rt1.register("l3c_bad", orch=add_on_every_chip, kernels={name: pkgs["probe"]})
+            rt1_module.register("l3c_bad", orch=add_on_every_chip, kernels={name: pkgs["probe"]})
         assert f"kernels={{'{name}': pkg.kernel(" in str(ei.value)
     with pytest.raises(KeyError):
-        rt1.run("l3c_bad")  # nothing half-registered
+        rt1_module.run("l3c_bad")  # nothing half-registered
     with pytest.raises(TypeError, match="callable or a compiled package"):
-        rt1.register("l3c_bad", orch=add_on_every_chip, kernels={"add": str(MATMUL)})
+        rt1_module.register("l3c_bad", orch=add_on_every_chip, kernels={"add": str(MATMUL)})
 
 
 def test_missing_package_file_fails_the_task(rt1, tmp_path, monkeypatch):

@@ -65,31 +65,32 @@ def vector_add_on_every_chip(ctx, args):
     return outs
 
 
-def test_a_package_with_an_orchestration_runs_it_as_one_task_on_every_chip(rt4, pkgs):
-    rt4.register("l3p_va", orch=vector_add_on_every_chip,
+def test_a_package_with_an_orchestration_runs_it_as_one_task_on_every_chip(rt4_module, pkgs):
+    rt4_module.register("l3p_va", orch=vector_add_on_every_chip,
                  kernels={"compute": pkgs["vector_add"]})
     x = np.arange(1000, dtype=np.float32)
-    outs = rt4.run("l3p_va", args={"x": x, "kernel": "compute"})
+    outs = rt4_module.run("l3p_va", args={"x": x, "kernel": "compute"})
     for chip, z in enumerate(outs):
         np.testing.assert_array_equal(z.numpy(), (2 * (x + chip)) * 3)
 
 
-def test_a_key_naming_one_of_its_kernels_still_runs_the_orchestration(rt4, pkgs):
+def test_a_key_naming_one_of_its_kernels_still_runs_the_orchestration(rt4_module, pkgs):
     # "add" is also a kernel of the package: the orchestration (add, then scale) still runs.
-    rt4.register("l3p_add", orch=vector_add_on_every_chip, kernels={"add": pkgs["vector_add"]})
+    rt4_module.register("l3p_add", orch=vector_add_on_every_chip,
+                        kernels={"add": pkgs["vector_add"]})
     x = np.arange(10, dtype=np.float64)
-    outs = rt4.run("l3p_add", args={"x": x, "kernel": "add"})
+    outs = rt4_module.run("l3p_add", args={"x": x, "kernel": "add"})
     np.testing.assert_array_equal(outs[0].numpy(), 6 * x)  # (x + x) * 3, not x + x
 
 
-def test_every_launch_of_the_orchestration_runs_with_its_block_dim(rt4, pkgs):
+def test_every_launch_of_the_orchestration_runs_with_its_block_dim(rt4_module, pkgs):
     def one(ctx, args):
         out = ctx.alloc((16, 6), np.int64)
         ctx.submit(2, "launches", [Out(out)])
         return out
 
-    rt4.register("l3p_many", orch=one, kernels={"launches": pkgs["many_launches"]})
-    out = rt4.run("l3p_many", args=None).numpy()
+    rt4_module.register("l3p_many", orch=one, kernels={"launches": pkgs["many_launches"]})
+    out = rt4_module.run("l3p_many", args=None).numpy()
     assert out[:, 0].tolist() == list(range(16))  # its last launch: 16 blocks
     assert out[:, 1].tolist() == [16] * 16
     assert out[:, 4].tolist() == [2] * 16  # on the task's chip
@@ -100,32 +101,32 @@ def test_every_launch_of_the_orchestration_runs_with_its_block_dim(rt4, pkgs):
     ("ignores_failure", "returned 0 but a launch failed with PTO_ERR_KERNEL: block"),
     ("launches_unknown", "PTO_ERR_UNKNOWN_KERNEL"),
 ])
-def test_a_failing_orchestration_is_a_task_error_naming_kernel_chip_and_reason(rt4, pkgs, orch,
-                                                                             text):
+def test_a_failing_orchestration_is_a_task_error_naming_kernel_chip_and_reason(rt4_module, pkgs,
+                                                                             orch, text):
     def one(ctx, args):
         ctx.submit(1, "pipeline_step", [S(0)])
 
-    rt4.register(f"l3p_{orch}", orch=one, kernels={"pipeline_step": pkgs[orch]})
+    rt4_module.register(f"l3p_{orch}", orch=one, kernels={"pipeline_step": pkgs[orch]})
     with pytest.raises(pto.TaskError) as ei:
-        rt4.run(f"l3p_{orch}", args=None)
+        rt4_module.run(f"l3p_{orch}", args=None)
     err = ei.value
     assert err.kernel == "pipeline_step" and err.chip == 1
     assert text in err.reason and "C orchestration" in err.reason
     assert not isinstance(err, pto.WorkerLost)
 
 
-def test_group_members_each_run_the_orchestration_as_their_rank(rt4, pkgs):
+def test_group_members_each_run_the_orchestration_as_their_rank(rt4_module, pkgs):
     def group(ctx, args):
         out = ctx.alloc((4, 4), np.int64)
         ctx.submit_group([3, 1, 0, 2], "step", [Out(out)])
         return out
 
-    rt4.register("l3p_group", orch=group, kernels={"step": pkgs["group"]})
-    out = rt4.run("l3p_group", args=None).numpy()
+    rt4_module.register("l3p_group", orch=group, kernels={"step": pkgs["group"]})
+    out = rt4_module.run("l3p_group", args=None).numpy()
     assert out.tolist() == [[0, 4, 3, 1], [1, 4, 1, 1], [2, 4, 0, 1], [3, 4, 2, 1]]
 
 
-def test_ambiguous_group_member_is_refused_at_register(rt1, tmp_path, monkeypatch):
+def test_ambiguous_group_member_is_refused_at_register(rt1_module, tmp_path, monkeypatch):
     monkeypatch.setenv("PTO_CACHE_DIR", str(tmp_path / "cache"))
     probe = pto.compile(kernels=[{"source": DATA / "probe.c", "name": k} for k in PROBES])
 
@@ -135,7 +136,7 @@ def test_ambiguous_group_member_is_refused_at_register(rt1, tmp_path, monkeypatc
         return out
 
     with pytest.raises(ValueError, match="pkg.kernel\\('where_am_i'\\)"):
-        rt1.register("l3p_bad_group", orch=group, kernels={"where_am_i": probe})
-    rt1.register("l3p_good_group", orch=group,
+        rt1_module.register("l3p_bad_group", orch=group, kernels={"where_am_i": probe})
+    rt1_module.register("l3p_good_group", orch=group,
                  kernels={"where_am_i": probe.kernel("where_am_i")})
-    assert rt1.run("l3p_good_group", args=None).numpy().tolist() == [[0, 1, 0, 1, 0, 0]]
+    assert rt1_module.run("l3p_good_group", args=None).numpy().tolist() == [[0, 1, 0, 1, 0, 0]]

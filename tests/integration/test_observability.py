@@ -388,6 +388,11 @@ def test_status_of_a_live_broker_with_running_tasks(tmp_path, monkeypatch):
             assert client["tasks"] == 702
             assert st["shm_bytes"] >= 3 * 1024 * 4
             assert st["uptime_s"] > idle["uptime_s"]
+            # the scheduler's last moves, oldest first: [gid, from, to]
+            moves = st["transitions"]
+            assert moves and all(len(m) == 3 for m in moves)
+            assert ["PENDING", "READY"] in [m[1:] for m in moves]
+            assert ["READY", "DISPATCHED"] in [m[1:] for m in moves]
 
             # the table, with the address from PTO_BROKER
             table = pto_cmd("status", env=clean_env(PTO_BROKER=broker.address))
@@ -587,6 +592,12 @@ def test_log_records_carry_role_chip_and_pid(tmp_path, monkeypatch):
         wanted = {"worker0", "host0"}
         assert wait_until(lambda: set(worker_pids(broker)) == wanted, timeout=15)
         pids = worker_pids(broker)
+
+        def connected() -> int:  # (a worker that never connected is stopped at once)
+            return sum("worker for device" in m["msg"] and "connected" in m["msg"]
+                       for m in records(logs / "broker.log"))
+
+        assert wait_until(lambda: connected() == 2, timeout=30)
         monkeypatch.delenv("PTO_BROKER", raising=False)
         with pto.Runtime(level="host", platform="sim", broker=address) as rt:
             rt.register("one", orch=lambda ctx, a: ctx.submit(0, "noop", []),

@@ -63,19 +63,19 @@ def hang_once_with(marks: str):
 KERNELS = {"append_digit": append_digit}
 
 
-def test_a_chain_on_one_chip_runs_in_submission_order(rt4):
+def test_a_chain_on_one_chip_runs_in_submission_order(rt4_module):
     def orch(ctx, args):
         x = ctx.alloc(1, np.int64)
         for digit in range(1, 10):
             ctx.submit(2, "append_digit", [InOut(x), S(digit)])
         return x
 
-    rt4.register("chain_order", orch=orch, kernels=KERNELS)
-    x = rt4.run("chain_order")
+    rt4_module.register("chain_order", orch=orch, kernels=KERNELS)
+    x = rt4_module.run("chain_order")
     assert int(x.numpy()[0]) == 123456789
 
 
-def test_a_chain_that_changes_chips_keeps_its_order(rt4):
+def test_a_chain_that_changes_chips_keeps_its_order(rt4_module):
     chips = [0, 0, 1, 1, 1, 0, 2, 2, 0]
 
     def orch(ctx, args):
@@ -84,14 +84,14 @@ def test_a_chain_that_changes_chips_keeps_its_order(rt4):
             ctx.submit(chip, "append_digit", [InOut(x), S(digit)])
         return x
 
-    rt4.register("chain_hops", orch=orch, kernels=KERNELS)
+    rt4_module.register("chain_hops", orch=orch, kernels=KERNELS)
     for _ in range(5):
-        x = rt4.run("chain_hops")
+        x = rt4_module.run("chain_hops")
         assert int(x.numpy()[0]) == 123456789
         x.free()
 
 
-def test_a_failed_task_skips_the_tasks_queued_behind_it(rt4, tmp_path):
+def test_a_failed_task_skips_the_tasks_queued_behind_it(rt4_module, tmp_path):
     marks = str(tmp_path)
 
     def orch(ctx, args):
@@ -100,9 +100,9 @@ def test_a_failed_task_skips_the_tasks_queued_behind_it(rt4, tmp_path):
             ctx.submit(1, "step", [InOut(x), S(i), S(4)])
         return x
 
-    rt4.register("chain_fail", orch=orch, kernels={"step": stepper(marks)})
+    rt4_module.register("chain_fail", orch=orch, kernels={"step": stepper(marks)})
     with pytest.raises(pto.TaskError) as info:
-        rt4.run("chain_fail")
+        rt4_module.run("chain_fail")
     assert info.value.kernel == "step" and info.value.chip == 1
     assert "step 4 refuses" in info.value.reason
     assert info.value.failed == 6  # the failed one and the five behind it
@@ -110,7 +110,7 @@ def test_a_failed_task_skips_the_tasks_queued_behind_it(rt4, tmp_path):
     assert ran == [0, 1, 2, 3, 4], f"tasks behind the failure ran: {ran}"
 
 
-def test_an_unrelated_task_behind_a_failure_still_runs(rt4, tmp_path):
+def test_an_unrelated_task_behind_a_failure_still_runs(rt4_module, tmp_path):
     marks = str(tmp_path)
 
     def failing(ctx, args):
@@ -123,10 +123,10 @@ def test_an_unrelated_task_behind_a_failure_still_runs(rt4, tmp_path):
         ctx.submit(3, "append_digit", [InOut(y), S(7)])
         return y
 
-    rt4.register("chain_failing", orch=failing, kernels={"step": stepper(marks)})
-    rt4.register("chain_independent", orch=independent, kernels=KERNELS)
-    bad = rt4.submit("chain_failing")
-    good = rt4.submit("chain_independent")
+    rt4_module.register("chain_failing", orch=failing, kernels={"step": stepper(marks)})
+    rt4_module.register("chain_independent", orch=independent, kernels=KERNELS)
+    bad = rt4_module.submit("chain_failing")
+    good = rt4_module.submit("chain_independent")
     assert int(good.result(timeout=20).numpy()[0]) == 7
     with pytest.raises(pto.TaskError, match="step 0 refuses"):
         bad.result(timeout=20)

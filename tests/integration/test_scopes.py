@@ -163,7 +163,7 @@ def test_a_scoped_loop_frees_intermediates_while_it_runs(rt4):
     assert segments_of(owner) == {shm_path(acc).name}
 
 
-def test_returned_scoped_tensors_survive_and_the_others_are_gone(rt4):
+def test_returned_scoped_tensors_survive_and_the_others_are_gone(rt4_module):
     kept_by_orch: list = []  # the orchestration keeps handles it does not return
     names: dict[str, list[str]] = {"gone": [], "kept": []}
 
@@ -193,9 +193,9 @@ def test_returned_scoped_tensors_survive_and_the_others_are_gone(rt4):
             names["gone"].append(outer_only.name)
         return {"list": ret_list, "dict": ret_dict, "nested": (inner,)}
 
-    rt4.register("escape", orch=orch, kernels=KERNELS)
+    rt4_module.register("escape", orch=orch, kernels=KERNELS)
     x = np.arange(1000, dtype=np.float64)
-    out = rt4.run("escape", args={"x": x})
+    out = rt4_module.run("escape", args={"x": x})
     gc.collect()
     # returned: valid and right, although allocated in a scope
     for i, b in zip((1, 3, 5), out["list"], strict=True):
@@ -219,13 +219,13 @@ def test_returned_scoped_tensors_survive_and_the_others_are_gone(rt4):
         ctx.submit(2, "add", [In(args["a"]), In(args["b"]), Out(y)])
         return y
 
-    rt4.register("escape_again", orch=again, kernels=KERNELS)
-    y = rt4.run("escape_again", args={"a": out["list"][0], "b": out["dict"][0]})
+    rt4_module.register("escape_again", orch=again, kernels=KERNELS)
+    y = rt4_module.run("escape_again", args={"a": out["list"][0], "b": out["dict"][0]})
     np.testing.assert_array_equal(y.numpy(), x * 10)
     kept_by_orch.clear()
 
 
-def test_a_dropped_handle_is_freed_once_its_tasks_finish(rt4):
+def test_a_dropped_handle_is_freed_once_its_tasks_finish(rt4_module):
     """The orchestration drops its only handle to ``x`` while a task that reads x still
     waits (behind a 0.6 s task): x must outlive the handle until that task ran, then go."""
     names: list[str] = []
@@ -240,11 +240,11 @@ def test_a_dropped_handle_is_freed_once_its_tasks_finish(rt4):
         del x
         return y
 
-    rt4.register("drop", orch=orch, kernels=KERNELS)
+    rt4_module.register("drop", orch=orch, kernels=KERNELS)
     x = np.arange(16, dtype=np.float64)
-    rt4.run("drop", args={"x": x}).free()  # warm-up
+    rt4_module.run("drop", args={"x": x}).free()  # warm-up
     names.clear()
-    fut = rt4.submit("drop", args={"x": x})
+    fut = rt4_module.submit("drop", args={"x": x})
     gc.collect()
     assert not fut.done()
     assert shm_path(names[0]).exists(), "a dropped tensor went while a task still needs it"
@@ -253,7 +253,7 @@ def test_a_dropped_handle_is_freed_once_its_tasks_finish(rt4):
     assert wait_gone([shm_path(names[0])], timeout=5) == [], "dropped tensor not freed"
 
 
-def test_gc_of_dropped_result_handles_frees_their_segments(rt4):
+def test_gc_of_dropped_result_handles_frees_their_segments(rt4_module):
     def orch(ctx, args):
         outs = []
         for chip in ctx.peers():
@@ -262,8 +262,8 @@ def test_gc_of_dropped_result_handles_frees_their_segments(rt4):
             outs.append(o)
         return outs
 
-    rt4.register("results", orch=orch, kernels=KERNELS)
-    outs = rt4.run("results", args={})
+    rt4_module.register("results", orch=orch, kernels=KERNELS)
+    outs = rt4_module.run("results", args={})
     paths = [shm_path(o) for o in outs]
     assert all(p.exists() for p in paths)
     keep = outs[2]
@@ -282,7 +282,7 @@ def test_gc_of_dropped_result_handles_frees_their_segments(rt4):
     assert wait_gone([paths[2]], timeout=5) == []
 
 
-def test_scope_begin_and_scope_end(rt4):
+def test_scope_begin_and_scope_end(rt4_module):
     names: list[str] = []
 
     def orch(ctx, args):
@@ -299,16 +299,16 @@ def test_scope_begin_and_scope_end(rt4):
         ctx.submit(0, "copy", [In(total), Out(after)])
         return total, after, tmp
 
-    rt4.register("begin_end", orch=orch, kernels=KERNELS)
+    rt4_module.register("begin_end", orch=orch, kernels=KERNELS)
     x = np.arange(8, dtype=np.float64)
-    total, after, last_tmp = rt4.run("begin_end", args={"x": x})
+    total, after, last_tmp = rt4_module.run("begin_end", args={"x": x})
     np.testing.assert_array_equal(total.numpy(), x * 6)
     np.testing.assert_array_equal(after.numpy(), x * 6)
     np.testing.assert_array_equal(last_tmp.numpy(), x * 3)  # returned: escapes its scope
     assert [shm_path(n).exists() for n in names] == [False, False, True]
 
 
-def test_scope_end_without_begin_raises_runtime_error(rt4):
+def test_scope_end_without_begin_raises_runtime_error(rt4_module):
     def orch(ctx, args):
         with ctx.scope():
             pass
@@ -321,9 +321,9 @@ def test_scope_end_without_begin_raises_runtime_error(rt4):
         ctx.scope_end()
         ctx.scope_end()
 
-    rt4.register("bad_scope", orch=orch, kernels=KERNELS)
-    rt4.register("bad_scope_nested", orch=nested, kernels=KERNELS)
+    rt4_module.register("bad_scope", orch=orch, kernels=KERNELS)
+    rt4_module.register("bad_scope_nested", orch=nested, kernels=KERNELS)
     with pytest.raises(RuntimeError):
-        rt4.run("bad_scope", args={})
+        rt4_module.run("bad_scope", args={})
     with pytest.raises(RuntimeError):
-        rt4.run("bad_scope_nested", args={})
+        rt4_module.run("bad_scope_nested", args={})

@@ -52,11 +52,11 @@ def curve_broker(tmp_path):
         stop_process(proc)
 
 
-def test_runtime_dir_and_ipc_endpoints_are_private(rt1):
+def test_runtime_dir_and_ipc_endpoints_are_private(rt1_module):
     base = runtime_dir()
     assert stat.S_IMODE(os.stat(base).st_mode) == 0o700
     assert os.stat(base).st_uid == os.getuid()
-    path = rt1.address[len("ipc://"):]
+    path = rt1_module.address[len("ipc://"):]
     assert os.path.dirname(path) == base
     assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
 
@@ -106,14 +106,14 @@ def test_unauthenticated_peer_cannot_register_as_a_worker(curve_broker):
         ctx.term()
 
 
-def test_a_runtime_cannot_use_another_runtimes_tensor(rt1):
+def test_a_runtime_cannot_use_another_runtimes_tensor(rt1_module):
     def steal(ctx, args):
         ctx.submit(0, "triple", [pto.Arg.input(args), pto.Arg.output(ctx.alloc(3, np.int64))])
 
     with pto.Runtime(level="host", platform="sim", devices=[0]) as other:
         other.register("o", orch=orch, kernels={"triple": triple})
         theirs = other.run("o")
-        rt1.register("steal", orch=steal, kernels={"triple": triple})
+        rt1_module.register("steal", orch=steal, kernels={"triple": triple})
         with pytest.raises(ValueError, match="another runtime"):
-            rt1.run("steal", theirs)
+            rt1_module.run("steal", theirs)
         assert theirs.numpy().tolist() == [0, 3, 6]

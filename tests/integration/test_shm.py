@@ -47,10 +47,10 @@ def make_one(ctx, args):
     ("shape", "dtype"),
     [((3, 4), np.float64), ((7,), np.int32), ((2, 3, 5), np.float32), ((16,), np.uint8)],
 )
-def test_handle_attributes(rt4, shape, dtype):
-    rt4.register("shm_attrs", orch=make_pair, kernels={"negate": negate})
+def test_handle_attributes(rt4_module, shape, dtype):
+    rt4_module.register("shm_attrs", orch=make_pair, kernels={"negate": negate})
     data = (np.arange(int(np.prod(shape))) % 100).astype(dtype).reshape(shape)
-    x, y = rt4.run("shm_attrs", args={"x": data})
+    x, y = rt4_module.run("shm_attrs", args={"x": data})
     for h in (x, y):
         assert isinstance(h, pto.TensorHandle)
         assert tuple(h.shape) == shape
@@ -66,9 +66,9 @@ def test_handle_attributes(rt4, shape, dtype):
     assert owner_of(x) == owner_of(y)
 
 
-def test_segment_exists_with_mode_0600_and_free_unlinks(rt4):
-    rt4.register("shm_mode", orch=make_pair, kernels={"negate": negate})
-    x, y = rt4.run("shm_mode", args={"x": np.arange(32, dtype=np.float32)})
+def test_segment_exists_with_mode_0600_and_free_unlinks(rt4_module):
+    rt4_module.register("shm_mode", orch=make_pair, kernels={"negate": negate})
+    x, y = rt4_module.run("shm_mode", args={"x": np.arange(32, dtype=np.float32)})
     for h in (x, y):
         path = shm_path(h)
         assert path.exists(), path
@@ -85,16 +85,16 @@ def test_segment_exists_with_mode_0600_and_free_unlinks(rt4):
     assert wait_gone([yp], timeout=5) == []
 
 
-def test_every_pto_segment_follows_the_naming_scheme(rt4):
-    rt4.register("shm_names", orch=make_pair, kernels={"negate": negate})
-    x, y = rt4.run("shm_names", args={"x": np.ones(4)})
+def test_every_pto_segment_follows_the_naming_scheme(rt4_module):
+    rt4_module.register("shm_names", orch=make_pair, kernels={"negate": negate})
+    x, y = rt4_module.run("shm_names", args={"x": np.ones(4)})
     for seg in pto_segments():
         assert NAME_RE.match("/" + seg), seg
 
 
-def test_garbage_collected_handle_unlinks_its_segment(rt4):
-    rt4.register("shm_gc", orch=make_one, kernels={"negate": negate})
-    y = rt4.run("shm_gc", args={"x": np.arange(100, dtype=np.int64)})
+def test_garbage_collected_handle_unlinks_its_segment(rt4_module):
+    rt4_module.register("shm_gc", orch=make_one, kernels={"negate": negate})
+    y = rt4_module.run("shm_gc", args={"x": np.arange(100, dtype=np.int64)})
     np.testing.assert_array_equal(y.numpy(), -np.arange(100))
     path = shm_path(y)
     assert path.exists()
@@ -103,13 +103,13 @@ def test_garbage_collected_handle_unlinks_its_segment(rt4):
     assert wait_gone([path], timeout=5) == [], "dropped handle's segment was not unlinked"
 
 
-def test_a_dropped_result_is_freed_without_a_cyclic_collection(rt4):
+def test_a_dropped_result_is_freed_without_a_cyclic_collection(rt4_module):
     """Nothing of the run (its future, its callbacks) keeps a returned handle alive."""
-    rt4.register("shm_nocycle", orch=make_one, kernels={"negate": negate})
+    rt4_module.register("shm_nocycle", orch=make_one, kernels={"negate": negate})
     gc.collect()
     gc.disable()
     try:
-        y = rt4.run("shm_nocycle", args={"x": np.arange(1 << 18, dtype=np.int64)})
+        y = rt4_module.run("shm_nocycle", args={"x": np.arange(1 << 18, dtype=np.int64)})
         path = shm_path(y)
         del y
         # no wait_gone: it collects garbage, which would hide a cycle
@@ -119,7 +119,7 @@ def test_a_dropped_result_is_freed_without_a_cyclic_collection(rt4):
         gc.enable()
 
 
-def test_ctx_tensor_of_a_handle_returns_that_handle(rt4):
+def test_ctx_tensor_of_a_handle_returns_that_handle(rt4_module):
     """One orchestration serves numpy inputs (L3) and the handles an L4 run passes in."""
 
     def orch(ctx, args):
@@ -129,8 +129,8 @@ def test_ctx_tensor_of_a_handle_returns_that_handle(rt4):
         ctx.submit(0, "negate", [pto.Arg.input(ctx.tensor(x)), pto.Arg.output(y)])
         return y
 
-    rt4.register("shm_same", orch=orch, kernels={"negate": negate})
-    y = rt4.run("shm_same", args={"x": np.arange(8.0)})
+    rt4_module.register("shm_same", orch=orch, kernels={"negate": negate})
+    y = rt4_module.run("shm_same", args={"x": np.arange(8.0)})
     np.testing.assert_array_equal(y.numpy(), -np.arange(8.0))
 
     other = pto.Runtime(level="host", devices=[0])
@@ -141,15 +141,15 @@ def test_ctx_tensor_of_a_handle_returns_that_handle(rt4):
         def uses_theirs(ctx, args):
             return ctx.tensor(theirs)
 
-        rt4.register("shm_foreign", orch=uses_theirs, kernels={})
+        rt4_module.register("shm_foreign", orch=uses_theirs, kernels={})
         with pytest.raises(ValueError, match="belongs to another runtime"):
-            rt4.run("shm_foreign")
+            rt4_module.run("shm_foreign")
         theirs.free()
     finally:
         other.close()
 
 
-def test_intermediate_tensors_do_not_outlive_the_run(rt4):
+def test_intermediate_tensors_do_not_outlive_the_run(rt4_module):
     """Tensors the orchestration made but did not return are reclaimed after the run."""
 
     def orch(ctx, args):
@@ -160,10 +160,10 @@ def test_intermediate_tensors_do_not_outlive_the_run(rt4):
         ctx.submit(1, "negate", [pto.Arg.input(tmp), pto.Arg.output(y)])
         return y
 
-    rt4.register("shm_tmp", orch=orch, kernels={"negate": negate})
+    rt4_module.register("shm_tmp", orch=orch, kernels={"negate": negate})
     gc.collect()
     before = pto_segments()
-    y = rt4.run("shm_tmp", args={"x": np.arange(8.0)})
+    y = rt4_module.run("shm_tmp", args={"x": np.arange(8.0)})
     np.testing.assert_array_equal(y.numpy(), np.arange(8.0))
     mine = shm_path(y).name
     owner = owner_of(mine)
@@ -175,9 +175,9 @@ def test_intermediate_tensors_do_not_outlive_the_run(rt4):
     assert wait_until(lambda: ours() == {mine}, timeout=5), f"leftover: {ours() - {mine}}"
 
 
-def test_numpy_is_a_zero_copy_view_of_the_named_segment(rt4):
-    rt4.register("shm_view", orch=make_one, kernels={"negate": negate})
-    y = rt4.run("shm_view", args={"x": np.arange(16, dtype=np.float64)})
+def test_numpy_is_a_zero_copy_view_of_the_named_segment(rt4_module):
+    rt4_module.register("shm_view", orch=make_one, kernels={"negate": negate})
+    y = rt4_module.run("shm_view", args={"x": np.arange(16, dtype=np.float64)})
     shm = posix_ipc.SharedMemory(y.name)
     try:
         mm = mmap.mmap(shm.fd, y.nbytes)
@@ -196,7 +196,7 @@ def test_numpy_is_a_zero_copy_view_of_the_named_segment(rt4):
         mm.close()
 
 
-def test_client_writes_are_seen_by_kernels(rt4):
+def test_client_writes_are_seen_by_kernels(rt4_module):
     """Bytes written into a segment after the workers started are visible to them."""
 
     def reuse(ctx, args):
@@ -204,9 +204,9 @@ def test_client_writes_are_seen_by_kernels(rt4):
         ctx.submit(2, "copy", [pto.Arg.input(args["h"]), pto.Arg.output(z)])
         return z
 
-    rt4.register("shm_make", orch=make_one, kernels={"negate": negate})
-    rt4.register("shm_reuse", orch=reuse, kernels={"copy": copy})
-    y = rt4.run("shm_make", args={"x": np.zeros(8, dtype=np.int32)})
+    rt4_module.register("shm_make", orch=make_one, kernels={"negate": negate})
+    rt4_module.register("shm_reuse", orch=reuse, kernels={"copy": copy})
+    y = rt4_module.run("shm_make", args={"x": np.zeros(8, dtype=np.int32)})
     shm = posix_ipc.SharedMemory(y.name)
     try:
         mm = mmap.mmap(shm.fd, y.nbytes)
@@ -214,11 +214,11 @@ def test_client_writes_are_seen_by_kernels(rt4):
         shm.close_fd()
     np.ndarray((8,), dtype=np.int32, buffer=mm)[:] = np.arange(8) * 11
     mm.close()
-    z = rt4.run("shm_reuse", args={"h": y})
+    z = rt4_module.run("shm_reuse", args={"h": y})
     np.testing.assert_array_equal(z.numpy(), np.arange(8) * 11)
 
 
-def test_alloc_is_zero_filled_and_tensor_copies_its_source(rt4):
+def test_alloc_is_zero_filled_and_tensor_copies_its_source(rt4_module):
     def orch(ctx, args):
         src = args["x"]
         x = ctx.tensor(src)
@@ -226,8 +226,8 @@ def test_alloc_is_zero_filled_and_tensor_copies_its_source(rt4):
         z = ctx.alloc((5, 3), np.float32)
         return x, z
 
-    rt4.register("shm_zero", orch=orch, kernels={"copy": copy})
-    x, z = rt4.run("shm_zero", args={"x": np.arange(6, dtype=np.int16)})
+    rt4_module.register("shm_zero", orch=orch, kernels={"copy": copy})
+    x, z = rt4_module.run("shm_zero", args={"x": np.arange(6, dtype=np.int16)})
     np.testing.assert_array_equal(x.numpy(), np.arange(6, dtype=np.int16))
     assert z.numpy().shape == (5, 3) and z.numpy().dtype == np.float32
     assert not z.numpy().any()
@@ -261,7 +261,7 @@ def test_reap_pid_removes_what_a_dead_child_left_and_nothing_else():
 
     from pto.wire import shm
 
-    code = ("import os; from pto import shm; "
+    code = ("import os; from pto.wire import shm; "
             "n = shm.segment_name(shm.new_owner(), 'status'); shm.create(n, 16); "
             "print(n, flush=True); os._exit(0)")
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -54,7 +54,7 @@ def run(rt, name, orch, **args):
     return rt.run(name, args=args)
 
 
-def test_views_read_and_write_the_right_bytes(rt4):
+def test_views_read_and_write_the_right_bytes(rt4_module):
     base_np = np.arange(24, dtype=np.int64).reshape(6, 4)
 
     def orch(ctx, args):
@@ -72,7 +72,7 @@ def test_views_read_and_write_the_right_bytes(rt4):
         ctx.submit(0, "fill", [Out(base[0]), S(-1), S(0.0)])  # element 3: WAR after describe
         return base, got_rows, got_flat, info
 
-    base, got_rows, got_flat, info = run(rt4, "views_rw", orch, base=base_np)
+    base, got_rows, got_flat, info = run(rt4_module, "views_rw", orch, base=base_np)
     np.testing.assert_array_equal(got_rows.numpy(), base_np[2:4])
     np.testing.assert_array_equal(got_flat.numpy(), base_np.reshape(24)[7:12])
     assert info.numpy().tolist() == [6, 1, 6, 3, 8]
@@ -82,12 +82,12 @@ def test_views_read_and_write_the_right_bytes(rt4):
     np.testing.assert_array_equal(base.numpy(), expected)
 
 
-def test_view_attributes_and_host_side_numpy(rt4):
+def test_view_attributes_and_host_side_numpy(rt4_module):
     def orch(ctx, args):
         return ctx.tensor(args["x"])
 
     x = np.arange(60, dtype=np.float32).reshape(10, 6)
-    h = run(rt4, "views_attrs", orch, x=x)
+    h = run(rt4_module, "views_attrs", orch, x=x)
     v = h[3:7]
     assert v.shape == (4, 6)
     assert v.dtype == np.float32
@@ -107,17 +107,17 @@ def test_view_attributes_and_host_side_numpy(rt4):
         h.reshape(7, 7)
 
 
-def test_tasks_writing_disjoint_halves_run_in_parallel(rt4):
+def test_tasks_writing_disjoint_halves_run_in_parallel(rt4_module):
     def orch(ctx, args):
         base = ctx.alloc((2, 3), np.float64)
         ctx.submit(0, "stamp", [Out(base[0]), S(DELAY)])
         ctx.submit(1, "stamp", [Out(base[1]), S(DELAY)])
         return base
 
-    rt4.register("views_parallel", orch=orch, kernels=KERNELS)
-    rt4.run("views_parallel", args={})  # warm-up: kernels shipped, workers hot
+    rt4_module.register("views_parallel", orch=orch, kernels=KERNELS)
+    rt4_module.run("views_parallel", args={})  # warm-up: kernels shipped, workers hot
     t0 = time.monotonic()
-    base = rt4.run("views_parallel", args={})
+    base = rt4_module.run("views_parallel", args={})
     wall = time.monotonic() - t0
     st = base.numpy()
     assert sorted(st[:, 2].tolist()) == [0.0, 1.0]
@@ -125,7 +125,7 @@ def test_tasks_writing_disjoint_halves_run_in_parallel(rt4):
     assert wall < 0.75, f"2 x {DELAY} s on disjoint halves took {wall:.2f} s"
 
 
-def test_disjoint_halves_of_a_reshaped_flat_tensor_run_in_parallel(rt4):
+def test_disjoint_halves_of_a_reshaped_flat_tensor_run_in_parallel(rt4_module):
     """The halves are views of a reshape of a view: byte ranges, not handles, decide."""
 
     def orch(ctx, args):
@@ -135,17 +135,17 @@ def test_disjoint_halves_of_a_reshaped_flat_tensor_run_in_parallel(rt4):
         ctx.submit(3, "stamp", [Out(flat[3:6]), S(DELAY)])
         return flat
 
-    rt4.register("views_parallel2", orch=orch, kernels=KERNELS)
-    rt4.run("views_parallel2", args={})
+    rt4_module.register("views_parallel2", orch=orch, kernels=KERNELS)
+    rt4_module.run("views_parallel2", args={})
     t0 = time.monotonic()
-    flat = rt4.run("views_parallel2", args={})
+    flat = rt4_module.run("views_parallel2", args={})
     wall = time.monotonic() - t0
     st = flat.numpy().reshape(2, 3)
     assert st[:, 0].max() < st[:, 1].min(), f"did not overlap: {st}"
     assert wall < 0.75, f"took {wall:.2f} s"
 
 
-def test_overlapping_views_are_ordered_read_after_write(rt4):
+def test_overlapping_views_are_ordered_read_after_write(rt4_module):
     def orch(ctx, args):
         base = ctx.alloc((10,), np.float64)
         out = ctx.alloc((6,), np.float64)
@@ -153,11 +153,11 @@ def test_overlapping_views_are_ordered_read_after_write(rt4):
         ctx.submit(1, "copy", [In(base[4:10]), Out(out)])  # overlaps rows 4, 5
         return out
 
-    out = run(rt4, "views_raw", orch)
+    out = run(rt4_module, "views_raw", orch)
     np.testing.assert_array_equal(out.numpy(), [7, 7, 0, 0, 0, 0])
 
 
-def test_overlapping_views_are_ordered_write_after_read_and_write_after_write(rt4):
+def test_overlapping_views_are_ordered_write_after_read_and_write_after_write(rt4_module):
     def orch(ctx, args):
         base = ctx.tensor(args["base"])
         seen = ctx.alloc((4,), np.float64)
@@ -167,12 +167,12 @@ def test_overlapping_views_are_ordered_write_after_read_and_write_after_write(rt
         ctx.submit(3, "fill", [Out(base[7:8]), S(3.0), S(0.0)])  # WAW on row 7, must be last
         return base, seen
 
-    base, seen = run(rt4, "views_war", orch, base=np.arange(8, dtype=np.float64))
+    base, seen = run(rt4_module, "views_war", orch, base=np.arange(8, dtype=np.float64))
     np.testing.assert_array_equal(seen.numpy(), [2, 3, 4, 5])
     np.testing.assert_array_equal(base.numpy(), [0, 1, 2, 3, 9, 9, 9, 3])
 
 
-def test_a_view_and_its_whole_tensor_are_ordered(rt4):
+def test_a_view_and_its_whole_tensor_are_ordered(rt4_module):
     def orch(ctx, args):
         base = ctx.alloc((8,), np.float64)
         whole = ctx.alloc((8,), np.float64)
@@ -180,35 +180,35 @@ def test_a_view_and_its_whole_tensor_are_ordered(rt4):
         ctx.submit(1, "copy", [In(base), Out(whole)])
         return whole
 
-    whole = run(rt4, "views_whole", orch)
+    whole = run(rt4_module, "views_whole", orch)
     np.testing.assert_array_equal(whole.numpy(), [0, 0, 0, 5, 0, 0, 0, 0])
 
 
-def test_a_step_slice_raises_value_error(rt4):
+def test_a_step_slice_raises_value_error(rt4_module):
     def orch(ctx, args):
         base = ctx.alloc((8,), np.float64)
         return base[::2]
 
-    rt4.register("views_step", orch=orch, kernels=KERNELS)
+    rt4_module.register("views_step", orch=orch, kernels=KERNELS)
     with pytest.raises(ValueError):
-        rt4.run("views_step", args={})
+        rt4_module.run("views_step", args={})
 
     def orch_ok(ctx, args):
         return ctx.alloc((8,), np.float64)
 
-    h = run(rt4, "views_step_ok", orch_ok)
+    h = run(rt4_module, "views_step_ok", orch_ok)
     with pytest.raises(ValueError):
         h[1:7:3]
     with pytest.raises(ValueError):
         h[::-1]
 
 
-def test_freeing_a_view_raises_value_error_and_keeps_the_tensor(rt4):
+def test_freeing_a_view_raises_value_error_and_keeps_the_tensor(rt4_module):
     def orch(ctx, args):
         return ctx.tensor(args["x"])
 
     x = np.arange(10, dtype=np.int32)
-    h = run(rt4, "views_free", orch, x=x)
+    h = run(rt4_module, "views_free", orch, x=x)
     v = h[2:5]
     with pytest.raises(ValueError):
         v.free()

@@ -145,6 +145,38 @@ def test_a_dead_workers_late_report_does_not_move_its_requeued_task():
     assert g.get(a).state == State.READY and g.s.take_results() == {}
 
 
+def test_the_transition_log_keeps_the_last_moves_oldest_first():
+    g = Graph()
+    a = g.task(arg(OUT, 1))
+    b = g.task(arg(IN, 1), chip=1)
+    g.finish(a)
+    ga, gb = g.gids[a], g.gids[b]
+    assert g.s.transition_log() == [
+        (ga, "PENDING", "READY"), (ga, "READY", "DISPATCHED"),
+        (gb, "PENDING", "READY"),  # b waits for a on its worker once a was sent
+        (gb, "READY", "DISPATCHED"), (ga, "DISPATCHED", "DONE")]
+    short = Scheduler([0], log_size=2)
+    short.add_worker(0, 0, 10)
+    short.add_client(1)
+    short.register_kernel(1, KERNEL, "k")
+    (gid,) = short.submit(1, [TaskSpec(1, 0, KERNEL, [arg(OUT, 1)])])
+    short.schedule()
+    assert short.transition_log() == [(gid, "PENDING", "READY"), (gid, "READY", "DISPATCHED")]
+    assert Scheduler([0], log_size=0).transition_log() == []
+
+
+def test_an_illegal_move_raises_with_the_last_moves_in_its_message():
+    g = Graph()
+    a = g.task(arg(OUT, 1))
+    g.finish(a)
+    b = g.task(arg(OUT, 2))
+    gid = g.gids[a]
+    with pytest.raises(IllegalTransition, match=rf"READY -> PENDING .*last moves: .*"
+                                                rf"{gid} DISPATCHED->DONE"):
+        # no public method makes an illegal move (that is the point): force one
+        g.s._move(g.get(b), State.PENDING)  # noqa: SLF001
+
+
 def test_validate_catches_inconsistent_bookkeeping():
     g = Graph()
     a = g.task(arg(OUT, 1))
