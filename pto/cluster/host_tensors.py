@@ -107,7 +107,8 @@ class HostTensors:
         start = time.monotonic()
         handle = None
         try:
-            handle = ctx.alloc(desc.shape, np.dtype(desc.dtype))
+            # every byte is about to be written: no zero-filling first
+            handle = ctx.alloc(desc.shape, np.dtype(desc.dtype), zero=False)
             if desc.nbytes:
                 assert self._fetcher is not None, "open() comes first"
                 self._fetcher.fetch(desc.endpoint, tensor_key(desc.key), desc.nbytes,
