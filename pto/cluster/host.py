@@ -9,13 +9,9 @@ it; runs and tensors do not go through Ray:
   host's control endpoint (pto/cluster/server.py: the driver's runs arrive there, results
   leave) and its tensor server (pto/cluster/stream_server.py: other hosts and the driver
   pull this host's tensors from it).
-- A run's arguments hold a ``TensorDesc`` for each tensor of a run it depends on. One this
-  host keeps is handed over as the very handle (no copy); another host's is pulled from
-  that host's tensor server straight into a new segment here (one copy, the network's;
-  concurrent runs needing it share one pull), and kept until the driver says no Ref to
-  its producer remains (``Release``). This host never opens another host's segment.
-- The run's return value goes back with its handles replaced by descriptors; the handles
-  stay in ``_kept`` until the driver's ``Release``.
+- A run's arguments hold a ``TensorDesc`` for each tensor of a run it depends on; its
+  return value goes back with its handles replaced by descriptors. Which tensors this host
+  keeps, and the copies it pulls from other hosts, are pto/cluster/host_tensors.py's.
 
 When Ray restarts this actor (its process died), ``__init__`` runs again: a new L3
 runtime, no kept tensors (runs needing them fail with ``pto.HostLost``), and the driver
@@ -38,17 +34,16 @@ from concurrent.futures import Future
 from typing import Any
 
 import cloudpickle
-import numpy as np
 import ray
 
 from ..host.tensor import TensorHandle
 from ..wire.errors import BrokerLost, TaskError
 from . import protocol as P
 from .errors import HostLostError, HostTaskError
+from .host_tensors import HostTensors
 from .refs import TensorDesc, fill, map_instances
 from .shipping import unpack_registration
-from .stream import StreamAuth, StreamError
-from .stream_fetch import Fetcher
+from .stream import StreamAuth
 
 NAMESPACE = "pto"
 # Ray calls that must never queue behind each other's long waits get threads of their own.
@@ -56,7 +51,6 @@ CONTROL = "control"
 CONTROL_THREADS = 4
 WATCH = "watch"  # the driver's death watch: one call per driver, parked until close
 RUN_THREADS = 8  # L3 runs at once on a host (more wait in the control server's pool)
-STREAM_TIMEOUT_S = 4.0  # a tensor server silent this long is lost (HostLost within 5 s)
 
 
 def actor_name(session: str, host: int) -> str:
@@ -90,11 +84,6 @@ def drop_registrations(session: str, entries: list[str]) -> None:
         internal_kv._internal_kv_del(_kv_key(session, entry), namespace=NAMESPACE)
 
 
-def tensor_key(key: tuple[int, int]) -> str:
-    """The name a kept tensor is served under: ``<run>.<position>``."""
-    return f"{key[0]}.{key[1]}"
-
-
 class _Failed(Exception):
     """A run of this host failed: ``args[0]`` is its pickled error, as sent to the driver."""
 
@@ -112,8 +101,8 @@ def dumps_error(exc: BaseException) -> bytes:
 
 
 class HostActor:
-    """Owns host ``host``'s L3 runtime (``chips`` chips), its endpoints, and the tensors its
-    runs returned or copied in."""
+    """Owns host ``host``'s L3 runtime (``chips`` chips), its endpoints, and (through
+    ``HostTensors``) the tensors its runs returned or copied in."""
 
     def __init__(self, host: int, chips: int, session: str, timeout: float, trace: bool):
         from ..host.runtime import HostRuntime
@@ -130,25 +119,21 @@ class HostActor:
         with warnings.catch_warnings():  # Ray's own use of a deprecated property inside
             warnings.simplefilter("ignore", DeprecationWarning)
             self._restarted = bool(ctx.was_current_actor_reconstructed)
-        # Why tensors of earlier runs are gone, if they are (a run needing one: HostLost).
-        self._lost_why = "the host actor restarted since it was made" if self._restarted else None
         self._node = ctx.get_node_id()
         self._actor = ctx.get_actor_id()
         self._ip = ray.util.get_node_ip_address()
         self._registered: set[str] = set()
-        self._kept: dict[int, list[TensorHandle]] = {}  # run id -> handles it returned
-        # (producer host, run) -> {position: Future of the copy here}
-        self._copies: dict[tuple[int, int], dict[int, Future]] = {}
+        # Tensors of earlier runs are gone after a restart (a run needing one: HostLost).
+        self._tensors = HostTensors(host, bool(trace), "the host actor restarted since it "
+                                    "was made" if self._restarted else None)
         # run id -> Future of its pickled value (or _Failed): what later runs of this host
         # sent before it ended read; dropped on Release
         self._results: dict[int, Future] = {}
         self._running: dict[int, tuple[str, float]] = {}  # run id -> (entry, wall start)
         self._runs: list[dict[str, Any]] = []  # trace records (monotonic seconds)
-        self._transfers: list[dict[str, Any]] = []
-        self._stats = {"runs": 0, "transfers": 0, "bytes_in": 0, "local_handoffs": 0}
+        self._run_count = 0
         self._control: Any = None  # ControlServer, once open()
-        self._tensors: Any = None  # TensorServer, once open()
-        self._fetcher: Fetcher | None = None
+        self._server: Any = None  # TensorServer, once open()
         self._closed = threading.Event()
         gc.freeze()  # what start-up made (Ray, pto, the L3 runtime) is never garbage
 
@@ -169,11 +154,11 @@ class HostActor:
         with self._lock:
             if self._control is not None:
                 raise RuntimeError(f"host {self.host} is already open")
-            self._fetcher = Fetcher(stream_auth, timeout=STREAM_TIMEOUT_S)
-            self._tensors = TensorServer(self._ip, stream_auth, self._serve_tensor)
+            self._server = TensorServer(self._ip, stream_auth, self._tensors.serve)
+            self._tensors.open(stream_auth, self._server.address)
             self._control = ControlServer(self._ip, keys, self.run, self.release,
                                           threads=RUN_THREADS, after=self.after)
-            return {"control": self._control.endpoint, "tensors": self._tensors.address}
+            return {"control": self._control.endpoint, "tensors": self._server.address}
 
     @ray.method(concurrency_group=WATCH)
     def watch(self) -> bool:
@@ -185,6 +170,7 @@ class HostActor:
     def register(self, name: str, blob: bytes) -> None:
         """Register L3 entry ``name`` (``blob``: its pickled orchestration and kernels)."""
         orch, kernels = unpack_registration(cloudpickle.loads(blob))
+        tensors = self._tensors
 
         def entry(ctx: Any, payload: tuple[Any, int, list[tuple[int, int]]]) -> Any:
             args, run_id, fetched = payload
@@ -193,13 +179,8 @@ class HostActor:
             def to_handle(desc: TensorDesc) -> TensorHandle:
                 slot = (desc.host, *desc.key)
                 known = handles.get(slot)
-                if known is None and desc.host == self.host:
-                    known = handles[slot] = self._kept_handle(desc.key, desc.name)
-                    with self._lock:
-                        self._stats["local_handoffs"] += 1
-                elif known is None:
-                    known = handles[slot] = self._copy_in(ctx, desc, run_id)
-                    fetched.append((desc.host, desc.key[0]))
+                if known is None:
+                    known = handles[slot] = tensors.handle_for(ctx, desc, run_id, fetched)
                 return known
 
             return orch(ctx, map_instances(args, TensorDesc, to_handle))
@@ -261,7 +242,7 @@ class HostActor:
             template = cloudpickle.loads(msg.args)
             args = fill(template, tuple(cloudpickle.loads(v) for v in values))
             value = rt.run(entry, (args, run_id, fetched))
-            return P.Done(run_id, cloudpickle.dumps(self._keep(run_id, value)),
+            return P.Done(run_id, cloudpickle.dumps(self._tensors.keep(run_id, value)),
                           sorted(set(fetched)))
         except TaskError as exc:
             error = exc.reason
@@ -284,7 +265,7 @@ class HostActor:
             end = time.monotonic()
             with self._lock:
                 self._running.pop(run_id, None)
-                self._stats["runs"] += 1
+                self._run_count += 1
                 if self._trace_dir:
                     self._runs.append({"run": run_id, "entry": entry, "start": start,
                                        "end": end, "error": error})
@@ -297,102 +278,20 @@ class HostActor:
             if self.rt is not lost:
                 return  # another run's thread replaced it already
             entries, self._registered = sorted(self._registered), set()
-            self._kept.clear()
-            self._copies.clear()
-            self._lost_why = "the host's L3 runtime lost its broker and was restarted"
+            self._tensors.clear("the host's L3 runtime lost its broker and was restarted")
             self.rt = self._new_l3()
         lost.close()
         for entry in entries:
             if entry not in self._registered:
                 self.register(entry, registration(self.session, entry))
 
-    def _keep(self, run_id: int, value: Any) -> Any:
-        handles: list[TensorHandle] = []
-        endpoint = self._tensors.address
-
-        def describe(handle: TensorHandle) -> TensorDesc:
-            handles.append(handle)
-            return TensorDesc(self.host, (run_id, len(handles) - 1), handle.name,
-                              tuple(handle.shape), handle.dtype.str, handle.offset,
-                              handle.nbytes, endpoint)
-
-        out = map_instances(value, TensorHandle, describe)
-        if handles:
-            with self._lock:
-                self._kept[run_id] = handles
-        return out
-
-    def _kept_handle(self, key: tuple[int, int], name: str) -> TensorHandle:
-        with self._lock:
-            handles = self._kept.get(key[0])
-            why = self._lost_why
-        if handles is None:
-            raise HostLostError(self.host, f"tensor {name} is gone: "
-                                f"{why or 'no Ref names it any more'}")
-        return handles[key[1]]
-
-    def _copy_in(self, ctx: Any, desc: TensorDesc, run_id: int) -> TensorHandle:
-        """Another host's tensor as a handle here: pulled from its tensor server into a new
-        segment once, however many runs here need it at once or later (until released)."""
-        with self._lock:
-            parts = self._copies.setdefault((desc.host, desc.key[0]), {})
-            future = parts.get(desc.key[1])
-            leader = future is None
-            if leader:
-                future = parts[desc.key[1]] = Future()
-        if not leader:
-            return future.result()
-        start = time.monotonic()
-        handle = None
-        try:
-            handle = ctx.alloc(desc.shape, np.dtype(desc.dtype))
-            if desc.nbytes:
-                self._fetcher.fetch(desc.endpoint, tensor_key(desc.key), desc.nbytes,
-                                    handle.numpy().reshape(-1).view(np.uint8))
-        except BaseException as exc:
-            if handle is not None:
-                handle.free()  # now: the error's traceback would keep it alive until a gc
-            with self._lock:
-                self._copies.get((desc.host, desc.key[0]), {}).pop(desc.key[1], None)
-            if isinstance(exc, StreamError):
-                exc = HostLostError(desc.host, f"its tensor {desc.name} could not be fetched "
-                                    f"by host {self.host} ({type(exc).__name__}: {exc})", run_id)
-            future.set_exception(exc)
-            raise exc from None
-        future.set_result(handle)
-        with self._lock:
-            self._stats["transfers"] += 1
-            self._stats["bytes_in"] += desc.nbytes
-            if self._trace_dir:
-                now = time.monotonic()
-                self._transfers.append({"run": run_id, "from": desc.host, "to": self.host,
-                                        "bytes": desc.nbytes, "name": desc.name,
-                                        "start": start, "fetched": now})
-        return handle
-
-    def _serve_tensor(self, key: str) -> memoryview | None:
-        """The tensor server's lookup: a view of kept tensor ``<run>.<position>``."""
-        try:
-            run, pos = (int(k) for k in key.split("."))
-        except ValueError:
-            return None
-        with self._lock:
-            handles = self._kept.get(run)
-        if handles is None or not 0 <= pos < len(handles):
-            return None
-        array = handles[pos].numpy()
-        return memoryview(array.reshape(-1).view(np.uint8)) if array.nbytes else None
-
     def release(self, run_ids: list[int]) -> None:
-        """No Ref to these runs remains: drop their handles and this host's copies of
-        them (their segments go when no run of this host still uses them)."""
+        """No Ref to these runs remains: drop their results, their tensors and this host's
+        copies of them (their segments go when no run of this host still uses them)."""
         with self._lock:
-            dropped = [self._kept.pop(run_id, None) for run_id in run_ids]
             for run_id in run_ids:
                 self._results.pop(run_id, None)
-            for key in [k for k in self._copies if k[1] in set(run_ids)]:
-                dropped.append(self._copies.pop(key))
-        del dropped
+        self._tensors.release(run_ids)
 
     # ---- observability and life ----------------------------------------------------------
 
@@ -402,16 +301,18 @@ class HostActor:
         with self._lock:
             running = [{"run": r, "entry": e, "seconds": round(now - t, 3)}
                        for r, (e, t) in sorted(self._running.items())]
-            kept = sum(len(h) for h in self._kept.values())
-            copies = sum(len(c) for c in self._copies.values())
-            stats = dict(self._stats)
+        counts = self._tensors.counts()
+        kept, copies = counts.pop("kept_tensors"), counts.pop("copied_tensors")
         return {**self.info(), "running": running, "kept_tensors": kept,
-                "copied_tensors": copies, "stats": stats}
+                "copied_tensors": copies, "stats": {**self.stats(), **counts}}
 
     @ray.method(concurrency_group=CONTROL)
     def stats(self) -> dict[str, int]:
+        counts = self._tensors.counts()
         with self._lock:
-            return dict(self._stats)
+            runs = self._run_count
+        return {"runs": runs, "transfers": counts["transfers"],
+                "bytes_in": counts["bytes_in"], "local_handoffs": counts["local_handoffs"]}
 
     @ray.method(concurrency_group=CONTROL)
     def trace(self) -> dict[str, Any]:
@@ -424,20 +325,17 @@ class HostActor:
                 chips = json.load(f)["traceEvents"]
         with self._lock:
             return {"host": self.host, "offset": time.time() - time.monotonic(),
-                    "runs": list(self._runs), "transfers": list(self._transfers),
+                    "runs": list(self._runs), "transfers": self._tensors.transfers(),
                     "chips": chips}
 
     @ray.method(concurrency_group=CONTROL)
     def close(self) -> None:
         if self._control is not None:
             self._control.close()
-        if self._tensors is not None:
-            self._tensors.close()
-        if self._fetcher is not None:
-            self._fetcher.close()
+        if self._server is not None:
+            self._server.close()
+        self._tensors.close()
         with self._lock:
-            self._kept.clear()
-            self._copies.clear()
             self._results.clear()
         self.rt.close()
         self._closed.set()

@@ -19,6 +19,7 @@ from ..wire.errors import ProtocolError
 VERSION = b"PTOL4\x01"
 HEARTBEAT_S = 0.5  # a host with nothing to say sends a Heartbeat this often
 SILENT_LOST_S = 4.0  # a host silent this long is lost (unless Ray says it is restarting)
+STREAM_TIMEOUT_S = 4.0  # a tensor server silent this long is lost (HostLost within 5 s)
 
 
 class _Struct(msgspec.Struct, array_like=True, omit_defaults=False):

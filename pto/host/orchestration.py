@@ -59,13 +59,15 @@ class OrchContext:
 
     # ---- tensors -----------------------------------------------------------------------
 
-    def alloc(self, shape: Any, dtype: Any = np.float32) -> TensorHandle:
-        """A new zero-filled tensor in shared memory.
+    def alloc(self, shape: Any, dtype: Any = np.float32, zero: bool = True) -> TensorHandle:
+        """A new zero-filled tensor in shared memory; with ``zero=False`` its bytes are
+        whatever a reused segment held (for a tensor about to be overwritten whole: it
+        saves a pass over its memory, and a new segment's pages are mapped in at once).
 
         Waits while too many released tensors still wait for their tasks, so a loop that
         allocates faster than the chips compute keeps a bounded footprint.
         """
-        return self._alloc(shape, dtype)
+        return self._alloc(shape, dtype, zero)
 
     def _alloc(self, shape: Any, dtype: Any, zero: bool = True) -> TensorHandle:
         dims = normalize_shape(shape)

@@ -73,6 +73,28 @@ def test_a_retired_tensor_is_renamed_then_reused_zeroed_and_still_right(rt4):
     assert len(set(names)) == 1, f"the segment was not reused: {names}"
 
 
+def test_alloc_zero_false_leaves_a_reused_segment_as_it_was(rt4):
+    """``alloc(zero=False)`` (a tensor about to be overwritten whole, as an L4 pull's
+    destination) skips zeroing a reused segment; the default still zeroes it."""
+    def fill_then_see(ctx, args):
+        data = ctx.alloc(N, np.float64, zero=args["zero"])
+        seen = ctx.alloc(1, np.float64)
+        ctx.submit(0, "sum_then_fill", [InOut(data), Out(seen), S(args["value"])])
+        args["names"].append(data.name)
+        return seen
+
+    rt4.register("cache_no_zero", orch=fill_then_see, kernels=KERNELS)
+    names: list[str] = []
+    rt4.run("cache_no_zero", {"zero": True, "value": 3.0, "names": names}).free()
+    seen = rt4.run("cache_no_zero", {"zero": False, "value": 5.0, "names": names})
+    assert seen.numpy()[0] == 3.0 * N, "zero=False zeroed the reused segment"
+    seen.free()
+    seen = rt4.run("cache_no_zero", {"zero": True, "value": 1.0, "names": names})
+    assert seen.numpy()[0] == 0.0, "the default alloc did not zero the reused segment"
+    seen.free()
+    assert len(set(names)) == 1, f"the segment was not reused: {names}"
+
+
 def test_a_tensor_with_a_live_numpy_view_is_unlinked_not_kept(rt4):
     def make(ctx, args):
         data = ctx.alloc(N, np.float64)
