@@ -30,10 +30,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pto.wire import protocol as P
 from pto.wire import shm
 from pto.wire.barrier import GroupBarrier
+
+if TYPE_CHECKING:
+    from .roster import Roster
 
 log = logging.getLogger("pto.broker")
 
@@ -75,22 +79,19 @@ class _Graph:
     broken: bool = False  # a failed replay may have aborted its barriers
 
 
+GRAPH_REQUESTS = (P.GraphReplay, P.GraphInstall, P.GraphDrop)  # what a client may send
+
+
 class Graphs:
     """The installed graphs of every client, and their replays."""
 
-    def __init__(self, send_worker: Callable[[int, P.Message], bool],
-                 send_client: Callable[[int, P.Message], None],
-                 uid_of: Callable[[int], int | None],
-                 peer_info: Callable[[int], P.PeerInfo | None],
-                 kernel_def: Callable[[tuple[int, int]], P.KernelDef | None],
-                 owner_of: Callable[[int], str],
-                 live_group_on: Callable[[int], bool]):
-        self._send_worker = send_worker  # False: no worker for that chip now
-        self._send_client = send_client
-        self._uid_of = uid_of
-        self._peer_info = peer_info
-        self._kernel_def = kernel_def
-        self._owner_of = owner_of
+    def __init__(self, roster: Roster, live_group_on: Callable[[int], bool]):
+        self._send_worker = roster.send_to_chip  # False: no worker for that chip now
+        self._send_client = roster.send_to_client
+        self._uid_of = roster.uid_of_chip
+        self._peer_info = roster.peer_info
+        self._kernel_def = roster.kernel_def
+        self._owner_of = roster.owner_of
         self._live_group_on = live_group_on
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._turns: deque[tuple[int, int]] = deque()  # graphs with queued replays, in turn
@@ -100,6 +101,15 @@ class Graphs:
         self.messages = 0  # graph messages in and out (the benchmark and a test count them)
 
     # ---- clients ---------------------------------------------------------------------
+
+    def on_request(self, client: int, msg: P.Message, devices: list[int]) -> None:
+        """A client's graph request (one of ``GRAPH_REQUESTS``)."""
+        if isinstance(msg, P.GraphReplay):
+            self.replay(client, msg)
+        elif isinstance(msg, P.GraphInstall):
+            self.install(client, msg, devices)
+        elif isinstance(msg, P.GraphDrop):
+            self.drop(client, msg.graph)
 
     def install(self, client: int, msg: P.GraphInstall, devices: list[int]) -> None:
         self.messages += 1

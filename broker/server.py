@@ -5,9 +5,10 @@ Shaped like the ZeroMQ guide's Majordomo broker: a small record per peer kind
 sockets, lets the scheduler (``broker.scheduler``, the one owner of task state) decide,
 then sends at most one message per peer per round. No sleeps on the dispatch path: the
 loop blocks in ``zmq.Poller.poll`` until a message, a signal or the next timer tick.
-This module only routes; its sockets are ``broker.routers``'s, worker processes
-``broker.supervisor``'s, group barriers ``broker.barriers``'s, and ``pto status``'s answer
-``broker.status``'s.
+This module only routes; its sockets are ``broker.routers``'s, who is connected
+``broker.roster``'s, worker processes ``broker.supervisor``'s, group barriers
+``broker.barriers``'s, captured graphs ``broker.graphs``'s, metrics ``broker.metrics``'s, and
+``pto status``'s answer ``broker.status``'s.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from pto.wire.sockets import (
 )
 
 from .barriers import Barriers
-from .graphs import Graphs
+from .graphs import GRAPH_REQUESTS, Graphs
 from .metrics import BrokerMetrics
 from .peers import ClientPeer, WorkerPeer, WorkerStatus
+from .roster import Roster
 from .routers import Routers
 from .scheduler import Scheduler
 from .status import broker_status
@@ -42,7 +44,6 @@ log = logging.getLogger("pto.broker")
 
 _OWNER = re.compile(r"^[0-9]+x[0-9a-f]{1,32}$")
 _NO_WAIT: list[int] = []  # WorkTask.wait of most tasks (never mutated)
-_GRAPH_REQUESTS = (P.GraphReplay, P.GraphInstall, P.GraphDrop)  # broker.graphs
 
 
 class Broker:
@@ -82,22 +83,15 @@ class Broker:
         self.sched = Scheduler(
             [*devices, HOST_QUEUE] if spawn_workers and host_workers else devices,
             log_size=transition_log)
-        self.clients: dict[bytes, ClientPeer] = {}
-        self.clients_by_index: dict[int, ClientPeer] = {}
-        self.kernels: dict[tuple[int, int], P.KernelDef] = {}  # to forward to workers
-        self.workers: dict[bytes, WorkerPeer] = {}
-        self.worker_by_device: dict[int, WorkerPeer] = {}
-        self.worker_by_uid: dict[int, WorkerPeer] = {}
         self.barriers = Barriers(shm.new_owner())
-        self.graphs = Graphs(self._send_to_chip, self._send_to_client, self._uid_of_chip,
-                             self._peer_info, self.kernels.get, self._owner_of,
-                             self._live_group_on)
         self._next_client = 1
         self._stop = False
 
         self.routers = Routers(address, curve, spin_seconds)
         self.frontend, self.backend = self.routers.frontend, self.routers.backend
         self._send, self._decode = self.routers.send, self.routers.decode
+        self.roster = Roster(self.routers)
+        self.graphs = Graphs(self.roster, self._live_group_on)
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -146,14 +140,15 @@ class Broker:
         if msg is None:
             return 0
         if isinstance(msg, P.StatusRequest):
+            roster = self.roster
             status = broker_status(self.address, self.started, self.devices(),
-                                   self.workers.values(), self.clients_by_index.values(),
+                                   roster.workers.values(), roster.clients_by_index.values(),
                                    self.sched)
             status["graphs"] = self.graphs.status()
             status["graph_messages"] = self.graphs.messages
             self._send(self.frontend, identity, P.StatusReply(json.dumps(status)))
             return 0
-        client = self.clients.get(identity)
+        client = self.roster.clients.get(identity)
         now = time.monotonic()
         if client is None:
             if isinstance(msg, P.Hello):
@@ -164,8 +159,8 @@ class Broker:
                 self._send(self.frontend, identity, P.Error("unknown client: send Hello first"))
             return 0
         client.last_seen = now
-        if isinstance(msg, _GRAPH_REQUESTS):
-            self._on_graph_request(client, msg)
+        if isinstance(msg, GRAPH_REQUESTS):
+            self.graphs.on_request(client.index, msg, self.devices())
         elif isinstance(msg, P.PackedSubmit):
             if self.metrics is not None:
                 self.metrics.on_submit(client.index, msg.tasks)
@@ -175,12 +170,13 @@ class Broker:
             self.sched.cancel(client.index, msg.tasks)
         elif isinstance(msg, P.RegisterKernel):
             key = (client.index, msg.kernel)
-            self.kernels[key] = P.KernelDef(client.index, msg.kernel, msg.name, msg.kind, msg.blob)
+            self.roster.kernels[key] = P.KernelDef(client.index, msg.kernel, msg.name, msg.kind,
+                                                   msg.blob)
             self.sched.register_kernel(client.index, msg.kernel, msg.name)
         elif isinstance(msg, P.FreeTensors):
             self.sched.forget_tensors(client.index, msg.tensors)
             self.sched.forget_tensors(client.index, msg.kept)
-            for worker in self.workers.values():
+            for worker in self.roster.workers.values():
                 if client.index in worker.clients:
                     worker.frees.extend(P.TensorRef(client.index, t) for t in msg.tensors)
         elif isinstance(msg, P.Bye):
@@ -189,32 +185,6 @@ class Broker:
         elif not isinstance(msg, P.Heartbeat):
             self._send(self.frontend, identity, P.Error(f"unexpected {type(msg).__name__}"))
         return 0
-
-    def _on_graph_request(self, client: ClientPeer, msg: P.Message) -> None:
-        if isinstance(msg, P.GraphReplay):
-            self.graphs.replay(client.index, msg)
-        elif isinstance(msg, P.GraphInstall):
-            self.graphs.install(client.index, msg, self.devices())
-        elif isinstance(msg, P.GraphDrop):
-            self.graphs.drop(client.index, msg.graph)
-
-    def _send_to_client(self, index: int, msg: P.Message) -> None:
-        client = self.clients_by_index.get(index)
-        if client is not None:
-            self._send(self.frontend, client.identity, msg)
-            client.last_sent = time.monotonic()
-
-    def _send_to_chip(self, device: int, msg: P.Message) -> bool:
-        worker = self.worker_by_device.get(device)
-        if worker is None:
-            return False
-        self._send(self.backend, worker.identity, msg)
-        worker.last_sent = time.monotonic()
-        return True
-
-    def _uid_of_chip(self, device: int) -> int | None:
-        worker = self.worker_by_device.get(device)
-        return None if worker is None else worker.uid
 
     def _live_group_on(self, device: int) -> bool:
         return any(len(task.chips) > 1 for task in self.sched.in_flight(device))
@@ -225,46 +195,38 @@ class Broker:
             return
         client = ClientPeer(identity, self._next_client, msg.owner, msg.pid, now)
         self._next_client += 1
-        self.clients[identity] = client
-        self.clients_by_index[client.index] = client
+        self.roster.add_client(client)
         self.sched.add_client(client.index, traced=msg.trace)
         log.info("client %d connected (pid %d, owner %s)", client.index, msg.pid, msg.owner)
         self._send(self.frontend, identity, P.Welcome(
-            client.index, self.devices(), self.ready_devices(), self.heartbeat,
+            client.index, self.devices(), self.roster.ready_devices(), self.heartbeat,
             self.liveness, os.getpid()))
         client.last_sent = now
 
     def _on_attach(self, identity: bytes, msg: P.Attach) -> None:
-        client = self.clients_by_index.get(msg.client)
+        client = self.roster.clients_by_index.get(msg.client)
         if client is None or client.owner != msg.owner:
             self._send(self.frontend, identity, P.Error("Attach names no connected client"))
             return
         client.identities.append(identity)
-        self.clients[identity] = client
+        self.roster.clients[identity] = client
 
     def devices(self) -> list[int]:
         return sorted(d for d in {*self.sched.queue_lengths(), *self.supervisor.devices()}
                       if d >= 0)
 
-    def ready_devices(self) -> list[int]:
-        return sorted(d for d in self.worker_by_device if d >= 0)
-
     def _announce_devices(self) -> None:
-        msg = P.DeviceStatus(self.devices(), self.ready_devices())
-        for client in self.clients_by_index.values():
+        msg = P.DeviceStatus(self.devices(), self.roster.ready_devices())
+        for client in self.roster.clients_by_index.values():
             self._send(self.frontend, client.identity, msg)
 
     def _drop_client(self, client: ClientPeer, reap: bool) -> None:
-        for identity in client.identities:
-            self.clients.pop(identity, None)
-        self.clients_by_index.pop(client.index, None)
+        self.roster.remove_client(client)
         self.sched.drop_client(client.index)
         self.graphs.drop_client(client.index)
         if self.metrics is not None:
             self.metrics.on_client_gone(client.index)
-        for key in [k for k in self.kernels if k[0] == client.index]:
-            del self.kernels[key]
-        for worker in self.workers.values():
+        for worker in self.roster.workers.values():
             if client.index in worker.clients:
                 worker.gone.append(client.index)
                 worker.clients.discard(client.index)
@@ -276,7 +238,7 @@ class Broker:
     def _send_results(self) -> None:
         now = time.monotonic()
         for index, (done, failed, times) in self.sched.take_results().items():
-            client = self.clients_by_index.get(index)
+            client = self.roster.clients_by_index.get(index)
             if client is not None:
                 if self.metrics is not None:
                     self.metrics.on_results(index, done, failed)
@@ -290,7 +252,7 @@ class Broker:
         msg = self._decode(self.backend, identity, frames)
         if msg is None:
             return 0
-        worker = self.workers.get(identity)
+        worker = self.roster.workers.get(identity)
         if worker is None:
             if isinstance(msg, P.WorkerHello):
                 self._on_worker_hello(identity, msg)
@@ -313,20 +275,18 @@ class Broker:
         return 0
 
     def _on_worker_hello(self, identity: bytes, msg: P.WorkerHello) -> None:
-        if msg.device in self.worker_by_device:
+        if msg.device in self.roster.worker_by_device:
             log.warning("refused a second worker for device %d (pid %d)", msg.device, msg.pid)
             self._send(self.backend, identity, P.Error(f"device {msg.device} is already served"))
             self._send(self.backend, identity, P.Shutdown("device already served"))
             return
         worker = WorkerPeer(identity, msg.device, msg.pid, time.monotonic(),
                             status=WorkerStatus(msg.status), wake=msg.wake)
-        self.workers[identity] = worker
-        self.worker_by_device[msg.device] = worker
         self.supervisor.connected(msg.device, msg.pid)
         # Host tasks are long and few: one at a time per host worker spreads them out.
         limit = self.credit if worker.queue != HOST_QUEUE else 1
         worker.uid = self.sched.add_worker(worker.device, worker.queue, limit)
-        self.worker_by_uid[worker.uid] = worker
+        self.roster.add_worker(worker)
         log.info("worker for device %d connected (pid %d)", msg.device, msg.pid)
         self._announce_devices()
         self.graphs.worker_joined(msg.device)
@@ -342,38 +302,28 @@ class Broker:
                     barrier, task.trace is not None, seq, task.wait or _NO_WAIT))
         cancels, watches = self.sched.take_worker_orders()
         for device, gids in cancels.items():
-            worker = self.worker_by_device.get(device)
+            worker = self.roster.worker_by_device.get(device)
             if worker is not None:
                 worker.cancels += gids
         for device, pairs in watches.items():
-            worker = self.worker_by_device.get(device)
+            worker = self.roster.worker_by_device.get(device)
             if worker is not None:
                 worker.watch += pairs
-        if not batches and not any(w.has_news() for w in self.workers.values()):
+        if not batches and not any(w.has_news() for w in self.roster.workers.values()):
             return  # most rounds that only took reports in
-        for worker in self.workers.values():
+        for worker in self.roster.workers.values():
             work = batches.get(worker.device, [])
             if work or worker.has_news():
-                msg = worker.dispatch(work, self._owner_of, self.kernels.__getitem__,
-                                      self._peer_info)
+                msg = worker.dispatch(work, self.roster.owner_of, self.roster.kernels.__getitem__,
+                                      self.roster.peer_info)
                 self._send(self.backend, worker.identity, msg)
                 worker.last_sent = time.monotonic()
-
-    def _owner_of(self, client: int) -> str:
-        return self.clients_by_index[client].owner
-
-    def _peer_info(self, uid: int) -> P.PeerInfo | None:
-        peer = self.worker_by_uid.get(uid)
-        return None if peer is None else P.PeerInfo(uid, peer.status.name, peer.wake)
 
     def _worker_lost(self, worker: WorkerPeer, how: str) -> None:
         log.warning("worker for device %d (pid %d) lost: %s", worker.device, worker.pid, how)
         if self.metrics is not None:
             self.metrics.on_worker_lost(worker.device, worker.pid, how)
-        self.workers.pop(worker.identity, None)
-        self.worker_by_uid.pop(worker.uid, None)
-        if self.worker_by_device.get(worker.device) is worker:
-            del self.worker_by_device[worker.device]
+        self.roster.remove_worker(worker)
         status = worker.status.read()
         what = f"chip {worker.device}" if worker.device >= 0 else "host"
         self.sched.worker_lost(worker.device, status,
@@ -389,17 +339,17 @@ class Broker:
         if parent_gone(self.parent_pid):
             log.info("parent %s is gone: shutting down", self.parent_pid)
             self._stop = True
-            for client in list(self.clients_by_index.values()):
+            for client in list(self.roster.clients_by_index.values()):
                 self._drop_client(client, reap=True)
             return
         deadline = self.heartbeat * self.liveness
-        for client in list(self.clients_by_index.values()):
+        for client in list(self.roster.clients_by_index.values()):
             if not shm.pid_alive(client.pid) or now - client.last_seen > deadline:
                 self._drop_client(client, reap=True)
             elif now - client.last_sent > self.heartbeat:
                 self._send(self.frontend, client.identity, P.Heartbeat())
                 client.last_sent = now
-        for worker in list(self.workers.values()):
+        for worker in list(self.roster.workers.values()):
             exited = self.supervisor.exit_of(worker.device, worker.pid)
             if exited is not None:
                 self._worker_lost(worker, exited)
@@ -414,18 +364,18 @@ class Broker:
                 worker.last_sent = now
         self.supervisor.tick(now, self._stop)
         if self.metrics is not None:
-            self.metrics.publish(self.address, self.started, self.workers.values(),
-                                 self.clients_by_index.values(), self.sched)
+            self.metrics.publish(self.address, self.started, self.roster.workers.values(),
+                                 self.roster.clients_by_index.values(), self.sched)
 
     def _shutdown(self) -> None:
-        for worker in self.workers.values():
+        for worker in self.roster.workers.values():
             self._send(self.backend, worker.identity, P.Shutdown("broker stopping"))
-        for client in self.clients_by_index.values():
+        for client in self.roster.clients_by_index.values():
             self._send(self.frontend, client.identity, P.Shutdown("broker stopping"))
         self.supervisor.stop(timeout=2.0)
         self.barriers.close_all()
         self.graphs.close()
-        for worker in self.workers.values():  # workers killed on the way out leave theirs
+        for worker in self.roster.workers.values():  # workers killed on the way out leave theirs
             worker.status.release()
         self.routers.close()
         log.info("broker stopped")
