@@ -42,11 +42,11 @@ from pto.wire import protocol as P
 from pto.wire import shm
 from pto.wire.args import ParamType
 from pto.wire.barrier import BarrierAborted, GroupBarrier
-from pto.wire.dtypes import CODE_DTYPES
 from pto.wire.taskinfo import TaskInfo, set_current
 
 from .completions import Peers
 from .kernels import Kernel, load_kernel
+from .tensors import view_of
 
 log = logging.getLogger("pto.worker")
 
@@ -325,7 +325,9 @@ class Graphs:
         frames = traceback.format_tb(exc.__traceback__)[1:]
         if frames:
             reason += "\nkernel traceback (most recent call last):\n" + "".join(frames[-5:])
-        root = 0 if isinstance(exc, BarrierAborted) else task.index
+        # A member that only followed another's failure names no root: graph task indexes
+        # start at 0, so the live runs' "0: followed" would read as task 0's own failure.
+        root = P.SKIPPED if isinstance(exc, BarrierAborted) else task.index
         run.failed.append(P.Failure(task.index, task.name, self.device, reason, root))
 
     def close(self) -> None:
@@ -337,14 +339,7 @@ def _view(segment: Callable[[int], np.ndarray], a: P.ArgSpec) -> object:
     """A task argument as the kernel sees it, built once at install."""
     if a.kind == ParamType.SCALAR:
         return a.scalar
-    buf = segment(a.tensor)
-    if a.offset < 0 or a.nbytes < 0 or a.offset + a.nbytes > buf.nbytes:
-        raise ValueError(f"argument range [{a.offset}, {a.offset + a.nbytes}) is outside "
-                         f"tensor {a.tensor} of {buf.nbytes} bytes")
-    view = buf[a.offset: a.offset + a.nbytes].view(CODE_DTYPES[a.dtype]).reshape(a.shape)
-    if a.kind == ParamType.INPUT:
-        view.flags.writeable = False
-    return view
+    return view_of(a, segment(a.tensor))
 
 
 def _close(maps: list[mmap.mmap]) -> None:

@@ -34,14 +34,7 @@ class Tensors:
         """A scalar as it is; a tensor range as a view (read-only for an input)."""
         if a.kind == ParamType.SCALAR:
             return a.scalar
-        buf = self._segment(client, a.tensor)
-        if a.offset < 0 or a.nbytes < 0 or a.offset + a.nbytes > buf.nbytes:
-            raise ValueError(f"argument range [{a.offset}, {a.offset + a.nbytes}) is outside "
-                             f"tensor {a.tensor} of {buf.nbytes} bytes")
-        view = buf[a.offset : a.offset + a.nbytes].view(CODE_DTYPES[a.dtype]).reshape(a.shape)
-        if a.kind == ParamType.INPUT:
-            view.flags.writeable = False
-        return view
+        return view_of(a, self._segment(client, a.tensor))
 
     def _segment(self, client: int, tensor: int) -> np.ndarray:
         entry = self._maps.get((client, tensor))
@@ -77,3 +70,16 @@ class Tensors:
     def close(self) -> None:
         for key in list(self._maps):
             self.unmap(*key)
+
+
+def view_of(a: P.ArgSpec, buf: np.ndarray) -> np.ndarray:
+    """Tensor argument ``a`` as a view of its segment's bytes ``buf`` (read-only for an
+    input); ValueError if its range is outside the segment. Live tasks and installed graph
+    parts (``worker.graph``) build their views here."""
+    if a.offset < 0 or a.nbytes < 0 or a.offset + a.nbytes > buf.nbytes:
+        raise ValueError(f"argument range [{a.offset}, {a.offset + a.nbytes}) is outside "
+                         f"tensor {a.tensor} of {buf.nbytes} bytes")
+    view = buf[a.offset : a.offset + a.nbytes].view(CODE_DTYPES[a.dtype]).reshape(a.shape)
+    if a.kind == ParamType.INPUT:
+        view.flags.writeable = False
+    return view
