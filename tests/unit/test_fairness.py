@@ -316,3 +316,51 @@ def test_every_task_ends_with_the_reserve_and_a_group_still_starts():
     assert sorted(done[SMALL]) == list(range(1, 22)) and group in done[SMALL]
     assert sorted(done[THIRD]) == list(range(1, 21))
     assert not b.s.unfinished()
+
+
+# ---- admission: the broker's client ROUTER takes the clients' messages in turn ---------
+
+
+def test_a_small_clients_submit_is_taken_in_turn_with_a_floods(tmp_path):
+    """A flood's Submits (256 tasks each, as ``pto.host.orchestration`` sends them) are
+    queued at the broker before a small client's one: the ROUTER takes its peers in turn
+    and a round stops at its task budget, so the small one comes in the first round, after
+    at most one of the flood's."""
+    import time
+
+    import zmq
+
+    from broker.routers import Routers
+
+    routers = Routers(f"ipc://{tmp_path}/b.sock", None, 0.0)
+    socks = []
+    try:
+        for name in (b"flood", b"small"):
+            sock = routers.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, name)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(routers.address)
+            socks.append(sock)
+        flood, small = socks
+        for i in range(100):
+            flood.send(b"%d" % i)
+        time.sleep(0.2)  # the flood's messages reach the broker's side first
+        small.send(b"mine")
+        time.sleep(0.2)
+        rounds: list[list[bytes]] = []
+
+        def on_client(identity: bytes, frames: list[bytes]) -> int:
+            rounds[-1].append(identity)
+            return 256
+
+        while sum(map(len, rounds)) < 101:
+            rounds.append([])
+            ready = routers.wait(1000, False)
+            assert ready, "the broker's socket saw no message"
+            routers.take_in(ready, on_client, lambda identity, frames: 0)
+        assert b"small" in rounds[0][:2], rounds[0]
+        assert all(len(r) <= 2 for r in rounds)  # 512 tasks per round: two Submits
+    finally:
+        for sock in socks:
+            sock.close(0)
+        routers.close()
