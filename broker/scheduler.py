@@ -60,8 +60,8 @@ from .waits import WorkerSlot, awaited_elsewhere, forget_dead, stop_watching
 
 log = logging.getLogger("pto.broker")
 
-# The last 1/_RESERVE_SHARE of a chip's credit (its workers' limits together) is kept for
-# clients holding fewer than that many tasks there: a flood fills the rest, and another
+# The last 1/_RESERVE_SHARE of a chip's credit (of each of its workers' limits) is kept
+# for clients holding fewer than that many tasks there: a flood fills the rest, and another
 # client's task always finds room at once instead of waiting for the flood's to finish.
 _RESERVE_SHARE = 8
 
@@ -245,11 +245,10 @@ class Scheduler(TaskStates):
             room = slot.room()
             if room > 0:
                 credit[slot.queue] = credit.get(slot.queue, 0) + room
-            reserve[slot.queue] = reserve.get(slot.queue, 0) + slot.limit
+            # Host workers (limit 1: one host sub-task each) keep none.
+            reserve[slot.queue] = reserve.get(slot.queue, 0) + slot.limit // _RESERVE_SHARE
             if not slot.inflight:
                 idle.add(slot.queue)
-        for chip in reserve:
-            reserve[chip] //= _RESERVE_SHARE
         held: dict[int, dict[int, int]] = {}  # chip -> client -> tasks it holds there
         barred: dict[int, set[int]] = {}  # chip -> clients kept out of its reserve
         self._round = []

@@ -286,7 +286,7 @@ def test_two_floods_together_leave_the_reserve_to_a_third_client():
 def test_the_reserve_spans_the_workers_of_a_shared_queue():
     """Two workers on one queue (as host workers are): the reserve is of their credit
     together, and a small task still finds room with the flood at its cap."""
-    b = Broker(chips=(0,), limit=8)  # one worker of 8: no reserve alone (8 // 8 = 1)
+    b = Broker(chips=(0,), limit=8)  # 8 // 8: one slot of each worker's kept
     b.s.add_worker(100, 0, 8)
     b.held[100] = []
     b.submit(FLOOD, 1000)
@@ -300,6 +300,17 @@ def test_small_limits_keep_no_reserve():
     b = Broker(chips=(0,), limit=7)  # 7 // 8 = 0
     b.submit(FLOOD, 100)
     assert len(b.dispatch()) == 7
+
+
+def test_host_workers_keep_no_reserve():
+    """Host workers take one sub-task each (limit 1): however many share the queue, one
+    client may use them all (a host sub-task may wait for others)."""
+    b = Broker(chips=(0,), limit=1)
+    for k in range(1, 16):
+        b.s.add_worker(100 + k, 0, 1)
+        b.held[100 + k] = []
+    b.submit(FLOOD, 100)
+    assert len(b.dispatch()) == 16
 
 
 def test_every_task_ends_with_the_reserve_and_a_group_still_starts():
