@@ -279,36 +279,56 @@ class PtoSystem:
     def fairness(self, flood_tasks: int, runs: int, limit_s: float) -> dict:
         """A small client's single-task runs on a fresh 2-chip broker: ``runs`` of them
         idle, then as many as fit while another client process runs ``flood_tasks``
-        no-op tasks over both chips (at most ``limit_s``: the flood is then killed)."""
+        no-op tasks over both chips (at most ``limit_s``: the flood is then killed). The
+        same flood alone first (the small client waits), for the flood's solo
+        throughput: what the flood keeps of it next to the small client."""
         chips = 2
         with _runtime(chips) as rt:
             rt.register("one_noop", orch=one_noop, kernels={"noop": noop})
             _latencies(rt, 50)  # warm-up
             idle = _latencies(rt, runs)
-            ours, theirs = multiprocessing.Pipe()
-            flood = multiprocessing.get_context("spawn").Process(
-                target=flood_client, args=(rt.address, chips, flood_tasks, theirs))
-            flood.start()
-            flood_s = None
-            try:
-                if not ours.poll(60) or ours.recv() != "ready":
-                    raise RuntimeError("the flooding client did not start within 60 s")
-                ours.send("go")
-                deadline = time.monotonic() + limit_s
-                during = _latencies(rt, None, lambda: ours.poll()
-                                    or time.monotonic() > deadline or not flood.is_alive())
-                if ours.poll():
-                    flood_s = ours.recv()
-            finally:
-                if flood_s is None and flood.is_alive():
-                    flood.kill()  # bounded: a flood still running at the limit is cut short
-                flood.join(30)
+            solo_s, _ = _flood(rt.address, chips, flood_tasks, limit_s, None)
+            flood_s, during = _flood(rt.address, chips, flood_tasks, limit_s, rt)
         if not during:
             raise RuntimeError("no run of the small client finished during the flood")
         flood_row = {**_stats(during), "flood_tasks": flood_tasks,
                      "flood_finished": flood_s is not None}
-        if flood_s is None:
+        if flood_s is None or solo_s is None:
             flood_row["note"] = f"flood cut short: not done after {limit_s:.0f} s"
-        else:
+        if flood_s is not None:
             flood_row.update(flood_s=flood_s, flood_tasks_per_s=flood_tasks / flood_s)
+        if solo_s is not None:
+            flood_row.update(solo_s=solo_s, solo_tasks_per_s=flood_tasks / solo_s)
+        if flood_s is not None and solo_s is not None:
+            flood_row["flood_vs_solo"] = solo_s / flood_s
         return {"idle": _stats(idle), "flood": flood_row}
+
+
+def _flood(address: str, chips: int, n: int, limit_s: float,
+           small: pto.Runtime | None) -> tuple[float | None, list[float]]:
+    """Run ``flood_client`` in another process against the broker at ``address`` and,
+    if ``small`` is given, time its single-task runs meanwhile. Returns the flood's
+    seconds (None if cut short at ``limit_s``) and the small client's milliseconds."""
+    ours, theirs = multiprocessing.Pipe()
+    flood = multiprocessing.get_context("spawn").Process(
+        target=flood_client, args=(address, chips, n, theirs))
+    flood.start()
+    flood_s, during = None, []
+    try:
+        if not ours.poll(60) or ours.recv() != "ready":
+            raise RuntimeError("the flooding client did not start within 60 s")
+        ours.send("go")
+        deadline = time.monotonic() + limit_s
+        if small is not None:
+            during = _latencies(small, None, lambda: ours.poll()
+                                or time.monotonic() > deadline or not flood.is_alive())
+        else:
+            while not ours.poll(0.05) and time.monotonic() < deadline and flood.is_alive():
+                pass
+        if ours.poll():
+            flood_s = ours.recv()
+    finally:
+        if flood_s is None and flood.is_alive():
+            flood.kill()  # bounded: a flood still running at the limit is cut short
+        flood.join(30)
+    return flood_s, during

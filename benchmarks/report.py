@@ -48,9 +48,28 @@ def _target(text: str, met: bool, detail: str, issue: int = 7) -> dict:
 
 
 def targets(cases: dict) -> list[dict]:
-    """Issues 7's, 14's, 13's, 19's and 20's targets that this run's rows can decide."""
+    """Issues 7's, 14's, 13's, 19's, 20's and 21's targets that this run's rows can decide."""
     return (_targets_7(cases) + _targets_14(cases) + _targets_13(cases) + _targets_19(cases)
-            + _targets_20(cases))
+            + _targets_20(cases) + _targets_21(cases))
+
+
+def _targets_21(cases: dict) -> list[dict]:
+    """Issue 21's (first set in issue 14): a small client next to a flooding one, and the
+    flood's throughput next to the same flood alone, in the same run."""
+    flood = _row_of(cases, "fairness", "pto-flood")
+    if not flood:
+        return []
+    what = f"while another client floods {flood['flood_tasks']:,} tasks"
+    out = [_target(f"small client's p99 <= 5 ms {what}", flood["p99_ms"] <= 5,
+                   f"p99 {flood['p99_ms']:.2f} ms over {flood['runs']:,} runs", 21),
+           _target(f"small client's max <= 50 ms {what}", flood["max_ms"] <= 50,
+                   f"max {flood['max_ms']:.1f} ms", 21)]
+    if "flood_vs_solo" in flood:
+        x = flood["flood_vs_solo"]
+        out.append(_target("the flood keeps >= 80% of its solo throughput", x >= 0.8,
+                           f"{flood['flood_tasks_per_s']:,.0f} tasks/s vs "
+                           f"{flood['solo_tasks_per_s']:,.0f} alone ({x:.0%})", 21))
+    return out
 
 
 def _targets_20(cases: dict) -> list[dict]:
@@ -144,13 +163,6 @@ def _targets_14(cases: dict) -> list[dict]:
         out.append(_target("round trip p99 <= 1.5x the bare 4-hop relay's", x99 <= 1.5,
                            f"pto {ours['p99_us']:.0f} us vs relay {relay['p99_us']:.0f} us"
                            f" ({x99:.2f}x)", 14))
-    flood = _row_of(cases, "fairness", "pto-flood")
-    if flood:
-        what = f"while another client floods {flood['flood_tasks']:,} tasks"
-        out.append(_target(f"small client's p99 <= 5 ms {what}", flood["p99_ms"] <= 5,
-                           f"p99 {flood['p99_ms']:.2f} ms over {flood['runs']:,} runs", 14))
-        out.append(_target(f"small client's max <= 50 ms {what}", flood["max_ms"] <= 50,
-                           f"max {flood['max_ms']:.1f} ms", 14))
     dags = [r for r in cases.get("scaling", {}).get("rows", [])
             if r["system"] == "pto" and "error" not in r]
     if dags:
@@ -279,7 +291,9 @@ TABLES = {
         ("runs", "runs", "{:,}"), ("p50 ms", "median_ms", "{:.2f}"), ("p99 ms", "p99_ms",
                                                                       "{:.2f}"),
         ("max ms", "max_ms", "{:.1f}"), ("flood tasks", "flood_tasks", "{:,}"),
-        ("flood tasks/s", "flood_tasks_per_s", "{:,.0f}")]),
+        ("flood tasks/s", "flood_tasks_per_s", "{:,.0f}"),
+        ("solo tasks/s", "solo_tasks_per_s", "{:,.0f}"), ("vs solo", "flood_vs_solo",
+                                                          "{:.0%}")]),
 }
 
 NOTES = {
@@ -304,7 +318,8 @@ NOTES = {
                "rt.stats()).",
     "fairness": "one broker, 2 chips; the flood is a second client process (many_noops over "
                 "both chips, bounded in time); the small client's runs are timed from the "
-                "flood's start to its end.",
+                "flood's start to its end. solo = the same flood with no small client, "
+                "earlier in the same run; vs solo = flood tasks/s / solo tasks/s.",
 }
 
 
@@ -345,7 +360,7 @@ def print_tables(result: dict) -> None:
         for case, msg in errs.items():
             print(f"\nERROR {key} {case}: {msg}")
     if result["targets"]:
-        print("\ntargets of issues 7, 13, 14, 19 and 20 (this run):")
+        print("\ntargets of issues 7, 13, 14, 19, 20 and 21 (this run):")
         for t in result["targets"]:
             print(f"  [{'met' if t['met'] else 'MISSED':>6}] #{t.get('issue', 7)} {t['target']}: "
                   f"{t['detail']}")

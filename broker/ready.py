@@ -18,7 +18,7 @@ other.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 
 from .task import Task
 
@@ -67,13 +67,16 @@ class ReadyQueue:
         fifo.appendleft(task)
         self._size += 1
 
-    def head(self) -> Task | None:
+    def head(self, barred: Container[int] = ()) -> Task | None:
         """The task whose turn it is: the reserving group's client's first task if a group
-        is queued here, else the first task of the client whose turn it is."""
+        is queued here, else the first task of the client whose turn it is. Clients in
+        ``barred`` are passed over (None if that leaves none, or bars the group's)."""
         if self._groups:
-            return self._fifos[self._groups[0].client][0]
-        for fifo in self._fifos.values():
-            return fifo[0]
+            client = self._groups[0].client
+            return None if client in barred else self._fifos[client][0]
+        for client, fifo in self._fifos.items():
+            if client not in barred:
+                return fifo[0]
         return None
 
     def pop(self, task: Task) -> None:

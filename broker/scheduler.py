@@ -18,8 +18,10 @@ workers hold downstream. Dependencies themselves are ``broker.deps``'s.
 
 Clients share the chips fairly: each chip's ready queue (``broker.ready.ReadyQueue``)
 keeps a FIFO per client and serves the clients round-robin, one task per turn, so a
-client's small run is not queued behind another client's flood (what a worker already
-holds, at most its credit, still runs first: workers run in the order sent).
+client's small run is not queued behind another client's flood. Each chip keeps the last
+eighth of its credit for clients holding fewer than that many tasks there, so a flood
+never fills a worker's credit and another client's task is sent at once; the worker then
+takes its clients in turn too (``worker.queue``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ from .transitions import Assignment, TaskStates
 from .waits import WorkerSlot, awaited_elsewhere, forget_dead, stop_watching
 
 log = logging.getLogger("pto.broker")
+
+# The last 1/_RESERVE_SHARE of a chip's credit (of each of its workers' limits) is kept
+# for clients holding fewer than that many tasks there: a flood fills the rest, and another
+# client's task always finds room at once instead of waiting for the flood's to finish.
+_RESERVE_SHARE = 8
 
 __all__ = ["Assignment", "Scheduler"]
 
@@ -232,21 +239,39 @@ class Scheduler(TaskStates):
         each other.
         """
         credit: dict[int, int] = {}
+        reserve: dict[int, int] = {}
         idle: set[int] = set()
         for slot in self._workers.values():
             room = slot.room()
             if room > 0:
                 credit[slot.queue] = credit.get(slot.queue, 0) + room
+            # Host workers (limit 1: one host sub-task each) keep none.
+            reserve[slot.queue] = reserve.get(slot.queue, 0) + slot.limit // _RESERVE_SHARE
             if not slot.inflight:
                 idle.add(slot.queue)
+        held: dict[int, dict[int, int]] = {}  # chip -> client -> tasks it holds there
+        barred: dict[int, set[int]] = {}  # chip -> clients kept out of its reserve
         self._round = []
         progress = True
         while progress:
             progress = False
             for chip, queue in self._ready.items():
+                kept_out = barred.setdefault(chip, set())
                 while queue and credit.get(chip, 0) > 0:
-                    task = queue.head()
+                    task = queue.head(kept_out)
+                    if task is None:
+                        break
                     if len(task.chips) == 1:
+                        if credit[chip] <= reserve.get(chip, 0):
+                            holds = held.get(chip)
+                            if holds is None:
+                                holds = held[chip] = self._held(chip)
+                            if holds.get(task.client, 0) >= reserve[chip]:
+                                kept_out.add(task.client)
+                                continue
+                            holds[task.client] = holds.get(task.client, 0) + 1
+                        elif chip in held:
+                            held[chip][task.client] = held[chip].get(task.client, 0) + 1
                         queue.pop(task)
                         credit[chip] -= 1
                         idle.discard(chip)
@@ -265,6 +290,14 @@ class Scheduler(TaskStates):
                     progress = True
         out, self._round = self._round, []
         return out
+
+    def _held(self, queue: int) -> dict[int, int]:
+        """Tasks each client holds on the workers of ``queue``."""
+        counts: dict[int, int] = {}
+        for slot in self._queue_workers.get(queue, ()):
+            for task in slot.inflight.values():
+                counts[task.client] = counts.get(task.client, 0) + 1
+        return counts
 
     def take_results(self) -> Results:
         """Per client: task ids done, failures, and the task times gathered so far."""

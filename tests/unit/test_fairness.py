@@ -224,3 +224,154 @@ def test_ready_queue_refuses_a_pop_out_of_turn_and_a_requeued_group():
     q.pop(first)
     assert q.head() is second and len(q) == 1
     q.check(0)
+
+
+# ---- worker credit per client: the reserve ------------------------------------------
+# A chip's last limit // 8 slots go only to clients holding fewer than that many tasks
+# there (broker.scheduler._RESERVE_SHARE): with limit 16 the reserve is 2.
+
+
+def _held(b: Broker, chip: int) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for task in b.s.in_flight(chip):
+        counts[task.client] = counts.get(task.client, 0) + 1
+    return counts
+
+
+def test_a_flood_leaves_the_reserve_free_and_a_small_task_goes_at_once():
+    b = Broker(chips=(0,), limit=16)
+    b.submit(FLOOD, 1000)
+    assert b.dispatch() == [(FLOOD, t) for t in range(1, 15)]
+    assert b.dispatch() == []  # the flood alone never takes the last two slots
+    (small,) = b.submit(SMALL)
+    assert b.dispatch() == [(SMALL, small)]  # no flood task had to finish first
+    assert _held(b, 0) == {FLOOD: 14, SMALL: 1}
+
+
+def test_the_flood_refills_only_up_to_its_cap():
+    b = Broker(chips=(0,), limit=16)
+    b.submit(FLOOD, 1000)
+    b.dispatch()
+    b.submit(SMALL, 2)
+    assert b.dispatch() == [(SMALL, 1), (SMALL, 2)]
+    b.finish(0, 16)  # everything held ends: 14 of the flood's, both of the small one's
+    assert b.dispatch() == [(FLOOD, t) for t in range(15, 29)]
+    assert _held(b, 0) == {FLOOD: 14}
+
+
+def test_a_client_holding_the_reserves_size_stays_out_of_it():
+    b = Broker(chips=(0,), limit=16)
+    b.submit(SMALL, 2)
+    b.submit(FLOOD, 1000)
+    b.dispatch()  # turns alternate until the reserve: then both hold 2 or more
+    assert _held(b, 0) == {SMALL: 2, FLOOD: 12}
+    b.submit(SMALL, 3)
+    assert b.dispatch() == []  # SMALL holds 2 now: it waits like the flood
+    (third,) = b.submit(THIRD)
+    assert b.dispatch() == [(THIRD, third)]
+    b.finish(0, 1)  # SMALL's first ends: it holds 1, and takes a reserve slot again
+    assert b.dispatch() == [(SMALL, 3)]
+
+
+def test_two_floods_together_leave_the_reserve_to_a_third_client():
+    b = Broker(chips=(0,), limit=16)
+    b.submit(FLOOD, 1000)
+    b.submit(SMALL, 1000)
+    b.dispatch()
+    assert _held(b, 0) == {FLOOD: 7, SMALL: 7}
+    (third,) = b.submit(THIRD)
+    assert b.dispatch() == [(THIRD, third)]
+
+
+def test_the_reserve_spans_the_workers_of_a_shared_queue():
+    """Two workers on one queue (as host workers are): the reserve is of their credit
+    together, and a small task still finds room with the flood at its cap."""
+    b = Broker(chips=(0,), limit=8)  # 8 // 8: one slot of each worker's kept
+    b.s.add_worker(100, 0, 8)
+    b.held[100] = []
+    b.submit(FLOOD, 1000)
+    b.dispatch()
+    assert len(b.s.in_flight(0)) + len(b.s.in_flight(100)) == 14
+    (small,) = b.submit(SMALL)
+    assert b.dispatch() == [(SMALL, small)]
+
+
+def test_small_limits_keep_no_reserve():
+    b = Broker(chips=(0,), limit=7)  # 7 // 8 = 0
+    b.submit(FLOOD, 100)
+    assert len(b.dispatch()) == 7
+
+
+def test_host_workers_keep_no_reserve():
+    """Host workers take one sub-task each (limit 1): however many share the queue, one
+    client may use them all (a host sub-task may wait for others)."""
+    b = Broker(chips=(0,), limit=1)
+    for k in range(1, 16):
+        b.s.add_worker(100 + k, 0, 1)
+        b.held[100 + k] = []
+    b.submit(FLOOD, 100)
+    assert len(b.dispatch()) == 16
+
+
+def test_every_task_ends_with_the_reserve_and_a_group_still_starts():
+    b = Broker(chips=(0, 1), limit=16)
+    b.submit(FLOOD, 300, chip=0)
+    b.submit(FLOOD, 300, chip=1)
+    b.dispatch()
+    (group,) = b.submit(SMALL, chip=0, group=(0, 1))
+    b.submit(SMALL, 20, chip=1)
+    b.submit(THIRD, 20, chip=0)
+    _run_out(b)
+    done = b.results()
+    assert sorted(done[FLOOD]) == list(range(1, 601))
+    assert sorted(done[SMALL]) == list(range(1, 22)) and group in done[SMALL]
+    assert sorted(done[THIRD]) == list(range(1, 21))
+    assert not b.s.unfinished()
+
+
+# ---- admission: the broker's client ROUTER takes the clients' messages in turn ---------
+
+
+def test_a_small_clients_submit_is_taken_in_turn_with_a_floods(tmp_path):
+    """A flood's Submits (256 tasks each, as ``pto.host.orchestration`` sends them) are
+    queued at the broker before a small client's one: the ROUTER takes its peers in turn
+    and a round stops at its task budget, so the small one comes in the first round, after
+    at most one of the flood's."""
+    import time
+
+    import zmq
+
+    from broker.routers import Routers
+
+    routers = Routers(f"ipc://{tmp_path}/b.sock", None, 0.0)
+    socks = []
+    try:
+        for name in (b"flood", b"small"):
+            sock = routers.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, name)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(routers.address)
+            socks.append(sock)
+        flood, small = socks
+        for i in range(100):
+            flood.send(b"%d" % i)
+        time.sleep(0.2)  # the flood's messages reach the broker's side first
+        small.send(b"mine")
+        time.sleep(0.2)
+        rounds: list[list[bytes]] = []
+
+        def on_client(identity: bytes, frames: list[bytes]) -> int:
+            rounds[-1].append(identity)
+            return 256
+
+        while sum(map(len, rounds)) < 101:
+            rounds.append([])
+            ready = routers.wait(1000, False)
+            assert ready, "the broker's socket saw no message"
+            routers.take_in(ready, on_client, lambda identity, frames: 0)
+        assert b"small" in rounds[0][:2], rounds[0]
+        assert all(len(r) <= 2 for r in rounds)  # 512 tasks per round: two Submits
+    finally:
+        for sock in socks:
+            sock.close(0)
+        routers.close()
