@@ -15,6 +15,7 @@ import pytest
 
 import pto
 
+from ._kernels import everywhere
 from ._util import REPO, SHM_DIR, descendants, read_line, stop_process, wait_dead, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,16 +26,6 @@ NOBODY = 65534
 
 def scale(x, y, factor):
     y[:] = x * factor
-
-
-def everywhere(ctx, args):
-    x = ctx.tensor(args["x"])
-    outs = []
-    for chip in ctx.peers():
-        y = ctx.alloc(x.shape, x.dtype)
-        ctx.submit(chip, "k", [pto.Arg.input(x), pto.Arg.output(y), pto.Arg.scalar(chip + 2)])
-        outs.append(y)
-    return outs
 
 
 def dead_pid() -> int:

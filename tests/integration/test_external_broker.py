@@ -15,6 +15,7 @@ import pytest
 
 import pto
 
+from ._kernels import everywhere
 from ._util import (
     REPO,
     ExternalBroker,
@@ -37,16 +38,6 @@ def scale(x, y, factor):
 
 def add_const(x, y):
     y[:] = x + 100
-
-
-def everywhere(ctx, args):
-    x = ctx.tensor(args["x"])
-    outs = []
-    for chip in ctx.peers():
-        y = ctx.alloc(x.shape, x.dtype)
-        ctx.submit(chip, "k", [pto.Arg.input(x), pto.Arg.output(y), pto.Arg.scalar(chip + 2)])
-        outs.append(y)
-    return outs
 
 
 def check_everywhere(rt, x):

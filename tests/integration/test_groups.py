@@ -18,11 +18,11 @@ import pytest
 
 import pto
 
+from ._kernels import BARRIER_S, allreduce_inplace
 from ._util import REPO, ExternalBroker, stop_process
 
 pytestmark = pytest.mark.timeout(60)
 
-BARRIER_S = 20.0  # members must meet well within this; a hang becomes a kernel error
 
 
 # ---- kernels (module level: they travel to the workers by value) -------------------------
@@ -100,23 +100,6 @@ def scale_part(x, y, delay):
     n = x.shape[0] // t.world
     part = slice(t.rank * n, (t.rank + 1) * n)
     y[part] = x[part] * (t.rank + 1)
-
-
-def allreduce_inplace(*bufs):
-    """Buffer k belongs to rank k and ends holding the sum of all (reduce-scatter, all-gather)."""
-    t = pto.task()
-    rank, world = t.rank, t.world
-    mine, n = bufs[rank], bufs[0].shape[0]
-    lo, hi = n * rank // world, n * (rank + 1) // world
-    for k, other in enumerate(bufs):
-        if k != rank:
-            mine[lo:hi] += other[lo:hi]
-    t.barrier(timeout=BARRIER_S)
-    for k, other in enumerate(bufs):
-        if k != rank:
-            klo, khi = n * k // world, n * (k + 1) // world
-            mine[klo:khi] = other[klo:khi]
-    t.barrier(timeout=BARRIER_S)
 
 
 def allreduce_scratch(*args):
