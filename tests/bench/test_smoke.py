@@ -27,21 +27,20 @@ METRICS = {"noop": ("tasks", "tasks_per_s", "us_per_task"),
            "roundtrip": ("trips", "median_us", "p99_us")}
 
 
-def _importable_systems() -> list[str]:
-    systems = ["floor", "pool", "executor", "pto"]
-    return systems + [key for key, module in (("ray", "ray"), ("dask", "distributed"))
-                      if importlib.util.find_spec(module) is not None]
+OURS = ["floor", "pool", "executor", "pto"]  # pto and the floors it is measured against
+
+
+def _importable_peers() -> list[str]:
+    return [key for key, module in (("ray", "ray"), ("dask", "distributed"))
+            if importlib.util.find_spec(module) is not None]
 
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, list[str]]:
-    """One ``--quick`` run of the noop and roundtrip cases, shared by the tests below."""
-    out = tmp_path_factory.mktemp("bench")
-    systems = _importable_systems()
+def _quick_run(out: Path, systems: list[str]) -> tuple[subprocess.CompletedProcess, Path,
+                                                       list[str]]:
     env = {k: v for k, v in os.environ.items() if k != "PTO_BROKER"}
     # Ray's peer starts its own instance, never joins a cluster another process runs here
     env["RAY_ADDRESS"] = "local"
@@ -53,8 +52,27 @@ def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, list
     return proc, out, systems
 
 
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, list[str]]:
+    """One ``--quick`` run of the noop and roundtrip cases for pto and its floors, shared by
+    the tests below."""
+    return _quick_run(tmp_path_factory.mktemp("bench"), OURS)
+
+
 def test_quick_noop_and_roundtrip(quick_run):
-    proc, tmp_path, systems = quick_run
+    _check_rows(*quick_run)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.skipif(not _importable_peers(), reason="neither Ray nor Dask is installed")
+def test_quick_run_of_the_peers_side_by_side(tmp_path):
+    """Ray and Dask (where installed) in the same run as pto: a Ray instance and a Dask
+    cluster start, so this one is slow."""
+    _check_rows(*_quick_run(tmp_path, ["pto", *_importable_peers()]))
+
+
+def _check_rows(proc: subprocess.CompletedProcess, tmp_path: Path, systems: list[str]) -> None:
     assert "1. no-op throughput" in proc.stdout and "2. single-task round trip" in proc.stdout
 
     result = json.loads((tmp_path / "results.json").read_text())

@@ -1,17 +1,20 @@
-"""Fixtures for the L4 tests: one 2-host LocalCluster per test module, checked when it ends.
+"""Fixtures for the L4 tests: one 2-host LocalCluster shared by the test modules, checked
+when each module ends and when it stops.
 
-Starting a Ray cluster costs seconds, so a module shares one ``cluster`` (2 hosts of 2 chips)
-and, for tests that do not need their own, one ``rt`` (a cluster runtime on it). Their host
-actors' brokers, workers and segments legitimately live across tests, so the module cluster
-declares its hosts' process trees long-lived to the per-test leak check (tests/conftest.py)
-and checks them itself at module end:
+Starting a Ray cluster costs seconds, so the modules share one ``cluster`` (2 hosts of 2
+chips) until a module breaks it (``BREAKS_THE_CLUSTER = True``: it kills hosts), and a module's
+tests that do not need their own share one ``rt`` (a cluster runtime on it). Host actors'
+brokers, workers and segments legitimately live across tests, so the cluster declares its
+hosts' process trees long-lived to the per-test leak check (tests/conftest.py) and is checked
+here instead:
 
-- once the module's runtimes are closed: no pto process and no pto segment of any host;
+- when a module ends (its runtimes closed): no pto process and no pto segment on any host;
 - once the cluster is stopped: no Ray process (raylet, gcs_server, ``ray::*`` workers,
   agents, dashboard, ...) and no pto process of this test session, no new pto segment.
 
 A test that kills a host (``kill_host``) runs last in its module (test_l4_failures.py), so
-every other test sees both hosts.
+every other test sees both hosts. All of tests/cluster runs on one xdist worker (the ``ray``
+group, tests/conftest.py), so the sharing holds under xdist too.
 """
 
 from __future__ import annotations
@@ -157,18 +160,54 @@ def _stop_and_check(cluster: pto.LocalCluster, roots: set[int], segments_before:
         f"after LocalCluster.stop(): processes {described}, segments {new_segments}")
 
 
+class _SharedCluster:
+    """The session's 2-host LocalCluster, handed from module to module until one breaks it
+    (kills a host: such a module sets ``BREAKS_THE_CLUSTER = True``); the next module then
+    gets a fresh one. Starting one costs ~15 s, so the modules share."""
+
+    def __init__(self, long_lived: set[int]):
+        self._long_lived = long_lived
+        self._current: tuple[pto.LocalCluster, set[int], set[str]] | None = None
+
+    def get(self) -> pto.LocalCluster:
+        if self._current is None:
+            segments_before = pto_segments()
+            lc = pto.LocalCluster(hosts=2, chips=2)
+            roots = set(lc.pids())  # its processes' descendants are long-lived too
+            self._long_lived.update(roots)
+            self._current = (lc, roots, segments_before)
+        return self._current[0]
+
+    def stop(self) -> None:
+        if self._current is not None:
+            lc, roots, segments_before = self._current
+            self._current = None
+            _stop_and_check(lc, roots, segments_before, self._long_lived)
+
+
+@pytest.fixture(scope="session")
+def _shared_cluster(long_lived_roots: set[int]) -> Iterator[_SharedCluster]:
+    shared = _SharedCluster(long_lived_roots)
+    try:
+        yield shared
+    finally:
+        shared.stop()
+
+
 @pytest.fixture(scope="module")
-def cluster(long_lived_roots: set[int]) -> Iterator[pto.LocalCluster]:
-    """The module's 2-host, 2-chip LocalCluster."""
-    segments_before = pto_segments()
-    lc = pto.LocalCluster(hosts=2, chips=2)
-    roots = set(lc.pids())  # its processes' descendants are long-lived too
-    long_lived_roots.update(roots)
+def cluster(_shared_cluster: _SharedCluster, request: pytest.FixtureRequest
+            ) -> Iterator[pto.LocalCluster]:
+    """A 2-host, 2-chip LocalCluster for the module (shared with other modules, see
+    ``_SharedCluster``); when the module ends, no pto process or segment is left on its hosts."""
+    lc = _shared_cluster.get()
     try:
         yield lc
-        _assert_hosts_clean(lc)
+        if len(lc.alive_hosts()) == lc.hosts:
+            _assert_hosts_clean(lc)
     finally:
-        _stop_and_check(lc, roots, segments_before, long_lived_roots)
+        if getattr(request.module, "BREAKS_THE_CLUSTER", False) or (
+                len(lc.alive_hosts()) < lc.hosts):
+            _shared_cluster.stop()
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,7 @@ def no_ray(monkeypatch):
     assert not wait_until(ray_processes), "the local Ray outlived its last runtime"
 
 
+@pytest.mark.slow  # starts a Ray instance of its own
 def test_a_local_one_host_ray_shared_by_two_runtimes_ends_with_the_last(no_ray):
     data = np.arange(6, dtype=np.float32)
     with pto.Runtime(level="cluster", devices=[0, 1], timeout=120) as first:

@@ -29,7 +29,8 @@ import pto
 
 from .conftest import host_pids, pto_left_on_hosts, segments_of, wait_until
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+BREAKS_THE_CLUSTER = True  # kills a host: the next module gets a fresh cluster (conftest.py)
 REPO = Path(__file__).resolve().parents[2]
 LOST_WITHIN_S = 15.0  # "within seconds": LocalCluster's health checks declare a node dead in ~4 s
 In, Out, S = pto.Arg.input, pto.Arg.output, pto.Arg.scalar

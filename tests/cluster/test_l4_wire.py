@@ -28,7 +28,8 @@ from pto.cluster.status import cluster_status
 
 from .conftest import host_pids, segment_owner, segments_of, wait_until
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+BREAKS_THE_CLUSTER = True  # kills a host: the next module gets a fresh cluster (conftest.py)
 In, Out, S = pto.Arg.input, pto.Arg.output, pto.Arg.scalar
 CHUNK = 1 << 20
 

@@ -78,6 +78,7 @@ def our_client(rt) -> list[dict]:
     return [c for c in pto.status(rt.address)["clients"] if c["pid"] == os.getpid()]
 
 
+@pytest.mark.slow
 def test_a_3s_done_callback_leaves_the_runtime_serving(rt2):
     started, finished = threading.Event(), threading.Event()
     ran_on: list[threading.Thread] = []
@@ -172,6 +173,7 @@ def chain_from_four_threads(rt2):
     assert wrong == {}
 
 
+@pytest.mark.slow
 def test_a_lost_broker_wakes_every_waiter_at_once(monkeypatch):
     with embedded(monkeypatch, PTO_MAX_OUTSTANDING_TASKS="5",
                   PTO_RELEASE_BACKLOG_BYTES="1") as rt:

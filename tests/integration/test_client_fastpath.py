@@ -77,6 +77,7 @@ def rt(monkeypatch):
         runtime.close()
 
 
+@pytest.mark.slow
 def test_run_past_its_timeout_drops_its_tasks_not_started(rt):
     [target, probe] = rt.run("ones", 2)
     with pytest.raises(TimeoutError):
@@ -89,6 +90,7 @@ def test_run_past_its_timeout_drops_its_tasks_not_started(rt):
     assert int(target.numpy()[0]) == -1, "a task of the timed-out run ran"
 
 
+@pytest.mark.slow
 def test_a_timed_out_run_that_ends_later_frees_what_it_returned(rt):
     names: list[str] = []
 

@@ -127,6 +127,7 @@ def test_a_failure_mid_chain_skips_every_later_step_on_every_chip(rt4_module, ma
     assert int(x.numpy()[0]) == 6
 
 
+@pytest.mark.slow
 def test_killing_the_predecessors_worker_releases_the_waiting_chain(rt4, marks):
     """Step 3 (chip 1) blocks; step 4 already waits for it on chip 0. kill -9 of chip 1's
     worker: the chain ends in WorkerLost (step 4 was sent naming the dead run of step 3),
@@ -206,6 +207,7 @@ DOOMED_CLIENT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_killing_the_client_mid_chain_drops_its_waiting_tasks(broker, marks):
     env = dict(os.environ, PTO_BROKER=broker.address)
     proc = subprocess.Popen([sys.executable, "-c", DOOMED_CLIENT, marks], cwd=REPO, env=env,

@@ -77,6 +77,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_dashboard_shows_live_work_busy_chips_and_failures(browser, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 

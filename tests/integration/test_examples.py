@@ -11,7 +11,7 @@ from ._util import REPO
 
 EXAMPLES = ["examples/pipeline.py", "examples/vector_add/run.py", "examples/matmul/run.py",
             "examples/allreduce/run.py", "examples/prebuilt/run.py",
-            "examples/cluster.py"]
+            pytest.param("examples/cluster.py", marks=[pytest.mark.ray, pytest.mark.slow])]
 
 
 @pytest.mark.timeout(180)

@@ -60,6 +60,7 @@ def _queued_tasks(address: str) -> int:
     return sum(c["tasks"] for c in pto.status(address)["clients"])
 
 
+@pytest.mark.slow
 def test_a_small_clients_task_runs_while_another_clients_flood_is_in_progress():
     with pto.Runtime(level="host", devices=[0]) as rt:
         with pto.Runtime(level="host", broker=rt.address, devices=[0]) as flooder:

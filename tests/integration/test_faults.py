@@ -39,7 +39,7 @@ from ._util import (
     wait_until,
 )
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]  # fault injection: a runtime each
 
 In, Out, InOut, S = pto.Arg.input, pto.Arg.output, pto.Arg.inout, pto.Arg.scalar
 HANG_S = 60  # a hanging attempt sleeps this long: far past every bound asserted here

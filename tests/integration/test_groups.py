@@ -441,6 +441,7 @@ GROUP_CLIENT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_overlapping_groups_from_two_client_processes_never_deadlock(tmp_path):
     rounds = 200

@@ -156,15 +156,18 @@ def run_crash_then_recover(rt, pkgs, kernel: str, signal_name: str) -> None:
         np.testing.assert_array_equal(z.numpy(), 2 * (x + chip))
 
 
+@pytest.mark.slow
 def test_segfaulting_kernel_fails_its_task_and_the_chip_comes_back(rt4, pkgs):
     run_crash_then_recover(rt4, pkgs, "segv", "SIGSEGV")
     run_crash_then_recover(rt4, pkgs, "segv", "SIGSEGV")  # and again, on the new worker
 
 
+@pytest.mark.slow
 def test_aborting_kernel_fails_its_task_and_the_chip_comes_back(rt4, pkgs):
     run_crash_then_recover(rt4, pkgs, "abort_now", "SIGABRT")
 
 
+@pytest.mark.slow
 def test_crash_does_not_touch_independent_tasks(rt4, pkgs):
     def make(ctx, args):
         return [ctx.alloc((8,), np.int32) for _ in range(3)]

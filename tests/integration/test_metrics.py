@@ -83,6 +83,7 @@ def run_work(address: str) -> None:
             rt.run("fail", args={"x": np.ones(4)})
 
 
+@pytest.mark.slow
 def test_metrics_count_tasks_per_client_and_chip_failures_and_restarts(tmp_path):
     port = free_port()
     b = ExternalBroker(tmp_path, workers=2, args=("--metrics-port", str(port)))

@@ -288,6 +288,7 @@ def critical(ctx, args):
     return end
 
 
+@pytest.mark.slow
 def test_trace_summarize_reports_busy_critical_path_and_top_kernels(embedded, tmp_path):
     path = tmp_path / "crit.json"
     rt = embedded(devices=[0, 1], trace=str(path))
@@ -347,6 +348,7 @@ def status_json(address: str) -> dict:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_status_of_a_live_broker_with_running_tasks(tmp_path, monkeypatch):
     broker = ExternalBroker(tmp_path, workers=2)
     try:
@@ -420,6 +422,7 @@ def one_long_task(ctx, seconds):
                            pto.Arg.scalar(seconds)])
 
 
+@pytest.mark.slow
 def test_a_worker_survives_a_task_longer_than_the_heartbeat_timeout(embedded):
     rt = embedded(devices=[0])
     before = {w["chip"]: w["pid"] for w in pto.status(rt.address)["workers"]}
@@ -468,6 +471,7 @@ def free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
+@pytest.mark.slow
 def test_keygen_creates_private_keys_refuses_overwrite_and_they_work(tmp_path):
     keys = tmp_path / "keys"
     proc = pto_cmd("keygen", str(keys))

@@ -103,6 +103,7 @@ def test_kill_9_idle_parent():
     run_and_kill(IDLE_PARENT)
 
 
+@pytest.mark.slow
 def test_kill_9_parent_while_kernels_run(tmp_path):
     mark = tmp_path / "started"
 

@@ -133,6 +133,7 @@ def test_an_unrelated_task_behind_a_failure_still_runs(rt4_module, tmp_path):
     assert sorted(os.listdir(marks))[0].startswith("0-") and len(os.listdir(marks)) == 1
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_chain_reruns_the_rest_in_order(rt4, tmp_path):
     """Input/output steps are idempotent: after kill -9, the started step reruns and the
     steps queued behind it follow it on the chip's new worker."""
@@ -167,6 +168,7 @@ def overwrite(src, dst):
     dst[:] = src
 
 
+@pytest.mark.slow
 def test_a_task_whose_input_a_later_task_overwrote_is_not_rerun_after_a_kill(rt4, tmp_path):
     """y = 2x ran, then x was overwritten (queued behind it on one worker), then the worker
     died before reporting: rerunning y = 2x would read the new x. It must end in WorkerLost

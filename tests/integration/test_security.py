@@ -79,6 +79,7 @@ def test_tcp_broker_without_curve_is_refused_unless_insecure():
     assert proc.returncode != 0 and "--curve" in proc.stderr
 
 
+@pytest.mark.slow
 def test_key_holder_runs_and_others_are_refused(curve_broker, tmp_path):
     address, keys = curve_broker
     with pto.Runtime(level="host", broker=address, curve=keys) as rt:

@@ -33,6 +33,8 @@ def python_blocks() -> list:
             line = text.count("\n", 0, match.start()) + 2  # the block's first line
             code = match.group(1)
             marks = [pytest.mark.skip(reason=SKIP)] if code.lstrip().startswith(SKIP) else []
+            if "LocalCluster" in code:  # starts a Ray cluster: ~15 s
+                marks += [pytest.mark.ray, pytest.mark.slow]
             params.append(pytest.param(code, id=f"{path.name}:{line}", marks=marks))
     return params
 
