@@ -162,6 +162,7 @@ def test_a_name_is_registered_once(l4):
         l4.register("scaled", orch=echo)
 
 
+@pytest.mark.slow
 def test_a_ref_of_another_runtime_is_refused(l4, cluster):
     kept = []
 

@@ -322,6 +322,7 @@ def test_a_run_past_its_timeout_raises_and_the_runtime_serves_on(l4, tmp_path):
 
 # -- what runs show --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_trace_has_a_track_per_host_with_its_chips_and_transfers(cluster, tmp_path):
     path = tmp_path / "cluster-trace.json"
     data = np.ones(1024, dtype=np.float32)
@@ -355,6 +356,7 @@ def test_trace_has_a_track_per_host_with_its_chips_and_transfers(cluster, tmp_pa
     assert transfers[0]["args"]["from_host"] == 0
 
 
+@pytest.mark.slow
 def test_pto_status_lists_hosts_chips_and_running_runs(l4, cluster, tmp_path):
     release = tmp_path / "release"
 

@@ -9,8 +9,11 @@ import pytest
 
 from ._util import REPO
 
-EXAMPLES = ["examples/pipeline.py", "examples/vector_add/run.py", "examples/matmul/run.py",
-            "examples/allreduce/run.py", "examples/prebuilt/run.py",
+# The README's main example runs in the quick subset; the others (a few seconds each) are slow.
+EXAMPLES = ["examples/pipeline.py",
+            *(pytest.param(e, marks=pytest.mark.slow) for e in (
+                "examples/vector_add/run.py", "examples/matmul/run.py",
+                "examples/allreduce/run.py", "examples/prebuilt/run.py")),
             pytest.param("examples/cluster.py", marks=[pytest.mark.ray, pytest.mark.slow])]
 
 
