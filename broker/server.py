@@ -354,7 +354,9 @@ class Broker:
             if exited is not None:
                 self._worker_lost(worker, exited)
             elif not shm.pid_alive(worker.pid):
-                self._worker_lost(worker, "process gone")
+                # it may have died since exit_of asked: its exit status says how, if ours
+                self._worker_lost(worker, self.supervisor.exit_of(worker.device, worker.pid)
+                                  or "process gone")
             elif (not self.sched.in_flight(worker.device)
                   and not self.graphs.busy_on(worker.device)
                   and now - worker.last_seen > deadline):

@@ -169,6 +169,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group("ray"))
         elif not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+    # Longest groups first (xdist hands groups out in this order): the Ray group and the
+    # stress, close and fault modules take minutes each and would otherwise end the run on
+    # one worker while the other idles.
+    items.sort(key=lambda item: 0 if item.get_closest_marker("ray") else
+               1 if item.nodeid.startswith(_LONG_MODULES) else 2)
+
+
+_LONG_MODULES = ("tests/stress/", "tests/integration/test_close.py",
+                 "tests/integration/test_faults.py", "tests/bench/")
 
 
 def _run_lock_paths() -> tuple[str, str]:

@@ -40,7 +40,7 @@ import zmq
 
 from ..wire import protocol as P
 from ..wire.errors import BrokerLost, ProtocolError
-from ..wire.shm import pid_alive, pid_state
+from ..wire.shm import pid_alive, pid_stat
 from ..wire.sockets import connect, incoming, send_frames
 
 log = logging.getLogger("pto.client")
@@ -97,6 +97,7 @@ class Connection:
         # On this host a busy broker may be silent for a while: watch its process instead.
         self._broker_pid = self.welcome.pid if address.startswith("ipc://") else 0
         self._last_recv = self._last_sent = time.monotonic()
+        self._broker_cpu: int | None = None  # its CPU ticks at the last silence check
         self._tick = min(self.heartbeat, 0.25)  # how often the I/O thread checks liveness
 
     def _handshake(self, owner: str, timeout: float, trace: bool) -> P.Welcome:
@@ -343,8 +344,11 @@ class Connection:
             raise BrokerLost(f"broker at {self.address} (pid {self._broker_pid}) is gone")
         silent = now - self._last_recv
         limit = self.heartbeat * self.liveness
-        # A silent local broker that is running (state R) is busy, not lost: give it longer.
-        if silent > limit and self._broker_pid and pid_state(self._broker_pid) == "R":
+        # A silent local broker that is working (running now, or has used CPU since the last
+        # check) is busy, not lost: give it longer. One that is stopped, or asleep without
+        # running at all, is judged by the heartbeat limit.
+        busy = self._broker_working() if silent > self.heartbeat and self._broker_pid else False
+        if silent > limit and busy:
             limit *= 20
         if silent > limit:
             raise BrokerLost(f"broker at {self.address} silent for {silent:.1f}s")
@@ -352,6 +356,12 @@ class Connection:
             with self._tx_lock:
                 send_frames(self.tx, P.encode(P.Heartbeat()))
                 self._last_sent = now
+
+    def _broker_working(self) -> bool:
+        state, cpu = pid_stat(self._broker_pid)
+        ran = cpu is not None and self._broker_cpu is not None and cpu > self._broker_cpu
+        self._broker_cpu = cpu
+        return state == "R" or ran
 
     def _declare_lost(self, exc: BrokerLost) -> None:
         """Once: record the loss (``lost``, the one record of it: the runtime's book reads

@@ -217,8 +217,15 @@ def pid_alive(pid: int) -> bool:
 
 def pid_state(pid: int) -> str | None:
     """The process state letter from /proc (R running, S sleeping, T stopped, Z zombie...)."""
+    return pid_stat(pid)[0]
+
+
+def pid_stat(pid: int) -> tuple[str | None, int | None]:
+    """(state letter, CPU time used so far in clock ticks: user + system) from /proc."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError):
-        return None
+            fields = f.read().rsplit(b")", 1)[1].split()
+        # after the name: state is field 3 of the man page, utime 14 and stime 15
+        return fields[0].decode(), int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None, None
