@@ -35,6 +35,7 @@ class WorkerProcess:
     restarts: int = 0  # deaths in a row before connecting, for back-off
     start_at: float = 0.0
     connected: bool = False  # it said WorkerHello
+    last_exit: tuple[int, str] | None = None  # (pid, how it ended) of the one reaped last
 
 
 class Supervisor:
@@ -68,6 +69,8 @@ class Supervisor:
     def exit_of(self, device: int, pid: int) -> str | None:
         """How the worker with ``pid`` that we started for ``device`` ended, if it has."""
         proc = self._procs.get(device)
+        if proc is not None and proc.last_exit is not None and proc.last_exit[0] == pid:
+            return proc.last_exit[1]  # ``tick`` reaped it before the server asked
         if proc is None or proc.popen is None or proc.popen.pid != pid:
             return None  # not ours (an external worker): the server watches its pid
         code = proc.popen.poll()
@@ -79,7 +82,9 @@ class Supervisor:
             if proc.popen is not None:
                 if proc.popen.poll() is None:
                     continue
-                # (the server has already failed what a dead one held: exit_of said so)
+                # (the server fails what a dead one held when exit_of says so, which may be
+                # after this: keep how it ended)
+                proc.last_exit = (proc.popen.pid, exit_text(proc.popen.returncode))
                 shm.reap_pid(proc.popen.pid)  # its status segment, if it died unannounced
                 proc.popen = None
                 proc.restarts = 0 if proc.connected else proc.restarts + 1
