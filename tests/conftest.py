@@ -254,20 +254,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         time.sleep(POLL_S)
     if not (procs or segs):
         return
-    described = []
-    for p in procs:
-        try:
-            described.append(f"pid {p.pid}: {' '.join(p.cmdline())}")
-            p.kill()
-        except psutil.Error:
-            pass
-    for name in segs:
-        try:
-            os.unlink(os.path.join(SHM_DIR, name))
-        except FileNotFoundError:
-            pass
+    described = _remove(procs, segs)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
+        reporter.ensure_newline()
         reporter.write_sep("=", "leaked by the run", red=True)
         reporter.write_line(f"{len(described)} process(es) {described}, "
                             f"{len(segs)} segment(s) {segs}")
@@ -290,6 +280,22 @@ def _left_by_run(segment: str) -> bool:
 _SEGMENTS_AT_START = pytest.StashKey[set[str]]()
 
 
+def _remove(procs: list[psutil.Process], segs: list[str]) -> list[str]:
+    """Kill the leaked processes and unlink the leaked segments (so one leak does not fail
+    everything after it); returns the processes as described in the failure."""
+    described = []
+    for p in procs:
+        try:
+            described.append(f"pid {p.pid}: {' '.join(p.cmdline())}")
+            p.kill()
+        except psutil.Error:
+            pass
+    for name in segs:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(SHM_DIR, name))
+    return described
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Fail a test that leaves pto processes or shared-memory segments behind."""
@@ -303,18 +309,7 @@ def no_leaks():
         procs, segs = _leaks(segments_before)
     if not (procs or segs):
         return
-    described = []
-    for p in procs:
-        try:
-            described.append(f"pid {p.pid}: {' '.join(p.cmdline())}")
-            p.kill()
-        except psutil.Error:
-            pass
-    for name in segs:
-        try:
-            os.unlink(os.path.join(SHM_DIR, name))
-        except FileNotFoundError:
-            pass
+    described = _remove(procs, segs)
     pytest.fail(
         f"leaked after {GRACE_S:.0f}s: {len(described)} process(es) {described}, "
         f"{len(segs)} segment(s) {segs}",
