@@ -97,7 +97,8 @@ class Connection:
         # On this host a busy broker may be silent for a while: watch its process instead.
         self._broker_pid = self.welcome.pid if address.startswith("ipc://") else 0
         self._last_recv = self._last_sent = time.monotonic()
-        self._broker_cpu: int | None = None  # its CPU ticks at the last silence check
+        # (the _last_recv a silence began at, the broker's CPU ticks then)
+        self._silence_cpu: tuple[float, int | None] | None = None
         self._tick = min(self.heartbeat, 0.25)  # how often the I/O thread checks liveness
 
     def _handshake(self, owner: str, timeout: float, trace: bool) -> P.Welcome:
@@ -344,9 +345,9 @@ class Connection:
             raise BrokerLost(f"broker at {self.address} (pid {self._broker_pid}) is gone")
         silent = now - self._last_recv
         limit = self.heartbeat * self.liveness
-        # A silent local broker that is working (running now, or has used CPU since the last
-        # check) is busy, not lost: give it longer. One that is stopped, or asleep without
-        # running at all, is judged by the heartbeat limit.
+        # A silent local broker that is working (running or waiting on I/O now, or has used
+        # CPU since this silence began) is busy, not lost: give it longer. One that is
+        # stopped, or asleep without running at all, is judged by the heartbeat limit.
         busy = self._broker_working() if silent > self.heartbeat and self._broker_pid else False
         if silent > limit and busy:
             limit *= 20
@@ -359,9 +360,11 @@ class Connection:
 
     def _broker_working(self) -> bool:
         state, cpu = pid_stat(self._broker_pid)
-        ran = cpu is not None and self._broker_cpu is not None and cpu > self._broker_cpu
-        self._broker_cpu = cpu
-        return state == "R" or ran
+        if self._silence_cpu is None or self._silence_cpu[0] != self._last_recv:
+            self._silence_cpu = (self._last_recv, cpu)  # the CPU it had when this silence began
+            return state in ("R", "D")
+        since = self._silence_cpu[1]
+        return state in ("R", "D") or (cpu is not None and since is not None and cpu > since)
 
     def _declare_lost(self, exc: BrokerLost) -> None:
         """Once: record the loss (``lost``, the one record of it: the runtime's book reads
