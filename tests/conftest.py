@@ -25,6 +25,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 
 import psutil
 import pytest
@@ -217,16 +218,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.freeze()
 
 
-def _run_processes() -> list[psutil.Process]:
-    """pto brokers and workers started by any process of this run."""
-    found = []
-    for p in _pto_processes():
-        try:
-            if p.environ().get(RUN) == os.environ[RUN]:
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
+def _of_this_run(p: psutil.Process) -> bool:
+    """Started by a process of this run (it inherited the run's marker)."""
+    try:
+        return p.environ().get(RUN) == os.environ[RUN]
+    except psutil.Error:  # gone, or another user's
+        return False
 
 
 def _is_xdist_controller(config: pytest.Config) -> bool:
@@ -245,19 +242,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     before = session.config.stash[_SEGMENTS_AT_START]
-    deadline = time.monotonic() + GRACE_S
-    while True:
-        procs = _run_processes()
-        segs = sorted(s for s in _pto_segments() - before if _left_by_run(s))
-        if not (procs or segs) or time.monotonic() > deadline:
-            break
-        time.sleep(POLL_S)
+    procs, segs = _settled(lambda: (
+        [p for p in _pto_processes() if _of_this_run(p)],
+        sorted(s for s in _pto_segments() - before if _left_by_run(s))))
     if not (procs or segs):
         return
     described = _remove(procs, segs)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.ensure_newline()
+        reporter.write_line("")  # after the progress dots (xdist leaves the line open)
         reporter.write_sep("=", "leaked by the run", red=True)
         reporter.write_line(f"{len(described)} process(es) {described}, "
                             f"{len(segs)} segment(s) {segs}")
@@ -270,14 +263,23 @@ def _left_by_run(segment: str) -> bool:
     if pid is None:
         return True
     try:
-        return psutil.Process(pid).environ().get(RUN) == os.environ[RUN]
+        return _of_this_run(psutil.Process(pid))
     except psutil.NoSuchProcess:
         return True
-    except psutil.Error:  # another user's
-        return False
 
 
 _SEGMENTS_AT_START = pytest.StashKey[set[str]]()
+
+
+def _settled(find: Callable[[], tuple[list[psutil.Process], list[str]]]
+             ) -> tuple[list[psutil.Process], list[str]]:
+    """``find()`` once it finds nothing, or what it still finds after GRACE_S."""
+    deadline = time.monotonic() + GRACE_S
+    procs, segs = find()
+    while (procs or segs) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        procs, segs = find()
+    return procs, segs
 
 
 def _remove(procs: list[psutil.Process], segs: list[str]) -> list[str]:
@@ -302,11 +304,7 @@ def no_leaks():
     segments_before = _pto_segments()
     yield
     gc.collect()  # handles kept alive only by reference cycles free their segments
-    deadline = time.monotonic() + GRACE_S
-    procs, segs = _leaks(segments_before)
-    while (procs or segs) and time.monotonic() < deadline:
-        time.sleep(POLL_S)
-        procs, segs = _leaks(segments_before)
+    procs, segs = _settled(lambda: _leaks(segments_before))
     if not (procs or segs):
         return
     described = _remove(procs, segs)

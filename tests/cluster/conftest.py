@@ -202,8 +202,7 @@ def cluster(_shared_cluster: _SharedCluster, request: pytest.FixtureRequest
     lc = _shared_cluster.get()
     try:
         yield lc
-        if len(lc.alive_hosts()) == lc.hosts:
-            _assert_hosts_clean(lc)
+        _assert_hosts_clean(lc)
     finally:
         if getattr(request.module, "BREAKS_THE_CLUSTER", False) or (
                 len(lc.alive_hosts()) < lc.hosts):
