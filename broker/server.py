@@ -350,13 +350,14 @@ class Broker:
                 self._send(self.frontend, client.identity, P.Heartbeat())
                 client.last_sent = now
         for worker in list(self.roster.workers.values()):
+            # alive first: one that dies between the two lines is then seen dead by exit_of,
+            # which tells how it ended (for the workers we started)
+            alive = shm.pid_alive(worker.pid)
             exited = self.supervisor.exit_of(worker.device, worker.pid)
             if exited is not None:
                 self._worker_lost(worker, exited)
-            elif not shm.pid_alive(worker.pid):
-                # it may have died since exit_of asked: its exit status says how, if ours
-                self._worker_lost(worker, self.supervisor.exit_of(worker.device, worker.pid)
-                                  or "process gone")
+            elif not alive:
+                self._worker_lost(worker, "process gone")
             elif (not self.sched.in_flight(worker.device)
                   and not self.graphs.busy_on(worker.device)
                   and now - worker.last_seen > deadline):
