@@ -35,7 +35,8 @@ def pickle_by_value(fn: Callable[..., Any]) -> bytes:
 
 def user_modules_reached(fn: Callable[..., Any]) -> list[types.ModuleType]:
     """The user modules (neither installed nor pto's, nor ``__main__``, which cloudpickle
-    always sends by value) that ``fn`` and what its code names reach, transitively."""
+    always sends by value) that ``fn`` and what its code names reach, transitively (all
+    of a module named as an object: cloudpickle sends a by-value module whole)."""
     found: dict[str, types.ModuleType] = {}
     seen: set[int] = set()
     todo: list[Any] = [fn]
@@ -45,8 +46,10 @@ def user_modules_reached(fn: Callable[..., Any]) -> list[types.ModuleType]:
             continue
         seen.add(id(obj))
         if isinstance(obj, types.ModuleType):
-            if _is_user_module(obj) and obj.__name__ not in found:
-                found[obj.__name__] = obj
+            if _is_user_module(obj):
+                found.setdefault(obj.__name__, obj)
+                # a module named as an object travels whole: all it holds is reached too
+                todo.extend(vars(obj).values())
             continue
         module = sys.modules.get(getattr(obj, "__module__", None) or "")
         if module is None or not (module.__name__ == "__main__" or _is_user_module(module)):

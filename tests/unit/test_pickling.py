@@ -16,10 +16,14 @@ from pto.wire.pickling import pickle_by_value, user_modules_reached
 
 LIB = '''
 import numpy as np
+import userdeep_{tag} as deep
 SCALE = 3.0
 
 def helper(x):
-    return x * SCALE + inner(x)
+    return x * SCALE + inner(x) + deep.zero(x)
+
+def shifted(x):
+    return deep.zero(x) + 5
 
 def inner(x):
     return np.ones_like(x)
@@ -27,6 +31,14 @@ def inner(x):
 class Shift:
     def __call__(self, x):
         return x + 100
+'''
+
+# reached only through LIB's functions
+DEEP = '''
+import numpy as np
+
+def zero(x):
+    return np.zeros_like(x)
 '''
 
 KERNELS = '''
@@ -46,6 +58,9 @@ def nested(x, y):
 
 def via_class(x, y):
     y[:] = Shift()(x)
+
+def via_module_only(x, y):  # `shifted` is no global here: only the module object is named
+    y[:] = lib.shifted(x)
 
 def plain(x, y):
     y[:] = np.sqrt(x)
@@ -68,12 +83,13 @@ print(",".join(str(v) for v in y))
 def user_modules(tmp_path, monkeypatch, request):
     """Two fresh user modules in a folder only this process has on its path."""
     tag = request.node.name.replace("[", "_").replace("]", "").replace("-", "_")
-    (tmp_path / f"userlib_{tag}.py").write_text(LIB)
+    (tmp_path / f"userdeep_{tag}.py").write_text(DEEP)
+    (tmp_path / f"userlib_{tag}.py").write_text(LIB.format(tag=tag))
     (tmp_path / f"userkernels_{tag}.py").write_text(KERNELS.format(tag=tag))
     monkeypatch.syspath_prepend(str(tmp_path))
     kernels = importlib.import_module(f"userkernels_{tag}")
     yield kernels, tag
-    for name in (f"userlib_{tag}", f"userkernels_{tag}"):
+    for name in (f"userdeep_{tag}", f"userlib_{tag}", f"userkernels_{tag}"):
         sys.modules.pop(name, None)
 
 
@@ -84,17 +100,21 @@ def _run_elsewhere(blob: bytes, cwd) -> list[float]:
     return [float(v) for v in out.stdout.decode().split(",")]
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("direct", [1.0, 4.0, 7.0, 10.0]),
-    ("via_module", [1.0, 4.0, 7.0, 10.0]),
-    ("nested", [1.0, 4.0, 7.0, 10.0]),
-    ("via_class", [100.0, 101.0, 102.0, 103.0]),
+ALL = ("kernels", "lib", "deep")
+
+
+@pytest.mark.parametrize("name, modules, expected", [
+    ("direct", ALL, [1.0, 4.0, 7.0, 10.0]),
+    ("via_module", ALL, [1.0, 4.0, 7.0, 10.0]),
+    ("nested", ALL, [1.0, 4.0, 7.0, 10.0]),
+    ("via_class", ("kernels", "lib"), [100.0, 101.0, 102.0, 103.0]),  # Shift needs no deep
+    ("via_module_only", ALL, [5.0, 5.0, 5.0, 5.0]),
 ])
 def test_helpers_from_other_user_modules_travel_too(user_modules, tmp_path_factory, name,
-                                                    expected):
+                                                    modules, expected):
     kernels, tag = user_modules
     reached = {m.__name__ for m in user_modules_reached(getattr(kernels, name))}
-    assert reached == {f"userkernels_{tag}", f"userlib_{tag}"}
+    assert reached == {f"user{m}_{tag}" for m in modules}
     blob = pickle_by_value(getattr(kernels, name))
     assert _run_elsewhere(blob, tmp_path_factory.mktemp("elsewhere")) == expected
 
