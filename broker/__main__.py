@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                         liveness=args.liveness, credit=args.credit, parent_pid=args.parent_pid,
                         log_dir=args.log_dir, host_workers=args.host_workers, curve=args.curve,
                         spin_seconds=cfg.spin_seconds, metrics=metrics,
-                        transition_log=args.transition_log)
+                        transition_log=args.transition_log, fork_workers=cfg.fork_workers)
     except Exception as exc:  # noqa: BLE001 - report bind errors plainly
         logging.getLogger("pto.broker").error("cannot start: %s", exc)
         print(f"error: cannot start broker on {address}: {exc}", file=sys.stderr)

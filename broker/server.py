@@ -62,13 +62,14 @@ class Broker:
         spin_seconds: float = 0.0,
         metrics: BrokerMetrics | None = None,
         transition_log: int = 1000,
+        fork_workers: bool = True,
     ):
         """Serve clients at ``address`` (workers at ``pto.wire.procs.worker_address``); with
         ``spawn_workers``, run a worker per chip in ``devices`` and ``host_workers`` host
         workers. ``credit``: tasks in flight per chip worker; ``spin_seconds``: see
         ``pto.wire.procs.SpinPoll``; ``metrics``: counters to update and publish (only the
         loop touches them: see ``broker.metrics``); ``transition_log``: task moves kept (0:
-        none)."""
+        none); ``fork_workers``: fork spawned workers from a fork server (``broker.forks``)."""
         if not 1 <= credit <= P.MAX_CREDIT:
             raise ValueError(f"credit must be in 1..{P.MAX_CREDIT}, not {credit}")
         self.address = address
@@ -79,7 +80,7 @@ class Broker:
         self.metrics = metrics
         self.started = time.monotonic()
         self.supervisor = Supervisor(address, devices if spawn_workers else [], host_workers,
-                                     heartbeat, liveness, log_dir, curve)
+                                     heartbeat, liveness, log_dir, curve, fork_workers)
         self.sched = Scheduler(
             [*devices, HOST_QUEUE] if spawn_workers and host_workers else devices,
             log_size=transition_log)
@@ -353,7 +354,7 @@ class Broker:
             # alive first: one that dies between the two lines is then seen dead by exit_of,
             # which tells how it ended (for the workers we started)
             alive = shm.pid_alive(worker.pid)
-            exited = self.supervisor.exit_of(worker.device, worker.pid)
+            exited = self.supervisor.exit_of(worker.device, worker.pid, gone=not alive)
             if exited is not None:
                 self._worker_lost(worker, exited)
             elif not alive:
@@ -366,6 +367,7 @@ class Broker:
                 self._send(self.backend, worker.identity, P.Heartbeat())
                 worker.last_sent = now
         self.supervisor.tick(now, self._stop)
+        self.supervisor.reap_orphans()
         if self.metrics is not None:
             self.metrics.publish(self.address, self.started, self.roster.workers.values(),
                                  self.roster.clients_by_index.values(), self.sched)

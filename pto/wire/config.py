@@ -39,6 +39,7 @@ class Config:
     max_outstanding_tasks: int      # PTO_MAX_OUTSTANDING_TASKS
     spin_us: float                  # PTO_SPIN_US
     segment_pool_bytes: int         # PTO_SEGMENT_POOL_BYTES
+    fork_workers: bool              # PTO_FORK_WORKERS
 
     @property
     def spin_seconds(self) -> float:
@@ -162,6 +163,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PTO_SEGMENT_POOL_BYTES", "segment_pool_bytes", _count(0), default_pool_bytes,
             "1 GiB, at most 1/16 of `/dev/shm`",
             "bytes of freed large segments a runtime keeps for reuse (`0`: none)"),
+    Setting("PTO_FORK_WORKERS", "fork_workers", _flag, True, "`1`",
+            "`0` makes a broker exec each worker it starts instead of forking it from a "
+            "warm fork server (`python -m worker.forkserver`)"),
 )
 
 

@@ -161,7 +161,9 @@ class ExternalBroker:
         threading.Thread(target=self._drain, daemon=True).start()
         assert self.address.startswith(("ipc://", "tcp://")), self.address
         # the workers: every process the script started (some may still be starting)
-        wait_until(lambda: len(self.descendants()) >= workers, timeout=10)
+        wait_until(lambda: len(self.chip_workers()) >= workers, timeout=10)
+        self.remember()
+        time.sleep(0.1)  # its host worker may come a moment after the chip workers
         self.remember()
 
     def _drain(self) -> None:
@@ -173,6 +175,18 @@ class ExternalBroker:
 
     def descendants(self) -> list[psutil.Process]:
         return [p for p in descendants(self.proc.pid) if is_alive(p)]
+
+    def chip_workers(self) -> list[psutil.Process]:
+        """Its ``python -m worker --device N`` processes."""
+        out = []
+        for p in self.descendants():
+            try:
+                cmd = p.cmdline()
+            except psutil.Error:
+                continue
+            if "worker" in cmd and "--device" in cmd:
+                out.append(p)
+        return out
 
     def remember(self) -> None:
         known = {p.pid for p in self.procs}

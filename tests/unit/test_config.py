@@ -25,6 +25,7 @@ def test_defaults_without_any_variable():
     assert cfg.spin_us == 100.0 and cfg.spin_seconds == pytest.approx(1e-4)
     assert cfg.segment_pool_bytes == config.default_pool_bytes()
     assert cfg.sim_cores is None and cfg.cache_dir is None and cfg.runtime_dir is None
+    assert cfg.fork_workers is True
 
 
 def test_values_are_parsed():
@@ -33,11 +34,13 @@ def test_values_are_parsed():
         "PTO_LOG_LEVEL": "debug", "PTO_RUNTIME_DIR": "/r", "PTO_KEEP_LOGS": "yes",
         "PTO_CACHE_DIR": "/c", "PTO_SIM_CORES": "3", "PTO_RELEASE_BACKLOG_BYTES": "1_000",
         "PTO_MAX_OUTSTANDING_TASKS": "7", "PTO_SPIN_US": "0", "PTO_SEGMENT_POOL_BYTES": "0",
+        "PTO_FORK_WORKERS": "off",
     })
     assert cfg == config.Config(
         broker="tcp://127.0.0.1:5555", trace="t.json", curve_dir="/k", log_level="DEBUG",
         runtime_dir="/r", keep_logs=True, cache_dir="/c", sim_cores=3,
-        release_backlog_bytes=1000, max_outstanding_tasks=7, spin_us=0.0, segment_pool_bytes=0)
+        release_backlog_bytes=1000, max_outstanding_tasks=7, spin_us=0.0, segment_pool_bytes=0,
+        fork_workers=False)
     assert config.load({"PTO_KEEP_LOGS": "0"}).keep_logs is False
 
 
@@ -57,6 +60,7 @@ def test_an_empty_variable_counts_as_unset():
     ("PTO_RELEASE_BACKLOG_BYTES", "32M", "whole number >= 0"),
     ("PTO_MAX_OUTSTANDING_TASKS", "0", "whole number >= 1"),
     ("PTO_SPIN_US", "nan", "microseconds >= 0"),
+    ("PTO_FORK_WORKERS", "2", "one of 1, true"),
     ("PTO_SPIN_US", "-5", "microseconds >= 0"),
     ("PTO_SEGMENT_POOL_BYTES", "1.5", "whole number >= 0"),
 ])
