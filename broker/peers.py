@@ -6,12 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from pto.wire import protocol as P
 from pto.wire import shm
 from pto.wire.chips import HOST_QUEUE
-from pto.wire.ring import outcome_in, ring_of
+from pto.wire.ring import outcome_in, ring_of, words_of
 
 
 @dataclass
@@ -45,7 +43,7 @@ class WorkerStatus:
     def read(self) -> tuple[int, int] | None:
         if self._mm is None:
             return None
-        running, finished = np.frombuffer(self._mm, dtype=np.int64, count=2).tolist()
+        running, finished = words_of(self._mm)[:2].tolist()
         return running, finished
 
     def outcome(self, seq: int) -> bool | None:

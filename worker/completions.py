@@ -24,11 +24,9 @@ from __future__ import annotations
 import logging
 import mmap
 
-import numpy as np
-
 from pto.wire import protocol as P
 from pto.wire import shm
-from pto.wire.ring import SEGMENT_BYTES, WORDS, outcome_in, ring_of, slot_value
+from pto.wire.ring import SEGMENT_BYTES, outcome_in, ring_of, slot_value, words_of
 
 from .wakeup import WakeUp
 
@@ -41,7 +39,7 @@ class StatusBlock:
     def __init__(self, pid: int):
         self.name = shm.segment_name(shm.new_owner(), "status")
         self._mm: mmap.mmap | None = shm.create(self.name, SEGMENT_BYTES)
-        self.words = np.frombuffer(self._mm, dtype=np.int64, count=WORDS)
+        self.words = words_of(self._mm)
         self.ring = ring_of(self._mm)
         self.words[2], self.words[3] = pid, P.RING_SLOTS
 
@@ -67,7 +65,7 @@ class Peers:
         self._wakeup = WakeUp()
         self.wake_fd = self._wakeup.fd  # for the worker's poller
         self.address = self._wakeup.address
-        self._rings: dict[int, np.ndarray | None] = {}  # None: its segment was gone
+        self._rings: dict[int, memoryview | None] = {}  # None: its segment was gone
         self._maps: list[mmap.mmap] = []
         self._watchers: dict[int, list[int]] = {}  # our task seq -> uids to poke when it ends
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import posix_ipc
 
 from . import shm
@@ -36,7 +35,7 @@ class GroupBarrier:
             self._mm = shm.create(name, 8 * 3)
         else:
             self._mm = shm.open_existing(name)
-        self._state = np.frombuffer(self._mm, dtype=np.int64, count=3)
+        self._state = memoryview(self._mm)[:8 * 3].cast("q")  # count, generation, aborted
         self._mutex = posix_ipc.Semaphore(name + "m", flags, mode=0o600, initial_value=1)
         self._turn = [posix_ipc.Semaphore(name + t, flags, mode=0o600, initial_value=0)
                       for t in ("t0", "t1")]

@@ -9,8 +9,7 @@ ring: slot ``seq % RING_SLOTS`` holds the outcome of the worker's task number ``
 from __future__ import annotations
 
 import mmap
-
-import numpy as np
+from collections.abc import Sequence
 
 from .protocol import RING_SLOTS
 
@@ -23,7 +22,7 @@ def slot_value(seq: int, ok: bool) -> int:
     return (seq + 1) * 2 + (0 if ok else 1)
 
 
-def outcome_in(ring: np.ndarray, seq: int) -> bool | None:
+def outcome_in(ring: Sequence[int], seq: int) -> bool | None:
     """Whether task ``seq`` of the ring's worker ended well (True), badly (False), or has
     not ended (None). Only valid while ``seq`` is within RING_SLOTS of the newest task
     sent to that worker, which the broker guarantees for every task still waited for."""
@@ -33,8 +32,15 @@ def outcome_in(ring: np.ndarray, seq: int) -> bool | None:
     return not value & 1
 
 
-def ring_of(mm: mmap.mmap) -> np.ndarray | None:
-    """The ring in a mapped status segment (None if it is too short to hold one)."""
+def words_of(mm: mmap.mmap) -> memoryview:
+    """The status words of a mapped status segment, as int64s (a memoryview, not numpy:
+    the broker reads these and never needs numpy)."""
+    return memoryview(mm)[:8 * WORDS].cast("q")
+
+
+def ring_of(mm: mmap.mmap) -> memoryview | None:
+    """The ring in a mapped status segment, as int64s (None if it is too short to hold one).
+    Release the view (drop it) before closing ``mm``."""
     if len(mm) < SEGMENT_BYTES:
         return None
-    return np.frombuffer(mm, dtype=np.int64, offset=8 * WORDS, count=RING_SLOTS)
+    return memoryview(mm)[8 * WORDS:SEGMENT_BYTES].cast("q")

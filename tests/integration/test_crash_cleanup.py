@@ -184,18 +184,21 @@ class SessionBroker:
         self.address = read_line(self.proc, timeout=30)
         self.pgid = os.getpgid(self.proc.pid)
 
+    def procs(self) -> list[psutil.Process]:
+        return [psutil.Process(self.proc.pid), *descendants(self.proc.pid)]
+
     def pids(self) -> set[int]:
-        return {self.proc.pid, *(p.pid for p in descendants(self.proc.pid))}
+        return {p.pid for p in self.procs()}
 
     def kill_group(self) -> None:
-        procs = [psutil.Process(pid) for pid in self.pids()]
+        procs = self.procs()
         os.killpg(self.pgid, signal.SIGKILL)
         self.proc.wait(10)
         assert wait_dead(procs, timeout=10) == []
         self.proc.stdout.close()
 
     def stop(self) -> None:
-        procs = [psutil.Process(p) for p in self.pids()]
+        procs = self.procs()
         stop_process(self.proc)
         self.proc.stdout.close()
         if wait_dead(procs, timeout=10):

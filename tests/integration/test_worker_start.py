@@ -49,7 +49,7 @@ def _workers(broker: psutil.Process) -> dict[str, psutil.Process]:
 
 
 def _fork_servers(broker: psutil.Process) -> list[psutil.Process]:
-    return [p for p, cmd in _children(broker) if cmd[0] == "pto-forkserver"]
+    return [p for p, cmd in _children(broker) if cmd[:1] == ["pto-forkserver"]]
 
 
 def random_numbers(y):

@@ -41,9 +41,7 @@ RUN_TIMEOUT_S = 45  # a run of ~200 tasks that has not ended by then counts as h
 CLIENT_KILL_AFTER_RUNS = 1  # the victim has done this many runs (so it holds tensors) ...
 CLIENT_KILL_AFTER_S = 5.0  # ... or has been connected this long, whichever comes first
 
-# exclusive: its kill rate is set against how fast a worker restarts, which another xdist
-# worker's load would slow down
-pytestmark = [pytest.mark.slow, pytest.mark.exclusive, pytest.mark.timeout(DEADLINE_S + 60)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(DEADLINE_S + 60)]
 
 
 class WorkerChaos(threading.Thread):

@@ -209,6 +209,15 @@ def test_broker_and_worker_processes_load_no_client_compiler_or_ray():
     assert "ray" not in loaded and "pto.chip.compiler" not in loaded
 
 
+def test_the_broker_process_loads_no_numpy():
+    """A broker handles no tensor data: it starts without numpy's ~0.1 s of imports."""
+    code = ("import sys, broker.__main__, broker.server, broker.forks, json; "
+            "print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert not {m for m in json.loads(out) if m.split(".")[0] == "numpy"}
+
+
 def test_a_worker_running_a_c_kernel_loads_the_runner_not_the_compiler():
     code = ("import sys, json, worker.kernels as k\n"
             "try:\n    k.load_kernel('sim', 'x', b'{\"path\": \"/nonexistent.so\", "
