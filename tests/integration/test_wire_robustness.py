@@ -19,9 +19,23 @@ import pto
 from pto.wire import protocol as P
 from pto.wire.procs import worker_address
 
-from ._util import REPO, read_line, stop_process
+from ._util import REPO, ExternalBroker, read_line, stop_process
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory, long_lived_roots):
+    """One broker (start_broker.sh --workers 2) for the module: each test checks that it
+    still serves after what the test threw at it, so the next one also meets a broker that
+    has survived everything before it."""
+    b = ExternalBroker(tmp_path_factory.mktemp("broker"), workers=2)
+    long_lived_roots.add(b.proc.pid)
+    try:
+        yield b
+    finally:
+        long_lived_roots.discard(b.proc.pid)
+        b.stop()
 
 
 def add_one(x, y):
