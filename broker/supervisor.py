@@ -64,6 +64,7 @@ class Supervisor:
         # A subreaper inherits its descendants' orphans (reap_adopted takes them) until stop.
         self._subreaper = bool(fork and self._procs) and become_subreaper()
         self._fork_failures = 0 if self._subreaper else _FORK_FAILURES
+        self._fork_server()  # its imports overlap the broker's own start-up
 
     def devices(self) -> list[int]:
         """The chips and host workers (``host_chip(k)``) it runs."""

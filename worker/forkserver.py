@@ -74,36 +74,39 @@ def main(argv: list[str] | None = None) -> int:
             break  # the broker closed it
         *lines, pending = (pending + chunk).split(b"\n")
         for line in lines:
-            reply = _serve(line, args.parent_pid, (args.requests, args.replies), name)
+            reply = _serve(line, (args.requests, args.replies), name)
             os.write(args.replies, json.dumps(reply).encode() + b"\n")
     return 0
 
 
-def _serve(line: bytes, parent_pid: int, pipes: tuple[int, int], name: bytes) -> dict:
+def _serve(line: bytes, pipes: tuple[int, int], name: bytes) -> dict:
     try:
         request = json.loads(line)
         tag, argv = request["tag"], request["argv"]
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             raise ValueError("argv must be a list of strings")
+        if argv[1:3] != ["-m", "worker"]:
+            raise ValueError("argv must be a `python -m worker ...` command line")
     except (ValueError, KeyError, TypeError) as exc:
         return {"tag": None, "error": f"bad request {line[:200]!r}: {exc}"}
     try:
-        return {"tag": tag, "pid": _fork_worker(argv, parent_pid, pipes, name)}
+        return {"tag": tag, "pid": _fork_worker(argv, pipes, name)}
     except OSError as exc:
         return {"tag": tag, "error": f"fork failed: {exc}"}
 
 
-def _fork_worker(argv: list[str], parent_pid: int, pipes: tuple[int, int], name: bytes) -> int:
+def _fork_worker(argv: list[str], pipes: tuple[int, int], name: bytes) -> int:
     """Fork twice so that the worker is the broker's child (it is a subreaper), not ours."""
     read_end, write_end = os.pipe()
     middle = os.fork()
     if middle == 0:
         try:
             os.close(read_end)
+            middle = os.getpid()
             worker = os.fork()
             if worker == 0:
                 os.close(write_end)
-                _become_worker(argv, parent_pid, pipes, name)
+                _become_worker(argv, middle, pipes, name)
             os.write(write_end, str(worker).encode())
         finally:
             os._exit(0)
@@ -118,15 +121,16 @@ def _fork_worker(argv: list[str], parent_pid: int, pipes: tuple[int, int], name:
     return int(text)
 
 
-def _become_worker(argv: list[str], parent_pid: int, pipes: tuple[int, int],
-                   name: bytes) -> None:
-    """In the forked worker (``name``: its comm): never returns."""
+def _become_worker(argv: list[str], middle: int, pipes: tuple[int, int], name: bytes) -> None:
+    """In the forked worker (``middle``: the intermediate; ``name``: its comm): never
+    returns. Its parent is the broker once the intermediate has exited; if the broker has
+    died meanwhile, ``main`` finds another parent and exits."""
     code = 1
     try:
         for fd in pipes:
             os.close(fd)
         deadline = time.monotonic() + _REPARENT_WAIT_S
-        while os.getppid() != parent_pid and time.monotonic() < deadline:
+        while os.getppid() == middle and time.monotonic() < deadline:
             time.sleep(0.001)  # the intermediate is exiting
         set_cmdline(argv)
         _set_name(name)

@@ -19,7 +19,7 @@ import pto
 from pto.wire import protocol as P
 from pto.wire.procs import worker_address
 
-from ._util import REPO, ExternalBroker, read_line, stop_process
+from ._util import REPO, ExternalBroker, read_line, stop_process, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -240,6 +240,8 @@ def test_every_frame_of_a_real_run_is_strict_msgpack_and_no_pickle(tmp_path):
             with pytest.raises(pto.TaskError, match="on purpose"):
                 rt.run("o", args={"x": np.arange(4)})
             assert pto.status(address)["workers"]
+        # its Bye is handled before the SIGTERM (a stop drops what is still queued)
+        assert wait_until(lambda: not pto.status(address)["clients"], timeout=10)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
