@@ -12,7 +12,7 @@ from pto.wire import config
 from pto.wire import protocol as P
 from pto.wire.procs import parent_gone, runtime_dir, setup_logging
 
-from .server import Broker
+from .supervisor import Supervisor
 
 
 def default_address(cfg: config.Config) -> str:
@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     if parent_gone(args.parent_pid):
         return 1  # our parent died before we started
     gc.set_threshold(100_000, 50, 100)  # per-task objects are short-lived; full GCs dominate
+    # The workers' fork server starts now, so that its imports overlap the rest of ours.
+    supervisor = Supervisor(address, devices, args.host_workers, args.heartbeat, args.liveness,
+                            args.log_dir, args.curve, cfg.fork_workers)
+    from .server import Broker
+
     metrics, http = None, None
     if args.metrics_port is not None:
         from .metrics import BrokerMetrics
@@ -95,16 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"error: cannot serve metrics on {args.metrics_host}:{args.metrics_port}: "
                   f"{exc}", file=sys.stderr)
+            supervisor.stop()
             return 1
     try:
         broker = Broker(address, devices, spawn_workers=bool(devices), heartbeat=args.heartbeat,
                         liveness=args.liveness, credit=args.credit, parent_pid=args.parent_pid,
                         log_dir=args.log_dir, host_workers=args.host_workers, curve=args.curve,
                         spin_seconds=cfg.spin_seconds, metrics=metrics,
-                        transition_log=args.transition_log, fork_workers=cfg.fork_workers)
+                        transition_log=args.transition_log, supervisor=supervisor)
     except Exception as exc:  # noqa: BLE001 - report bind errors plainly
         logging.getLogger("pto.broker").error("cannot start: %s", exc)
         print(f"error: cannot start broker on {address}: {exc}", file=sys.stderr)
+        supervisor.stop()
         if http is not None:
             http.stop()
         return 1

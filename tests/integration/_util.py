@@ -89,6 +89,20 @@ def children() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if is_alive(p)]
 
 
+def chip_workers(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """The chip workers (``python -m worker ... --device N``) among ``procs``, not host
+    workers or the fork server."""
+    found = []
+    for p in procs:
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        if "worker" in cmd and "--device" in cmd:
+            found.append(p)
+    return found
+
+
 def descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -178,15 +192,7 @@ class ExternalBroker:
 
     def chip_workers(self) -> list[psutil.Process]:
         """Its ``python -m worker --device N`` processes."""
-        out = []
-        for p in self.descendants():
-            try:
-                cmd = p.cmdline()
-            except psutil.Error:
-                continue
-            if "worker" in cmd and "--device" in cmd:
-                out.append(p)
-        return out
+        return chip_workers(self.descendants())
 
     def remember(self) -> None:
         known = {p.pid for p in self.procs}

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import psutil
+from integration._util import chip_workers
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).with_name("dag_client.py")
@@ -106,15 +107,7 @@ class StressBroker:
 
     def chip_workers(self) -> list[psutil.Process]:
         """The live chip workers (``python -m worker ... --device N``), not host workers."""
-        found = []
-        for p in self.descendants():
-            try:
-                cmd = p.cmdline()
-            except psutil.Error:
-                continue
-            if "worker" in cmd and "--device" in cmd:
-                found.append(p)
-        return found
+        return chip_workers(self.descendants())
 
     def wait_workers(self, timeout: float = 30) -> bool:
         """Until every chip has a live worker process again."""
