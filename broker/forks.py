@@ -37,6 +37,11 @@ def become_subreaper(on: bool = True) -> bool:
     return libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
 
 
+def cmdline_bytes(argv: list[str]) -> int:
+    """How much of a process's argv area ``argv`` fills (each argument and its NUL)."""
+    return sum(len(os.fsencode(a)) + 1 for a in argv)
+
+
 def reap_adopted(ours: set[int]) -> None:
     """Reap the exited children of a subreaper that are not in ``ours``: descendants
     orphaned to it (a kernel's own child that outlived its worker). Those in ``ours`` are
@@ -108,7 +113,7 @@ class ForkServer:
         argv = ["-m", self.module, "--requests", str(req_read),
                 "--replies", str(reply_write), "--parent-pid", str(os.getpid()),
                 "--idle-exit", str(idle_exit)]
-        own = sum(len(os.fsencode(a)) + 1 for a in [sys.executable, *argv])
+        own = cmdline_bytes([sys.executable, *argv])
         head, _, name = sys.executable.rpartition("/")
         argv0 = f"{head}{'/' * (1 + max(0, room - own))}{name}" if head else sys.executable
         try:

@@ -62,7 +62,6 @@ class Broker:
         spin_seconds: float = 0.0,
         metrics: BrokerMetrics | None = None,
         transition_log: int = 1000,
-        fork_workers: bool = True,
         supervisor: Supervisor | None = None,
     ):
         """Serve clients at ``address`` (workers at ``pto.wire.procs.worker_address``); with
@@ -70,8 +69,7 @@ class Broker:
         workers. ``credit``: tasks in flight per chip worker; ``spin_seconds``: see
         ``pto.wire.procs.SpinPoll``; ``metrics``: counters to update and publish (only the
         loop touches them: see ``broker.metrics``); ``transition_log``: task moves kept (0:
-        none); ``fork_workers``: fork spawned workers from a fork server (``broker.forks``);
-        ``supervisor``: one already made for these workers (``python -m broker`` makes it
+        none); ``supervisor``: one already made for these workers (``python -m broker`` makes it
         first, so that the fork server starts early)."""
         if not 1 <= credit <= P.MAX_CREDIT:
             raise ValueError(f"credit must be in 1..{P.MAX_CREDIT}, not {credit}")
@@ -84,7 +82,7 @@ class Broker:
         self.started = time.monotonic()
         self.supervisor = supervisor or Supervisor(
             address, devices if spawn_workers else [], host_workers, heartbeat, liveness,
-            log_dir, curve, fork_workers)
+            log_dir, curve)
         self.sched = Scheduler(
             [*devices, HOST_QUEUE] if spawn_workers and host_workers else devices,
             log_size=transition_log)

@@ -26,7 +26,7 @@ from pto.wire import shm
 from pto.wire.chips import chip_label, host_chip, host_index
 from pto.wire.sockets import child_env
 
-from .forks import ForkedWorker, ForkServer, become_subreaper, reap_adopted
+from .forks import ForkedWorker, ForkServer, become_subreaper, cmdline_bytes, reap_adopted
 
 log = logging.getLogger("pto.broker")
 
@@ -135,7 +135,7 @@ class Supervisor:
         if self._forks is not None and not self._forks.alive():
             self._retire_fork_server()
         if self._forks is None and self._fork_failures < _FORK_FAILURES:
-            room = max(sum(len(os.fsencode(a)) + 1 for a in self._argv(d)) for d in self._procs)
+            room = max(cmdline_bytes(self._argv(d)) for d in self._procs)
             try:
                 self._forks = ForkServer(child_env(), room)
             except OSError as exc:

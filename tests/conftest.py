@@ -31,6 +31,7 @@ import psutil
 import pytest
 
 import pto
+from pto.wire import shm
 
 SHM_DIR = "/dev/shm"
 GRACE_S = 5.0
@@ -98,8 +99,7 @@ def _ours(p: psutil.Process) -> bool:
 
 
 def _owner_pid(segment: str) -> int | None:
-    head = segment.split("_", 1)[1].split("x", 1)[0]
-    return int(head) if head.isdigit() else None
+    return shm.owner_pid(shm.owner_of(segment))
 
 
 def _segment_is_ours(segment: str) -> bool:

@@ -27,6 +27,7 @@ import psutil
 import pytest
 
 import pto
+from pto.wire import shm
 
 GRACE_S = 10.0
 MARK = "PTO_TEST_SESSION"  # set by tests/conftest.py, inherited by every process we start
@@ -70,8 +71,7 @@ def pto_segments() -> set[str]:
 
 def segment_owner(name: str) -> int | None:
     """The pid in a segment's name (``pto_<pid>x<id>_<n>``)."""
-    head = name.split("_", 1)[1].split("x", 1)[0]
-    return int(head) if head.isdigit() else None
+    return shm.owner_pid(shm.owner_of(name))
 
 
 def segments_of(pids: set[int]) -> list[str]:
